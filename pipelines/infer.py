@@ -1,0 +1,82 @@
+"""Infer stage: vLLM engine replicas as a Ray Data actor pool, built on ray.data.llm.
+
+This is the only module that imports ray.data.llm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.read import ROW_ERROR_COLUMN
+from pipelines.render import PROMPT_COLUMN, TOKENS_COLUMN
+
+RENDERED_PROMPT = "_rendered_prompt"
+INFERENCE_ERROR = "__inference_error__"  # ray.data.llm's per-row error column
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything the engine stage needs, already resolved for the cluster it runs on."""
+
+    model_path: str
+    engine_kwargs: dict[str, Any]
+    sampling_params: dict[str, Any]
+    replicas: int
+    batch_size: int
+    bundle_per_replica: dict[str, float]
+    placement_strategy: str = "STRICT_PACK"
+    accelerator_type: str | None = None
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
+def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: int | None,
+                    seed: int | None, stop: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  logprobs=0)  # 0 = the sampled token's own logprob, for scoring
+    if top_k is not None:
+        params["top_k"] = top_k
+    if seed is not None:
+        params["seed"] = seed
+    if stop:
+        params["stop"] = list(stop)
+    return params
+
+
+def build_infer_stage(plan: EnginePlan):
+    """A callable Dataset -> Dataset that runs every row with a prompt through the engines.
+
+    Rows that already carry an error skip the engine (ray.data.llm passes them through);
+    rows the engine fails on come back with `__inference_error__` set instead of failing the job.
+    """
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=plan.model_path,
+        engine_kwargs=dict(plan.engine_kwargs),
+        batch_size=plan.batch_size,
+        concurrency=plan.replicas,
+        accelerator_type=plan.accelerator_type,
+        placement_group_config={"bundle_per_worker": dict(plan.bundle_per_replica),
+                                "strategy": plan.placement_strategy},
+        runtime_env=plan.runtime_env or None,
+        should_continue_on_error=True,
+        # Prompts arrive rendered and tokenized by our render stage; the engine detokenizes itself.
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        log_engine_metrics=False,
+    )
+    params = dict(plan.sampling_params)
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "sampling_params": dict(params),
+            RENDERED_PROMPT: row.get(PROMPT_COLUMN),
+            INFERENCE_ERROR: row.get(ROW_ERROR_COLUMN) or "",
+        }
+
+    return build_processor(config, preprocess=preprocess)
+
+
+def engine_columns() -> tuple[str, ...]:
+    return (PROMPT_COLUMN, TOKENS_COLUMN, RENDERED_PROMPT, INFERENCE_ERROR)

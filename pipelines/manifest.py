@@ -1,0 +1,81 @@
+"""The run manifest: written last, it is the commit marker of a run's output."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipelines.storage import filesystem_for, join, storage_errors
+
+MANIFEST_NAME = "_manifest.json"
+
+
+@dataclass
+class OutputTally:
+    files: list[str]
+    rows: int = 0
+    ok: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    generated_tokens: int = 0
+    distinct_ids: int = 0
+
+
+def tally_output(run_uri: str) -> OutputTally:
+    """Count what the run's parquet parts hold (streamed by column, never the whole table at once)."""
+    fs, inner = filesystem_for(run_uri)
+    with storage_errors(run_uri, "read back output"):
+        names = sorted(p for p in fs.find(inner) if p.endswith(".parquet"))
+        tally = OutputTally(files=[p[len(inner):].lstrip("/") for p in names])
+        ids: set[str] = set()
+        for name in names:
+            with fs.open(name, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                for batch in parquet.iter_batches(columns=["id", "error", "num_input_tokens", "num_generated_tokens"]):
+                    data = batch.to_pydict()
+                    tally.rows += batch.num_rows
+                    tally.errors += sum(e is not None for e in data["error"])
+                    tally.input_tokens += sum(n or 0 for n in data["num_input_tokens"])
+                    tally.generated_tokens += sum(n or 0 for n in data["num_generated_tokens"])
+                    ids.update(data["id"])
+        tally.ok = tally.rows - tally.errors
+        tally.distinct_ids = len(ids)
+    return tally
+
+
+def manifest_uri(run_uri: str) -> str:
+    return join(run_uri, MANIFEST_NAME)
+
+
+def manifest_exists(run_uri: str) -> bool:
+    fs, inner = filesystem_for(manifest_uri(run_uri))
+    with storage_errors(run_uri, "check for an earlier run at"):
+        return fs.exists(inner)
+
+
+def write_manifest(run_uri: str, manifest: dict[str, Any]) -> str:
+    """Write `_manifest.json` in one step (rename locally, a single PUT on S3)."""
+    uri = manifest_uri(run_uri)
+    fs, inner = filesystem_for(uri)
+    body = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
+    with storage_errors(uri, "write manifest"):
+        if hasattr(fs, "local_file") or type(fs).__name__ == "LocalFileSystem":
+            os.makedirs(os.path.dirname(inner), exist_ok=True)
+            tmp = inner + ".tmp"
+            with open(tmp, "wb") as handle:
+                handle.write(body)
+            os.replace(tmp, inner)
+        else:
+            fs.pipe_file(inner, body)
+    return uri
+
+
+def read_manifest(run_uri: str) -> dict[str, Any]:
+    uri = manifest_uri(run_uri)
+    fs, inner = filesystem_for(uri)
+    with storage_errors(uri, "read manifest"):
+        with fs.open(inner, "rb") as handle:
+            return json.loads(handle.read())

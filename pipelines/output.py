@@ -1,0 +1,73 @@
+"""Output stage: one output row (schema v1) per input row, whatever happened to it."""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT
+from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
+from pipelines.render import TOKENS_COLUMN
+from pipelines.schema import output_column_for_input
+from pipelines.score import cumulative_logprob, finish_reason, mean_logprob
+
+
+def to_output_row(row: dict[str, Any], *, input_names: list[str], model: str, run_id: str,
+                  max_tokens: int, max_model_len: int | None) -> dict[str, Any]:
+    error = row.get(INFERENCE_ERROR) or row.get(ROW_ERROR_COLUMN) or None
+    inputs = row.get(INPUT_COLUMN) or {}
+    out: dict[str, Any] = {"id": row[ID_COLUMN]}
+    for name in input_names:
+        out[output_column_for_input(name)] = inputs.get(name)
+    tokens = row.get(TOKENS_COLUMN)
+    out["prompt"] = row.get(RENDERED_PROMPT)
+    if error:
+        out.update(generated_text=None, finish_reason=None,
+                   num_input_tokens=len(tokens) if tokens is not None else None,
+                   num_generated_tokens=None, cumulative_logprob=None, mean_logprob=None, error=str(error))
+    else:
+        n_in = int(row.get("num_input_tokens") or 0)
+        n_gen = int(row.get("num_generated_tokens") or 0)
+        cumulative = cumulative_logprob(row.get("generated_tokens"), row.get("logprobs"))
+        out.update(
+            generated_text=row.get("generated_text") or "",
+            finish_reason=finish_reason(n_in, n_gen, max_tokens, max_model_len),
+            num_input_tokens=n_in,
+            num_generated_tokens=n_gen,
+            cumulative_logprob=cumulative,
+            mean_logprob=mean_logprob(cumulative, n_gen),
+            error=None,
+        )
+    out["model"] = model
+    out["run_id"] = run_id
+    return out
+
+
+def conform_output(batch: pa.Table, *, schema_bytes: bytes, counter=None) -> pa.Table:
+    """Cast a batch of output rows to the exact output schema (and report progress)."""
+    schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+    columns = []
+    for field in schema:
+        if field.name in batch.column_names:
+            column = batch.column(field.name)
+            if column.type != field.type:
+                column = pa.array(column.to_pylist(), field.type) if not _castable(column, field.type) \
+                    else column.cast(field.type)
+            columns.append(column)
+        else:
+            columns.append(pa.nulls(batch.num_rows, field.type))
+    table = pa.Table.from_arrays(columns, schema=schema)
+    if counter is not None:
+        errors = table.num_rows - table.column("error").null_count
+        generated = pc.sum(table.column("num_generated_tokens")).as_py() or 0
+        counter.add.remote(table.num_rows, errors, generated)
+    return table
+
+
+def _castable(column, target) -> bool:
+    try:
+        column.cast(target)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False

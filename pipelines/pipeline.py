@@ -1,0 +1,99 @@
+"""The data path, composed: read -> render -> infer -> score -> write."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+
+from jobs.errors import UserError
+from pipelines.infer import EnginePlan, build_infer_stage
+from pipelines.output import conform_output, to_output_row
+from pipelines.read import (
+    InputFile, ReadShards, ShardScan, ShardTask, plan_shard_tasks, scan_shard, shard_task_rows, unify_input_schema,
+)
+from pipelines.render import RenderSettings, RenderStage
+from pipelines.schema import output_schema
+from pipelines.storage import filesystem_for, is_s3, storage_errors
+
+CPU_STAGE_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    files: list[InputFile]
+    rows_per_file: dict[str, int]
+    schema: pa.Schema
+    tasks: list[ShardTask]
+
+    @property
+    def rows(self) -> int:
+        return sum(t.take if t.take is not None else self.rows_per_file[t.uri] for t in self.tasks)
+
+
+@ray.remote(num_cpus=CPU_STAGE_CPUS)
+def _scan_remote(uri: str, fmt: str) -> ShardScan:
+    return scan_shard(uri, fmt)
+
+
+def scan_inputs(files: list[InputFile], limit: int | None, required_columns: list[str]) -> InputPlan:
+    """The cheap pass before any engine starts: every shard readable, row counts, one schema."""
+    scans = ray.get([_scan_remote.remote(f.uri, f.format) for f in files])
+    broken = [s for s in scans if s.error]
+    if broken:
+        lines = [f"input.path: cannot read {s.uri}: {s.error}" for s in broken]
+        raise UserError(lines[0], lines=lines)
+    schema = unify_input_schema(scans)
+    missing = [c for c in required_columns if c not in schema.names]
+    if missing:
+        raise UserError(f"input: column(s) {', '.join(missing)} not found in the input; it has: "
+                        f"{', '.join(schema.names) or '(no columns)'}")
+    rows_per_file = {s.uri: s.rows for s in scans}
+    tasks = plan_shard_tasks(files, rows_per_file, limit)
+    if not tasks:
+        raise UserError(f"input.path: the input holds no rows ({len(files)} file(s), all empty)")
+    return InputPlan(files, rows_per_file, schema, tasks)
+
+
+@dataclass(frozen=True)
+class OutputContext:
+    run_uri: str
+    run_id: str
+    model_label: str
+    max_tokens: int
+    max_model_len: int | None
+
+
+def build_dataset(inputs: InputPlan, id_column: str | None, render: RenderSettings, engine: EnginePlan,
+                  output: OutputContext, counter=None) -> ray.data.Dataset:
+    schema_bytes = inputs.schema.serialize().to_pybytes()
+    out_schema = output_schema(inputs.schema)
+    ds = ray.data.from_items(shard_task_rows(inputs.tasks), override_num_blocks=len(inputs.tasks))
+    ds = ds.map_batches(_read_shards, fn_kwargs={"schema_bytes": schema_bytes, "id_column": id_column},
+                        batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
+    ds = ds.map_batches(RenderStage, fn_constructor_args=(engine.model_path, render), batch_size=engine.batch_size,
+                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
+    ds = build_infer_stage(engine)(ds)
+    ds = ds.map(to_output_row, fn_kwargs=dict(
+        input_names=inputs.schema.names, model=output.model_label, run_id=output.run_id,
+        max_tokens=engine.sampling_params["max_tokens"], max_model_len=output.max_model_len,
+    ), num_cpus=CPU_STAGE_CPUS)
+    ds = ds.map_batches(conform_output, fn_kwargs={"schema_bytes": out_schema.serialize().to_pybytes(),
+                                                   "counter": counter},
+                        batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
+    return ds
+
+
+def _read_shards(batch: pa.Table, *, schema_bytes: bytes, id_column: str | None):
+    yield from ReadShards(schema_bytes, id_column)(batch.to_pydict())
+
+
+def write_dataset(ds: ray.data.Dataset, run_uri: str) -> None:
+    fs, inner = filesystem_for(run_uri)
+    with storage_errors(run_uri, "write output to"):
+        if is_s3(run_uri):
+            import pyarrow.fs as pafs
+
+            ds.write_parquet(inner, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+        else:
+            ds.write_parquet(inner)

@@ -1,0 +1,149 @@
+"""Render stage: turn an input row into the exact prompt the model sees, and its tokens."""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
+
+PROMPT_COLUMN = "prompt"
+TOKENS_COLUMN = "tokenized_prompt"
+
+
+class RowError(ValueError):
+    """This row cannot be processed; the message goes into its `error` column."""
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    prompt_column: str = "prompt"
+    messages_column: str | None = None
+    template: str | None = None
+    system_prompt: str | None = None
+    max_model_len: int | None = None
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a format template refers to (`{question}` -> question)."""
+    fields = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        head = name.split(".", 1)[0].split("[", 1)[0]
+        if not head or head.isdigit():
+            raise ValueError(f"template fields must name columns, got '{{{name}}}'")
+        fields.append(head)
+    return fields
+
+
+def build_messages(row: dict[str, Any], settings: RenderSettings) -> list[dict[str, str]]:
+    """The chat messages for a row: its messages column, or one user turn from the prompt or template."""
+    if settings.messages_column:
+        messages = _check_messages(row.get(settings.messages_column), settings.messages_column)
+    else:
+        messages = [{"role": "user", "content": build_text(row, settings)}]
+    if settings.system_prompt and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": settings.system_prompt}] + messages
+    return messages
+
+
+def build_text(row: dict[str, Any], settings: RenderSettings) -> str:
+    if settings.template is not None:
+        try:
+            text = settings.template.format_map(row)
+        except KeyError as exc:
+            raise RowError(f"template: the row has no column {exc}") from None
+        except (IndexError, ValueError, AttributeError, TypeError) as exc:
+            raise RowError(f"template: {exc}") from None
+    else:
+        value = row.get(settings.prompt_column)
+        if value is None:
+            raise RowError(f"prompt column '{settings.prompt_column}' is null")
+        if not isinstance(value, str):
+            raise RowError(f"prompt column '{settings.prompt_column}' holds {type(value).__name__}, expected text")
+        text = value
+    if not text.strip():
+        raise RowError("prompt is empty")
+    return text
+
+
+def _check_messages(value: Any, column: str) -> list[dict[str, str]]:
+    if value is None:
+        raise RowError(f"messages column '{column}' is null")
+    if not isinstance(value, (list, tuple)) or not value:
+        raise RowError(f"messages column '{column}' must be a non-empty list of {{role, content}}")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RowError(f"messages column '{column}': item {i} must be {{role: text, content: text}}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+def render_plain(row: dict[str, Any], settings: RenderSettings) -> str:
+    """The prompt for a model without a chat template: system prompt, blank line, text."""
+    if settings.messages_column:
+        raise RowError("the model has no chat template, so messages cannot be rendered; use prompt_column")
+    text = build_text(row, settings)
+    return f"{settings.system_prompt}\n\n{text}" if settings.system_prompt else text
+
+
+class RenderStage:
+    """Ray Data stage (actor): loads the tokenizer once, renders and tokenizes each row.
+
+    Needs columns `id`, `_input`, `_row_error`; adds `prompt` and `tokenized_prompt`.
+    Rows that cannot be rendered keep a null prompt and get `_row_error`.
+    """
+
+    required_columns = (ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN)
+
+    def __init__(self, model_path: str, settings: RenderSettings):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.settings = settings
+        self.chat = getattr(self.tokenizer, "chat_template", None) is not None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        missing = [c for c in self.required_columns if c not in batch.column_names]
+        if missing:
+            raise KeyError(f"RenderStage: missing input column(s) {missing}")
+        rows = batch.column(INPUT_COLUMN).to_pylist()
+        errors = batch.column(ROW_ERROR_COLUMN).to_pylist()
+        prompts: list[str | None] = []
+        tokens: list[list[int] | None] = []
+        for i, row in enumerate(rows):
+            prompt, ids = None, None
+            if errors[i] is None:
+                try:
+                    prompt, ids = self.render(row or {})
+                except RowError as exc:
+                    errors[i] = str(exc)
+                except Exception as exc:  # a template the tokenizer rejects, odd unicode, ...
+                    errors[i] = f"render: {type(exc).__name__}: {exc}"
+            prompts.append(prompt)
+            tokens.append(ids)
+        return batch.drop_columns([ROW_ERROR_COLUMN]).append_column(
+            PROMPT_COLUMN, pa.array(prompts, pa.string())
+        ).append_column(
+            TOKENS_COLUMN, pa.array(tokens, pa.list_(pa.int32()))
+        ).append_column(ROW_ERROR_COLUMN, pa.array(errors, pa.string()))
+
+    def render(self, row: dict[str, Any]) -> tuple[str, list[int]]:
+        if self.chat:
+            messages = build_messages(row, self.settings)
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt = render_plain(row, self.settings)
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        limit = self.settings.max_model_len
+        if limit is not None and len(ids) >= limit:
+            raise RowError(
+                f"prompt is {len(ids)} tokens; model.engine.max_model_len is {limit} "
+                "(prompt plus at least one generated token must fit)"
+            )
+        return prompt, list(ids)

@@ -1,0 +1,116 @@
+"""Local and S3 storage behind one interface, with errors a user can act on."""
+from __future__ import annotations
+
+import os
+import posixpath
+from contextlib import contextmanager
+from typing import Iterator
+
+import fsspec
+
+from jobs.errors import UserError
+
+S3_SCHEMES = ("s3://", "s3a://")
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith(S3_SCHEMES)
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override, as the AWS CLI reads it: AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_filesystem():
+    """An s3fs filesystem on the standard AWS credential chain, honouring the endpoint override."""
+    import s3fs
+
+    client_kwargs = {}
+    endpoint = s3_endpoint()
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    # Listings must reflect writes made moments ago (by this run or another process).
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False, skip_instance_cache=True)
+
+
+def filesystem_for(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it): s3 paths lose their scheme, local paths become absolute."""
+    if is_s3(path):
+        return s3_filesystem(), path.split("://", 1)[1].rstrip("/")
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def full_uri(path: str, inner: str) -> str:
+    """Put the scheme of `path` back on a filesystem-internal path."""
+    return f"s3://{inner}" if is_s3(path) else inner
+
+
+def join(base: str, *parts: str) -> str:
+    for part in parts:
+        if part.startswith("/") or ".." in part.split("/"):
+            raise UserError(f"path part {part!r} would escape {base}")
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def bucket_and_key(path: str) -> tuple[str, str]:
+    inner = path.split("://", 1)[1] if "://" in path else path
+    bucket, _, key = inner.partition("/")
+    return bucket, key
+
+
+def describe_storage_error(exc: BaseException, path: str, action: str) -> str:
+    """One line that says what failed on which bucket/key and what to do about it."""
+    text = f"{type(exc).__name__}: {exc}"
+    if not is_s3(path):
+        if isinstance(exc, FileNotFoundError):
+            return f"cannot {action} {path}: no such file or directory"
+        if isinstance(exc, PermissionError):
+            return f"cannot {action} {path}: permission denied"
+        return f"cannot {action} {path}: {exc}"
+    bucket, key = bucket_and_key(path)
+    where = f"bucket '{bucket}'" + (f", key '{key}'" if key else "")
+    endpoint = s3_endpoint()
+    lowered = text.lower()
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "the specified bucket does not exist" in lowered:
+        return f"cannot {action} {path}: {where} does not exist" + (f" at {endpoint}" if endpoint else "")
+    if "nocredentials" in lowered or "unable to locate credentials" in lowered:
+        return (f"cannot {action} {path}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or an instance role")
+    if "invalidaccesskeyid" in lowered or "signaturedoesnotmatch" in lowered:
+        return (f"cannot {action} {path}: the AWS credentials were rejected for {where}; "
+                "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    if isinstance(exc, PermissionError) or "accessdenied" in lowered or "forbidden" in lowered or " 403" in lowered:
+        return f"cannot {action} {path}: access denied to {where}; the credentials in use lack permission"
+    if "could not connect" in lowered or "connect timeout" in lowered or "endpointconnectionerror" in lowered \
+            or "cannot connect" in lowered:
+        return (f"cannot {action} {path}: S3 endpoint {endpoint or '(AWS default)'} is unreachable; "
+                "check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the network")
+    if isinstance(exc, FileNotFoundError):
+        return f"cannot {action} {path}: {where} not found"
+    return f"cannot {action} {path}: {text}"
+
+
+@contextmanager
+def storage_errors(path: str, action: str) -> Iterator[None]:
+    """Turn storage exceptions into a UserError naming the bucket/key."""
+    try:
+        yield
+    except _storage_exceptions() as exc:
+        raise UserError(describe_storage_error(exc, path, action)) from exc
+
+
+def _storage_exceptions() -> tuple[type[BaseException], ...]:
+    """OS errors (s3fs maps most S3 failures to them) and botocore's own."""
+    kinds: list[type[BaseException]] = [OSError]
+    try:
+        import botocore.exceptions as boto
+
+        kinds += [boto.BotoCoreError, boto.ClientError]
+    except ImportError:
+        pass
+    return tuple(kinds)
