@@ -35,7 +35,7 @@ if __name__ == "__main__":
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts],
                     SamplingParams(max_tokens=args["max_tokens"], temperature=0.0), use_tqdm=False)
     t2 = time.perf_counter()
-    print(json.dumps({"wall": t2 - t0, "generate": t2 - t1,
+    print("BENCH_RESULT " + json.dumps({"wall": t2 - t0, "generate": t2 - t1,
                       "tokens": sum(len(o.outputs[0].token_ids) for o in outs), "rows": len(outs)}))
 '''
 
@@ -65,7 +65,8 @@ def main() -> None:
         capture_output=True, text=True, cwd=work)
     if proc.returncode != 0:
         sys.exit(f"plain vLLM failed:\n{proc.stderr[-4000:]}")
-    plain = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain = json.loads(next(line for line in proc.stdout.splitlines()
+                            if line.startswith("BENCH_RESULT ")).split(" ", 1)[1])
 
     job = work / "job.yaml"
     job.write_text(json.dumps({

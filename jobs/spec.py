@@ -204,12 +204,12 @@ def spec_reference() -> str:
             ann = field.annotation
             pad = "  " * indent
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                out.append(f"{pad}{name}:{'':<{max(1, 30 - len(pad) - len(name))}}# {field.description}")
+                out.append(f"{pad + name + ':':<31} # {field.description}")
                 walk(ann, indent + 1)
             else:
                 default = "(required)" if field.is_required() else _yaml_scalar(field.get_default(call_default_factory=True))
                 left = f"{pad}{name}: {default}"
-                out.append(f"{left:<32}# {field.description}")
+                out.append(f"{left:<31} # {field.description}")
 
     walk(JobSpec, 0)
     return "\n".join(out)

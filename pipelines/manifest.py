@@ -62,7 +62,7 @@ def write_manifest(run_uri: str, manifest: dict[str, Any]) -> str:
     fs, inner = filesystem_for(uri)
     body = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
     with storage_errors(uri, "write manifest"):
-        if hasattr(fs, "local_file") or type(fs).__name__ == "LocalFileSystem":
+        if getattr(fs, "local_file", False):
             os.makedirs(os.path.dirname(inner), exist_ok=True)
             tmp = inner + ".tmp"
             with open(tmp, "wb") as handle:

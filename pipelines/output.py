@@ -9,17 +9,16 @@ import pyarrow.compute as pc
 from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT
 from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
 from pipelines.render import TOKENS_COLUMN
-from pipelines.schema import output_column_for_input
 from pipelines.score import cumulative_logprob, finish_reason, mean_logprob
 
 
-def to_output_row(row: dict[str, Any], *, input_names: list[str], model: str, run_id: str,
+def to_output_row(row: dict[str, Any], *, input_columns: dict[str, str], model: str, run_id: str,
                   max_tokens: int, max_model_len: int | None) -> dict[str, Any]:
     error = row.get(INFERENCE_ERROR) or row.get(ROW_ERROR_COLUMN) or None
     inputs = row.get(INPUT_COLUMN) or {}
     out: dict[str, Any] = {"id": row[ID_COLUMN]}
-    for name in input_names:
-        out[output_column_for_input(name)] = inputs.get(name)
+    for name, column in input_columns.items():
+        out[column] = inputs.get(name)
     tokens = row.get(TOKENS_COLUMN)
     out["prompt"] = row.get(RENDERED_PROMPT)
     if error:

@@ -13,7 +13,7 @@ from pipelines.read import (
     InputFile, ReadShards, ShardScan, ShardTask, plan_shard_tasks, scan_shard, shard_task_rows, unify_input_schema,
 )
 from pipelines.render import RenderSettings, RenderStage
-from pipelines.schema import output_schema
+from pipelines.schema import output_names_for_inputs, output_schema
 from pipelines.storage import filesystem_for, is_s3, storage_errors
 
 CPU_STAGE_CPUS = 0.25
@@ -75,7 +75,7 @@ def build_dataset(inputs: InputPlan, id_column: str | None, render: RenderSettin
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
     ds = build_infer_stage(engine)(ds)
     ds = ds.map(to_output_row, fn_kwargs=dict(
-        input_names=inputs.schema.names, model=output.model_label, run_id=output.run_id,
+        input_columns=output_names_for_inputs(inputs.schema.names), model=output.model_label, run_id=output.run_id,
         max_tokens=engine.sampling_params["max_tokens"], max_model_len=output.max_model_len,
     ), num_cpus=CPU_STAGE_CPUS)
     ds = ds.map_batches(conform_output, fn_kwargs={"schema_bytes": out_schema.serialize().to_pybytes(),

@@ -71,8 +71,8 @@ def list_input_files(path: str, fmt: str = "auto") -> list[InputFile]:
         for match in sorted(set(matches)):
             name = match.rsplit("/", 1)[-1]
             rel = match[len(root):].lstrip("/") if match.startswith(root) else name
-            if any(part.startswith((".", "_")) for part in rel.split("/")):
-                continue  # hidden files, _SUCCESS markers, _manifest.json of earlier runs
+            if match != inner and any(part.startswith((".", "_")) for part in rel.split("/")):
+                continue  # in listings: hidden files, _SUCCESS markers, _manifest.json of earlier runs
             file_format = _format_of(match, fmt)
             if file_format is None:
                 if _has_glob(inner) or fs.isfile(inner):
@@ -121,8 +121,11 @@ def iter_shard(uri: str, fmt: str, schema: pa.Schema | None = None) -> Iterator[
 
 
 def _numbered(table: pa.Table, start: int, errors: list[str | None] | None = None) -> pa.Table:
-    numbers = pa.array(range(start, start + table.num_rows), pa.int64())
-    errs = pa.array(errors if errors is not None else [None] * table.num_rows, pa.string())
+    rows = len(errors) if errors is not None else table.num_rows
+    numbers = pa.array(range(start, start + rows), pa.int64())
+    errs = pa.array(errors if errors is not None else [None] * rows, pa.string())
+    if table.num_rows != rows:  # a chunk of only unparseable lines has no columns, hence no rows
+        return pa.table({"_row_number": numbers, ROW_ERROR_COLUMN: errs})
     return table.append_column("_row_number", numbers).append_column(ROW_ERROR_COLUMN, errs)
 
 
@@ -141,7 +144,7 @@ def _iter_jsonl(handle, schema: pa.Schema | None) -> Iterator[pa.Table]:
     rows: list[dict] = []
     errors: list[str | None] = []
     start = 0
-    text = io.TextIOWrapper(handle, encoding="utf-8", errors="strict", newline="")
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="strict", newline="")
     line_no = 0
     while True:
         try:
@@ -294,8 +297,8 @@ class ReadShards:
                       for e, v in zip(errors, raw_ids)]
         else:
             ids = [stable_id(relpath, n) for n in numbers]
-        packed = pa.StructArray.from_arrays([c.combine_chunks() for c in data.columns], names=data.column_names) if data.num_columns else \
-            pa.array([{}] * data.num_rows, pa.struct([]))
+        packed = pa.StructArray.from_arrays([c.combine_chunks() for c in data.columns], names=data.column_names) \
+            if data.num_columns else pa.array([{}] * len(numbers), pa.struct([]))
         return pa.table({
             ID_COLUMN: pa.array(ids, pa.string()),
             INPUT_COLUMN: packed,

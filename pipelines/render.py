@@ -52,6 +52,9 @@ def build_messages(row: dict[str, Any], settings: RenderSettings) -> list[dict[s
 
 def build_text(row: dict[str, Any], settings: RenderSettings) -> str:
     if settings.template is not None:
+        nulls = [name for name in template_fields(settings.template) if name in row and row[name] is None]
+        if nulls:
+            raise RowError(f"template: column(s) {', '.join(repr(n) for n in nulls)} null in this row")
         try:
             text = settings.template.format_map(row)
         except KeyError as exc:

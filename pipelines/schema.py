@@ -25,17 +25,26 @@ RESERVED = {"id"} | {f.name for f in RESULT_FIELDS}
 INPUT_PREFIX = "input_"
 
 
-def output_column_for_input(name: str) -> str:
-    """An input column keeps its name unless llmbatch writes a column of that name: then `input_<name>`."""
-    renamed = name
-    while renamed in RESERVED:
-        renamed = INPUT_PREFIX + renamed
-    return renamed
+def output_names_for_inputs(input_names: list[str]) -> dict[str, str]:
+    """Input column -> output column. Names llmbatch writes itself become `input_<name>` (repeated until
+    free), so `prompt` comes back as `input_prompt` and no two output columns share a name."""
+    taken = set(RESERVED) | {n for n in input_names if n not in RESERVED}
+    mapping = {}
+    for name in input_names:
+        renamed = name
+        if name in RESERVED:
+            renamed = INPUT_PREFIX + name
+            while renamed in taken:
+                renamed = INPUT_PREFIX + renamed
+            taken.add(renamed)
+        mapping[name] = renamed
+    return mapping
 
 
 def output_schema(input_schema: pa.Schema) -> pa.Schema:
+    names = output_names_for_inputs(input_schema.names)
     fields = [pa.field("id", pa.string(), nullable=False)]
-    fields += [pa.field(output_column_for_input(f.name), f.type) for f in input_schema]
+    fields += [pa.field(names[f.name], f.type) for f in input_schema]
     fields += RESULT_FIELDS
     return pa.schema(fields, metadata={b"llmbatch.schema_version": str(SCHEMA_VERSION).encode()})
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 def cumulative_logprob(generated_tokens: Sequence[int] | None, logprobs: Sequence[Any] | None) -> float | None:
     """Sum of each generated token's own logprob (vLLM returns {token_id: {logprob, rank, ...}} per step)."""
-    if not generated_tokens or not logprobs:
+    if not generated_tokens or not logprobs or len(logprobs) != len(generated_tokens):
         return None
     total = 0.0
     for token, step in zip(generated_tokens, logprobs):

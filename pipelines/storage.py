@@ -75,7 +75,8 @@ def describe_storage_error(exc: BaseException, path: str, action: str) -> str:
     bucket, key = bucket_and_key(path)
     where = f"bucket '{bucket}'" + (f", key '{key}'" if key else "")
     endpoint = s3_endpoint()
-    lowered = text.lower()
+    inner = path.split("://", 1)[-1]
+    lowered = text.replace(path, "").replace(inner, "").lower()
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "the specified bucket does not exist" in lowered:
         return f"cannot {action} {path}: {where} does not exist" + (f" at {endpoint}" if endpoint else "")
     if "nocredentials" in lowered or "unable to locate credentials" in lowered:

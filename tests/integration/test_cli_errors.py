@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import REPO, run_cli, write_job
+from support import REPO, run_cli, write_job
 
 
 def test_validate_accepts_the_quickstart_job(demo_model: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import read_output, run_cli, write_job
+from support import read_output, run_cli, write_job
 
 MULTILINGUAL = {
     "en-capital": "What is the capital of France?",

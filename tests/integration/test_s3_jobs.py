@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import DEMO_MODEL, read_output, run_cli, write_job
+from support import DEMO_MODEL, read_output, run_cli, write_job
 
 TOPICS = ["geography", "science", "cooking", "history"]
 

@@ -8,7 +8,7 @@ from pipelines.schema import (
     RESULT_FIELDS,
     SCHEMA_VERSION,
     OutputRow,
-    output_column_for_input,
+    output_names_for_inputs,
     output_schema,
 )
 
@@ -48,10 +48,14 @@ def test_output_schema_with_no_input_columns():
     assert [f.name for f in RESULT_FIELDS] == RESULT_NAMES
 
 
-def test_output_column_for_input_keeps_free_names():
-    assert output_column_for_input("question") == "question"
-    assert output_column_for_input("input_x") == "input_x"
-    assert output_column_for_input("error") == "input_error"
+def test_output_names_keep_free_names_and_prefix_reserved_ones():
+    assert output_names_for_inputs(["question", "input_x", "error"]) == {
+        "question": "question", "input_x": "input_x", "error": "input_error"}
+
+
+def test_output_names_skip_a_prefixed_name_the_input_already_uses():
+    assert output_names_for_inputs(["prompt", "input_prompt"]) == {
+        "prompt": "input_input_prompt", "input_prompt": "input_prompt"}
 
 
 def test_output_schema_names_are_unique_when_input_is_an_earlier_output():

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT, engine_columns, sampling_params
 from pipelines.output import conform_output, to_output_row
-from pipelines.schema import OutputRow, output_schema
+from pipelines.schema import OutputRow, output_names_for_inputs, output_schema
 from pipelines.score import cumulative_logprob, finish_reason, mean_logprob
 
 
@@ -109,7 +109,7 @@ def engine_row(**overrides) -> dict:
 
 
 def test_success_row_has_text_scores_and_no_error():
-    out = to_output_row(engine_row(), input_names=["prompt", "topic"], **COMMON)
+    out = to_output_row(engine_row(), input_columns=output_names_for_inputs(["prompt", "topic"]), **COMMON)
     assert out == {
         "id": "a.jsonl#0",
         "input_prompt": "hi",
@@ -130,14 +130,14 @@ def test_success_row_has_text_scores_and_no_error():
 
 def test_success_row_that_hit_max_tokens_finishes_with_length():
     row = engine_row(num_generated_tokens=8, generated_tokens=list(range(8)), logprobs=None)
-    out = to_output_row(row, input_names=["prompt"], **COMMON)
+    out = to_output_row(row, input_columns=output_names_for_inputs(["prompt"]), **COMMON)
     assert out["finish_reason"] == "length"
     assert out["cumulative_logprob"] is None and out["mean_logprob"] is None
 
 
 def test_success_row_with_empty_generation_has_empty_text_not_null():
     row = engine_row(generated_text=None, generated_tokens=[], num_generated_tokens=0, logprobs=[])
-    out = to_output_row(row, input_names=["prompt"], **COMMON)
+    out = to_output_row(row, input_columns=output_names_for_inputs(["prompt"]), **COMMON)
     assert out["generated_text"] == ""
     assert out["error"] is None
     assert out["num_generated_tokens"] == 0
@@ -147,7 +147,7 @@ def test_success_row_with_empty_generation_has_empty_text_not_null():
 def test_render_error_row_keeps_inputs_and_error_without_results():
     row = {"id": "a.jsonl#4", "_input": {"prompt": None, "topic": "x"}, "_row_error": "prompt column 'prompt' is null",
            "prompt": None, "tokenized_prompt": None, RENDERED_PROMPT: None, INFERENCE_ERROR: "prompt column 'prompt' is null"}
-    out = to_output_row(row, input_names=["prompt", "topic"], **COMMON)
+    out = to_output_row(row, input_columns=output_names_for_inputs(["prompt", "topic"]), **COMMON)
     assert out["error"] == "prompt column 'prompt' is null"
     assert out["input_prompt"] is None and out["topic"] == "x"
     for key in ("prompt", "generated_text", "finish_reason", "num_input_tokens", "num_generated_tokens",
@@ -159,7 +159,7 @@ def test_render_error_row_keeps_inputs_and_error_without_results():
 
 def test_row_error_alone_also_makes_an_error_row():
     row = {"id": "x#0", "_input": {"prompt": "p"}, "_row_error": "id column 'key' is null"}
-    out = to_output_row(row, input_names=["prompt"], **COMMON)
+    out = to_output_row(row, input_columns=output_names_for_inputs(["prompt"]), **COMMON)
     assert out["error"] == "id column 'key' is null"
     assert out["generated_text"] is None
 
@@ -167,7 +167,7 @@ def test_row_error_alone_also_makes_an_error_row():
 def test_engine_error_row_reports_inference_error_and_prompt_token_count():
     row = engine_row(**{INFERENCE_ERROR: "EngineDeadError: boom"}, generated_text=None,
                      num_generated_tokens=None, generated_tokens=None, logprobs=None)
-    out = to_output_row(row, input_names=["prompt", "topic"], **COMMON)
+    out = to_output_row(row, input_columns=output_names_for_inputs(["prompt", "topic"]), **COMMON)
     assert out["error"] == "EngineDeadError: boom"
     assert out["prompt"] == "<user>hi"
     assert out["num_input_tokens"] == 3
@@ -177,7 +177,7 @@ def test_engine_error_row_reports_inference_error_and_prompt_token_count():
 
 
 def test_empty_inference_error_string_means_success():
-    out = to_output_row(engine_row(**{INFERENCE_ERROR: ""}), input_names=[], **COMMON)
+    out = to_output_row(engine_row(**{INFERENCE_ERROR: ""}), input_columns=output_names_for_inputs([]), **COMMON)
     assert out["error"] is None
     assert out["generated_text"] == "Hello!"
 
@@ -186,19 +186,19 @@ def test_empty_inference_error_string_means_success():
                                   "num_input_tokens", "mean_logprob"])
 def test_input_column_colliding_with_an_output_name_becomes_input_name(name):
     row = engine_row(_input={name: "from input"})
-    out = to_output_row(row, input_names=[name], **COMMON)
+    out = to_output_row(row, input_columns=output_names_for_inputs([name]), **COMMON)
     assert out[f"input_{name}"] == "from input"
     assert out[name] != "from input"
 
 
 def test_missing_input_column_in_row_is_null():
-    out = to_output_row(engine_row(_input=None), input_names=["topic"], **COMMON)
+    out = to_output_row(engine_row(_input=None), input_columns=output_names_for_inputs(["topic"]), **COMMON)
     assert out["topic"] is None
 
 
 def test_non_ascii_generated_text_and_inputs_pass_through():
     row = engine_row(_input={"q": "ما هي عاصمة فرنسا؟"}, generated_text="巴黎 🇫🇷")
-    out = to_output_row(row, input_names=["q"], **COMMON)
+    out = to_output_row(row, input_columns=output_names_for_inputs(["q"]), **COMMON)
     assert out["q"] == "ما هي عاصمة فرنسا؟"
     assert out["generated_text"] == "巴黎 🇫🇷"
 
@@ -209,9 +209,9 @@ def test_conform_output_casts_to_the_exact_output_schema():
     input_schema = pa.schema([("prompt", pa.string()), ("score", pa.int64())])
     schema = output_schema(input_schema)
     rows = [
-        to_output_row(engine_row(_input={"prompt": "hi", "score": 3}), input_names=["prompt", "score"], **COMMON),
+        to_output_row(engine_row(_input={"prompt": "hi", "score": 3}), input_columns=output_names_for_inputs(["prompt", "score"]), **COMMON),
         to_output_row({"id": "a.jsonl#1", "_input": {"prompt": None, "score": None}, "_row_error": "bad"},
-                      input_names=["prompt", "score"], **COMMON),
+                      input_columns=output_names_for_inputs(["prompt", "score"]), **COMMON),
     ]
     batch = pa.Table.from_pylist(rows)
     assert batch.schema != schema  # inferred types/order differ

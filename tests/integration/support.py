@@ -1,0 +1,46 @@
+"""Helpers for integration tests: run the real CLI, write job files, read output with the v1 schema."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+
+from pipelines.schema import OutputRow
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).with_name("llmbatch"))
+DEMO_MODEL = "smollm2-135m-instruct"
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = False, timeout: int = 900) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([CLI, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"llmbatch {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def write_job(path: Path, **sections) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def read_output(run_uri: str, filesystem=None) -> tuple[list[OutputRow], dict]:
+    """Every output row, parsed with the project's own schema, and the manifest (written last)."""
+    if run_uri.startswith("s3://"):
+        inner = run_uri[len("s3://"):]
+        manifest = json.loads(filesystem.cat_file(f"{inner}/_manifest.json"))
+        files = [f"{inner}/{name}" for name in manifest["output"]["files"]]
+        table = pads.dataset(files, format="parquet", filesystem=filesystem).to_table()
+    else:
+        manifest = json.loads(Path(run_uri, "_manifest.json").read_text())
+        files = [str(Path(run_uri, name)) for name in manifest["output"]["files"]]
+        table = pads.dataset(files, format="parquet").to_table()
+    rows = [OutputRow.model_validate(r) for r in table.to_pylist()]
+    return rows, manifest
