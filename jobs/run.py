@@ -16,6 +16,7 @@ import structlog
 
 from cluster import model_store
 from cluster.connect import start_local_ray
+from cluster.diagnose import explain_failure
 from cluster.resources import check_fits, choose_accelerator, default_memory_utilization, replica_shape
 from jobs.errors import JobFailed, UserError
 from jobs.spec import JobSpec
@@ -170,6 +171,11 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     reporter.start()
     try:
         write_dataset(ds, run_uri)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        log.error("run_failed", error=type(exc).__name__)
+        raise JobFailed(explain_failure(exc, since=started)) from exc
     finally:
         stop.set()
         reporter.join(timeout=5)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.storage import filesystem_for, join, storage_errors
@@ -30,7 +32,7 @@ def tally_output(run_uri: str) -> OutputTally:
     with storage_errors(run_uri, "read back output"):
         names = sorted(p for p in fs.find(inner) if p.endswith(".parquet"))
         tally = OutputTally(files=[p[len(inner):].lstrip("/") for p in names])
-        ids: set[str] = set()
+        id_hashes = array("q")  # 8 bytes a row, so millions of ids fit in a few MB
         for name in names:
             with fs.open(name, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
@@ -40,10 +42,15 @@ def tally_output(run_uri: str) -> OutputTally:
                     tally.errors += sum(e is not None for e in data["error"])
                     tally.input_tokens += sum(n or 0 for n in data["num_input_tokens"])
                     tally.generated_tokens += sum(n or 0 for n in data["num_generated_tokens"])
-                    ids.update(data["id"])
+                    id_hashes.extend(hash(i) for i in data["id"])
         tally.ok = tally.rows - tally.errors
-        tally.distinct_ids = len(ids)
+        tally.distinct_ids = _count_distinct(id_hashes)
     return tally
+
+
+def _count_distinct(values: array) -> int:
+    ordered = np.sort(np.frombuffer(values, dtype=np.int64))
+    return int(1 + np.count_nonzero(ordered[1:] != ordered[:-1])) if len(ordered) else 0
 
 
 def manifest_uri(run_uri: str) -> str:
