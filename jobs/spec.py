@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -70,10 +70,35 @@ class OutputSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    replicas: int = Field(1, ge=1, description="Engine replicas in the actor pool.")
+    replicas: Union[int, list[int]] = Field(
+        1, description="Engine replicas: a number, or [min, max] for a pool that grows with the backlog.")
     batch_size: int = Field(32, ge=1, description="Rows per batch sent to a replica.")
     accelerator: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto = GPUs when the cluster has them, else CPU.")
+    accelerator_type: Optional[str] = Field(
+        None, min_length=1, description="Pin replicas to one GPU type, e.g. H100 or A10G (Ray's accelerator_type).")
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_range(cls, value: Any) -> Union[int, list[int]]:
+        def whole(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if whole(value):
+            if value < 1:
+                raise ValueError("must be at least 1")
+            return value
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(whole(v) for v in value) \
+                and 1 <= value[0] <= value[1]:
+            return list(value)
+        raise ValueError("must be a number, or [min, max] with 1 <= min <= max")
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) engine replicas; equal for a fixed pool."""
+        if isinstance(self.replicas, int):
+            return self.replicas, self.replicas
+        return self.replicas[0], self.replicas[1]
 
 
 class JobSpec(_Section):
@@ -95,7 +120,14 @@ class JobSpec(_Section):
 # ---- loading -----------------------------------------------------------------------------------
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    """Read a job file, apply `key.path=value` overrides, and validate it."""
+    """Read a job file ('-' = standard input), apply `key.path=value` overrides, and validate it."""
+    if str(path) == "-":
+        import sys
+
+        raw = parse_yaml(sys.stdin.read(), "<stdin>")
+        for item in overrides or []:
+            apply_override(raw, item)
+        return validate_spec(raw, source="<stdin>")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -7,10 +7,12 @@ from typing import Any
 def render_summary(manifest: dict[str, Any]) -> str:
     rows, tokens = manifest["rows"], manifest["tokens"]
     wall = manifest["wall_seconds"]
+    replicas = manifest["engine"]["replicas"]
+    pool = f"{replicas[0]}-{replicas[1]}" if isinstance(replicas, list) else str(replicas)
     lines = [
         "",
         f"run {manifest['run_id']}: {manifest['status']}",
-        f"  model        {manifest['model']['source']}  ({manifest['engine']['replicas']} x {manifest['engine']['accelerator']} replica)",
+        f"  model        {manifest['model']['source']}  ({pool} x {manifest['engine']['accelerator']} replica)",
         f"  rows         {rows['in']} in, {rows['ok']} ok, {rows['error']} error",
         f"  tokens       {tokens['input']} input, {tokens['generated']} generated",
         f"  throughput   {manifest['output_tokens_per_second'] or 0:.1f} output tok/s",

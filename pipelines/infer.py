@@ -21,12 +21,13 @@ class EnginePlan:
     model_path: str
     engine_kwargs: dict[str, Any]
     sampling_params: dict[str, Any]
-    replicas: int
+    replicas: tuple[int, int]        # (min, max) engine replicas; equal for a fixed pool
     batch_size: int
     bundle_per_replica: dict[str, float]
     placement_strategy: str = "STRICT_PACK"
     accelerator_type: str | None = None
     runtime_env: dict[str, Any] = field(default_factory=dict)
+    progress_actor: str | None = None  # named ProgressCounter each replica reports its batches to
 
 
 def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: int | None,
@@ -54,7 +55,7 @@ def build_infer_stage(plan: EnginePlan):
         model_source=plan.model_path,
         engine_kwargs=dict(plan.engine_kwargs),
         batch_size=plan.batch_size,
-        concurrency=plan.replicas,
+        concurrency=tuple(plan.replicas),
         accelerator_type=plan.accelerator_type,
         placement_group_config={"bundle_per_worker": dict(plan.bundle_per_replica),
                                 "strategy": plan.placement_strategy},
@@ -75,7 +76,39 @@ def build_infer_stage(plan: EnginePlan):
             INFERENCE_ERROR: row.get(ROW_ERROR_COLUMN) or "",
         }
 
-    return build_processor(config, preprocess=preprocess)
+    processor = build_processor(config, preprocess=preprocess)
+    if plan.progress_actor:
+        stage = processor.get_stage_by_name("vLLMEngineStage")
+        stage.fn = _reporting_engine_udf()
+        stage.fn_constructor_kwargs = {**stage.fn_constructor_kwargs, "progress_actor": plan.progress_actor}
+    return processor
+
+
+def _reporting_engine_udf():
+    """ray.data.llm's engine stage, reporting each batch (replica, node, rows, tokens, seconds) to our counter."""
+    import time
+
+    import ray
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
+
+    class ReportingEngineUDF(vLLMEngineStageUDF):
+        def __init__(self, *args, progress_actor: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            context = ray.get_runtime_context()
+            self._replica = context.get_actor_id()
+            self._node = context.get_node_id()
+            self._progress = ray.get_actor(progress_actor)
+            self._progress.replica_started.remote(self._replica, self._node)
+
+        async def udf(self, batch):
+            started, rows, tokens = time.time(), 0, 0
+            async for output in super().udf(batch):
+                rows += 1
+                tokens += int(output.get("num_generated_tokens") or 0)
+                yield output
+            self._progress.replica_batch.remote(self._replica, rows, tokens, started, time.time())
+
+    return ReportingEngineUDF
 
 
 def engine_columns() -> tuple[str, ...]:

@@ -214,7 +214,7 @@ def test_several_errors_are_all_reported_one_line_each(tmp_path):
         "sampling.max_tokens: must be greater than 0",
         "sampling.top_p: must be less than or equal to 1",
         "output.path: required",
-        "resources.replicas: must be greater than or equal to 1",
+        "resources.replicas: must be at least 1",
     ]
     assert all("\n" not in line for line in lines)
 

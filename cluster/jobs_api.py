@@ -1,0 +1,86 @@
+"""Ray's Jobs API, as llmbatch uses it: address and token resolution, errors a user can act on."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from jobs.errors import UserError
+
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+METADATA_MARK = "llmbatch"
+
+
+def cluster_address(option: str | None) -> str | None:
+    """`--address`, else RAY_ADDRESS; None means the embedded local Ray."""
+    address = option or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        return None
+    if address in ("local", "auto"):
+        raise UserError(f"--address: '{address}' names no Jobs API endpoint; use http://HEAD:8265")
+    if "://" not in address:
+        address = f"http://{address}"
+    if address.startswith("ray://"):
+        raise UserError("--address: llmbatch submits through the Jobs API; use the dashboard address "
+                        "http://HEAD:8265, not a ray:// client address")
+    return address.rstrip("/")
+
+
+def token_source() -> str | None:
+    """Where Ray would read a token from: RAY_AUTH_TOKEN, else ~/.ray/auth_token. Never the token itself."""
+    if os.environ.get(TOKEN_ENV):
+        return TOKEN_ENV
+    path = Path.home() / ".ray" / "auth_token"
+    if path.is_file() and path.read_text().strip():
+        return str(path)
+    return None
+
+
+def use_token_if_available() -> str | None:
+    """Turn on Ray's token auth for this client when a token exists (Ray's own loader sends it)."""
+    source = token_source()
+    if source and not os.environ.get(AUTH_MODE_ENV):
+        os.environ[AUTH_MODE_ENV] = "token"
+    return source
+
+
+@contextmanager
+def jobs_api_errors(address: str) -> Iterator[None]:
+    try:
+        yield
+    except UserError:
+        raise
+    except ConnectionError as exc:
+        raise UserError(f"cannot reach the Ray Jobs API at {address}: check --address / RAY_ADDRESS "
+                        f"and that the head node's dashboard is up ({type(exc).__name__})") from None
+    except (RuntimeError, _auth_error()) as exc:
+        text = str(exc)
+        source = token_source()
+        if "401" in text or "Missing authentication token" in text or "Authentication required" in text:
+            raise UserError(f"the Ray cluster at {address} requires a token and none was sent: set "
+                            f"{TOKEN_ENV} or put the token in ~/.ray/auth_token") from None
+        if "403" in text or "Invalid authentication token" in text or "Authentication failed" in text:
+            raise UserError(f"the Ray cluster at {address} rejected the token from {source or 'the client'}: "
+                            "it does not match the cluster's token") from None
+        if "does not exist" in text or "404" in text:
+            raise UserError(f"{address}: {text.splitlines()[0][:300]}") from None
+        raise
+
+
+def _auth_error() -> type[Exception]:
+    try:
+        from ray.exceptions import AuthenticationError
+
+        return AuthenticationError
+    except ImportError:
+        return RuntimeError
+
+
+def client(address: str):
+    use_token_if_available()  # before Ray is imported: it reads RAY_AUTH_MODE once
+    from ray.job_submission import JobSubmissionClient
+
+    with jobs_api_errors(address):
+        return JobSubmissionClient(address)

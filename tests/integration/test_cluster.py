@@ -1,0 +1,149 @@
+"""Jobs on a real two-node Ray cluster on 127.0.0.1 with token auth on: Jobs API submission, control verbs,
+the dashboard's job list, GPU replicas spread over nodes, refusal before start, cancel, auth errors."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support import CLI, DEMO_MODEL, REPO, read_output, run_cli, write_job
+
+RAY = str(Path(CLI).with_name("ray"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, demo_model):
+    """A head and a second node, each declaring 2 CPUs and 1 logical GPU, token auth on."""
+    from cluster.home import llmbatch_home
+
+    root = tmp_path_factory.mktemp("cluster")
+    token = secrets.token_hex(32)
+    env = {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "LLMBATCH_HOME": str(llmbatch_home()), "PATH": f"{Path(CLI).parent}:{os.environ['PATH']}"}
+    (root / "home").mkdir()
+    gcs, dashboard = _free_port(), _free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "1", "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+                    "--dashboard-port", str(dashboard), "--include-dashboard", "true", *common],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{gcs}", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        client_env = {"HOME": env["HOME"], "RAY_AUTH_TOKEN": token, "LLMBATCH_HOME": env["LLMBATCH_HOME"]}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "token": token, "env": client_env}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _job(tmp_path: Path, rows: int, **resources) -> Path:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"n": i, "prompt": f"Count from {i} to {i + 3}."}) + "\n"
+                            for i in range(rows)), encoding="utf-8")
+    return write_job(tmp_path / "job.yaml", name="cluster-job", model={
+        "source": DEMO_MODEL, "engine": {"dtype": "float32", "gpu_memory_utilization": 0.2}},
+        input={"path": str(data)}, sampling={"max_tokens": 8}, output={"path": str(tmp_path / "out")},
+        resources={"accelerator": "gpu", "batch_size": 2, **resources})
+
+
+def _dashboard_jobs(address: str, token: str | None):
+    request = urllib.request.Request(f"{address}/api/jobs/")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp_path: Path):
+    """`submit --address --wait` runs the pipeline as a Ray job whose submission id is the run id;
+    list/status/logs and the dashboard show it; two 1-GPU replicas land on the two nodes."""
+    address, env = cluster["address"], cluster["env"]
+    job = _job(tmp_path, rows=24, replicas=2)
+    proc = run_cli("submit", str(job), "--address", address, "--run-id", "cl-run", "--wait", env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "run cl-run: SUCCEEDED" in proc.stdout
+
+    rows, manifest = read_output(str(tmp_path / "out" / "cl-run"))
+    assert len(rows) == 24 and {r.n for r in rows} == set(range(24)) and all(r.error is None for r in rows)
+    replicas = manifest["replicas"]
+    assert len(replicas) == 2 and len({r["node_id"] for r in replicas}) == 2
+    assert sum(r["rows"] for r in replicas) == 24
+    assert manifest["engine"]["accelerator"] == "gpu"
+
+    listing = run_cli("list", "--address", address, env=env, check=True).stdout
+    line = next(l for l in listing.splitlines() if l.startswith("cl-run "))
+    assert "SUCCEEDED" in line and "24/0" in line and "cluster-job" in line
+    status = run_cli("status", "cl-run", "--address", address, env=env, check=True).stdout
+    assert "status:      SUCCEEDED" in status and "rows_ok:     24" in status
+    logs = run_cli("logs", "cl-run", "--address", address, env=env, check=True).stdout
+    assert "run_finished" in logs and "cl-run" in logs
+
+    jobs = _dashboard_jobs(address, cluster["token"])
+    ours = [j for j in jobs if j.get("submission_id") == "cl-run"]
+    assert ours and ours[0]["metadata"] == {"llmbatch": "1", "job": "cluster-job", "run_id": "cl-run",
+                                            "model": DEMO_MODEL, "output": str(tmp_path / "out" / "cl-run")}
+    with pytest.raises(urllib.error.HTTPError) as unauthorized:
+        _dashboard_jobs(address, None)
+    assert unauthorized.value.code == 401
+
+    token = cluster["token"]
+    assert token not in proc.stdout + proc.stderr + logs + json.dumps(manifest) + json.dumps(ours[0])
+
+
+def test_a_replica_larger_than_any_node_is_refused_before_start(cluster, tmp_path: Path):
+    address, env = cluster["address"], cluster["env"]
+    job = _job(tmp_path, rows=4, replicas=1)
+    proc = run_cli("submit", str(job), "--address", address, "--run-id", "too-big", "--wait",
+                   "--set", "model.engine.tensor_parallel_size=2", env=env)
+    assert proc.returncode != 0
+    assert "one replica needs 2 GPUs on a single node (tensor_parallel_size=2); the largest node has 1" in proc.stdout
+    assert "run_started" not in proc.stdout
+    assert not (tmp_path / "out" / "too-big" / "_manifest.json").exists()
+
+
+def test_cancel_stops_a_running_job_without_a_manifest(cluster, tmp_path: Path):
+    address, env = cluster["address"], cluster["env"]
+    job = _job(tmp_path, rows=200, replicas=1)
+    run_cli("submit", str(job), "--address", address, "--run-id", "to-cancel", env=env, check=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if "run_started" in run_cli("logs", "to-cancel", "--address", address, env=env).stdout:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("the run never started")
+    proc = run_cli("cancel", "to-cancel", "--address", address, env=env, check=True)
+    assert "run to-cancel: STOPPED" in proc.stdout
+    status = run_cli("status", "to-cancel", "--address", address, env=env, check=True).stdout
+    assert "status:      STOPPED" in status
+    assert not (tmp_path / "out" / "to-cancel" / "_manifest.json").exists()
+
+
+def test_wrong_token_and_unreachable_address_fail_with_one_line(cluster, tmp_path: Path):
+    env = {**cluster["env"], "RAY_AUTH_TOKEN": "not-the-token"}
+    proc = run_cli("list", "--address", cluster["address"], env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == (f"error: the Ray cluster at {cluster['address']} rejected the token from "
+                                   "RAY_AUTH_TOKEN: it does not match the cluster's token")
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_TOKEN"}
+    proc = run_cli("list", "--address", cluster["address"], env=env)
+    assert proc.returncode != 0 and "requires a token and none was sent" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("submit", str(_job(tmp_path, rows=1)), "--address", f"http://127.0.0.1:{_free_port()}",
+                   env=cluster["env"])
+    assert proc.returncode != 0 and "cannot reach the Ray Jobs API at http://127.0.0.1:" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

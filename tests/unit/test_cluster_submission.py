@@ -1,0 +1,104 @@
+"""Cluster-side pieces that need no Ray: addresses, tokens, error translation, per-node fit, diagnosis."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.diagnose import explain_failure, root_cause
+from cluster.jobs_api import cluster_address, jobs_api_errors, token_source, use_token_if_available
+from cluster.resources import check_fits, check_replica_fits_a_node, replica_shape
+from jobs.errors import UserError
+from jobs.spec import validate_spec
+
+BASE = {"name": "a", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"}}
+
+
+def test_address_comes_from_the_option_then_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
+    assert cluster_address(None) == "http://10.0.0.5:8265"
+    assert cluster_address("https://head:8265/") == "https://head:8265"
+
+
+@pytest.mark.parametrize("bad", ["ray://head:10001", "auto", "local"])
+def test_addresses_that_are_not_a_jobs_api_endpoint_are_refused(bad):
+    with pytest.raises(UserError, match="--address"):
+        cluster_address(bad)
+
+
+def test_token_is_found_where_ray_looks_and_never_returned(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert token_source() is None and use_token_if_available() is None
+    assert "RAY_AUTH_MODE" not in os.environ
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret-from-file\n")
+    assert token_source() == str(tmp_path / ".ray" / "auth_token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-from-env")
+    assert token_source() == "RAY_AUTH_TOKEN"
+    assert use_token_if_available() == "RAY_AUTH_TOKEN" and os.environ["RAY_AUTH_MODE"] == "token"
+
+
+@pytest.mark.parametrize("raised, expected", [
+    (ConnectionError("Failed to connect"), "cannot reach the Ray Jobs API at http://h:8265"),
+    (RuntimeError("Request failed with status code 401: Unauthorized: Missing authentication token"),
+     "requires a token and none was sent"),
+    (RuntimeError("Authentication failed: Invalid authentication token"), "rejected the token"),
+])
+def test_jobs_api_failures_become_one_actionable_line(raised, expected):
+    with pytest.raises(UserError) as info:
+        with jobs_api_errors("http://h:8265"):
+            raise raised
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_other_runtime_errors_pass_through():
+    with pytest.raises(RuntimeError, match="something else"):
+        with jobs_api_errors("http://h:8265"):
+            raise RuntimeError("something else")
+
+
+def test_a_tensor_parallel_replica_must_fit_on_one_node():
+    nodes = [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}]
+    check_replica_fits_a_node(replica_shape("gpu", 2), nodes)
+    with pytest.raises(UserError) as info:
+        check_fits(replica_shape("gpu", 4), 1, {"CPU": 16, "GPU": 4}, nodes)
+    assert str(info.value) == ("model.engine.tensor_parallel_size: one replica needs 4 GPUs on a single node "
+                               "(tensor_parallel_size=4); the largest node has 2")
+
+
+def test_accelerator_type_must_exist_in_the_cluster():
+    nodes = [{"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1}]
+    check_replica_fits_a_node(replica_shape("gpu", 1), nodes, "A10G")
+    with pytest.raises(UserError) as info:
+        check_replica_fits_a_node(replica_shape("gpu", 1), nodes, "H100")
+    assert str(info.value) == "resources.accelerator_type: no node has H100 GPUs; the cluster has A10G"
+
+
+def test_replicas_take_a_number_or_a_min_max_range():
+    assert validate_spec({**BASE, "resources": {"replicas": 3}}).resources.replica_range == (3, 3)
+    assert validate_spec({**BASE, "resources": {"replicas": [1, 4]}}).resources.replica_range == (1, 4)
+    assert validate_spec({**BASE, "resources": {"accelerator_type": "H100"}}).resources.accelerator_type == "H100"
+
+
+def test_root_cause_is_the_first_specific_error_a_worker_logged(tmp_path: Path):
+    (tmp_path / "worker-1.out").write_text(
+        "INFO starting\n"
+        "(Worker pid=1) ERROR ValueError: Available memory on node 0 is less than desired CPU memory utilization\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    (tmp_path / "worker-0.err").write_text("nothing wrong here\n")
+    assert root_cause(tmp_path, since=time.time() - 60) == (
+        "ValueError: Available memory on node 0 is less than desired CPU memory utilization")
+    assert root_cause(tmp_path, since=time.time() + 60) is None
+
+
+def test_explain_failure_falls_back_to_the_exception_and_adds_a_hint(monkeypatch):
+    monkeypatch.setattr("cluster.diagnose.ray_logs_dir", lambda: None)
+    message = explain_failure(RuntimeError("wrapper\nValueError: desired CPU memory utilization (0.99)"), 0)
+    assert message.startswith("the pipeline failed: ValueError: desired CPU memory utilization (0.99)")
+    assert "--set model.engine.gpu_memory_utilization=0.3" in message
