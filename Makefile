@@ -37,6 +37,7 @@ test-integration: setup
 
 bench: setup
 	$(BIN)/python bench/bench_vs_vllm.py
+	$(BIN)/python bench/bench_sizing.py
 
 clean:
 	rm -rf $(VENV) out *.egg-info

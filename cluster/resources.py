@@ -55,6 +55,16 @@ def check_fits(shape: ReplicaShape, replicas: int, cluster: dict[str, float],
                         f"the cluster has {cluster.get('GPU', 0):g}")
 
 
+def replica_capacity(shape: ReplicaShape, cluster: dict[str, float]) -> int:
+    """How many replicas of this shape the cluster holds at once, next to the pipeline's CPU stages."""
+    per = {k: v * shape.workers_per_replica for k, v in shape.bundle.items()}
+    limits = []
+    for key, amount in per.items():
+        have = cluster.get(key, 0) - (PIPELINE_CPU_OVERHEAD if key == "CPU" else 0)
+        limits.append(int(have // amount) if amount else 10**6)
+    return max(0, min(limits)) if limits else 0
+
+
 def default_memory_utilization(accelerator: str, replicas_per_node: int) -> float:
     """vLLM's share of device memory. On CPU it is a share of RAM, split between co-located replicas."""
     if accelerator == "gpu":

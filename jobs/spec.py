@@ -69,21 +69,42 @@ class OutputSpec(_Section):
     path: str = Field(..., min_length=1, description="Local directory or s3:// prefix; each run writes under {path}/{run_id}/.")
 
 
+DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'2h', '90m', '1h30m', '45s' -> seconds."""
+    match = DURATION.match(text)
+    if not text.strip() or not match or not any(match.groups()):
+        raise ValueError(f"'{text}' is not a duration like 2h, 90m or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 class ResourcesSpec(_Section):
-    replicas: Union[int, list[int]] = Field(
-        1, description="Engine replicas: a number, or [min, max] for a pool that grows with the backlog.")
+    replicas: Union[int, list[int], Literal["auto"]] = Field(
+        1, description="Engine replicas: a number, [min, max] for a pool that grows with the backlog, "
+                       "or auto (sized from a throughput profile to meet deadline / budget).")
     batch_size: int = Field(32, ge=1, description="Rows per batch sent to a replica.")
     accelerator: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto = GPUs when the cluster has them, else CPU.")
     accelerator_type: Optional[str] = Field(
         None, min_length=1, description="Pin replicas to one GPU type, e.g. H100 or A10G (Ray's accelerator_type).")
+    deadline: Optional[str] = Field(
+        None, description="With replicas: auto, finish within this long, e.g. 2h or 45m.")
+    max_replicas: Optional[int] = Field(
+        None, ge=1, description="With replicas: auto, never more replicas than this.")
+    budget: Optional[float] = Field(
+        None, gt=0, description="With replicas: auto, the most this run may cost, in USD (planner's prices).")
 
     @field_validator("replicas", mode="before")
     @classmethod
-    def _replica_range(cls, value: Any) -> Union[int, list[int]]:
+    def _replica_range(cls, value: Any) -> Union[int, list[int], str]:
         def whole(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
+        if value == "auto":
+            return value
         if whole(value):
             if value < 1:
                 raise ValueError("must be at least 1")
@@ -91,11 +112,31 @@ class ResourcesSpec(_Section):
         if isinstance(value, (list, tuple)) and len(value) == 2 and all(whole(v) for v in value) \
                 and 1 <= value[0] <= value[1]:
             return list(value)
-        raise ValueError("must be a number, or [min, max] with 1 <= min <= max")
+        raise ValueError("must be a number, [min, max] with 1 <= min <= max, or auto")
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _targets_need_auto(self) -> "ResourcesSpec":
+        targets = [name for name in ("deadline", "max_replicas", "budget") if getattr(self, name) is not None]
+        if targets and self.replicas != "auto":
+            raise ValueError(f"{', '.join(targets)} size the pool only with replicas: auto")
+        return self
+
+    @property
+    def deadline_seconds(self) -> Optional[float]:
+        return parse_duration(self.deadline) if self.deadline else None
 
     @property
     def replica_range(self) -> tuple[int, int]:
-        """(min, max) engine replicas; equal for a fixed pool."""
+        """(min, max) engine replicas; equal for a fixed pool. `auto` must be planned first."""
+        if self.replicas == "auto":
+            raise ValueError("replicas: auto has no range until the planner sizes it")
         if isinstance(self.replicas, int):
             return self.replicas, self.replicas
         return self.replicas[0], self.replicas[1]

@@ -79,8 +79,11 @@ def build_infer_stage(plan: EnginePlan):
     processor = build_processor(config, preprocess=preprocess)
     if plan.progress_actor:
         stage = processor.get_stage_by_name("vLLMEngineStage")
-        stage.fn = _reporting_engine_udf()
-        stage.fn_constructor_kwargs = {**stage.fn_constructor_kwargs, "progress_actor": plan.progress_actor}
+        # Written past pydantic's assignment validation on purpose: the stage's validator derives its
+        # resource request from a placement-group config it consumed when the stage was built, so running
+        # it again would ask for a GPU per replica even on CPU.
+        stage.__dict__["fn"] = _reporting_engine_udf()
+        stage.fn_constructor_kwargs["progress_actor"] = plan.progress_actor
     return processor
 
 

@@ -37,7 +37,7 @@ def test_invalid_spec_exits_2_with_one_line_per_problem(tmp_path: Path):
 def test_set_override_errors_name_the_field(tmp_path: Path):
     proc = run_cli("submit", "jobs/quickstart.yaml", "--set", "resources.replicas=zero")
     assert proc.returncode == 2
-    assert "resources.replicas: must be a number, or [min, max] with 1 <= min <= max" in proc.stderr
+    assert "resources.replicas: must be a number, [min, max] with 1 <= min <= max, or auto" in proc.stderr
 
 
 def test_malformed_yaml_points_at_the_line(tmp_path: Path):

@@ -1,0 +1,126 @@
+"""Throughput profiles: measured per-replica rates of a model on an accelerator with given engine settings.
+
+Stored as one JSON file per key under $LLMBATCH_HOME/profiles, or under LLMBATCH_PROFILE_STORE
+(a local directory or an s3:// prefix) so a team shares them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from cluster.home import llmbatch_home
+from pipelines.storage import filesystem_for, join, storage_errors
+
+STORE_ENV = "LLMBATCH_PROFILE_STORE"
+
+
+def store_root() -> str:
+    return os.environ.get(STORE_ENV) or str(llmbatch_home() / "profiles")
+
+
+def profile_key(fingerprint: str, accelerator: str, engine: dict[str, Any]) -> str:
+    settings = {k: engine.get(k) for k in ("dtype", "max_model_len", "tensor_parallel_size", "enable_prefix_caching")}
+    blob = json.dumps([fingerprint, accelerator.upper(), settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What a plan needs from a profile."""
+    output_tokens_per_second: float   # per replica, while busy
+    input_tokens_per_second: float    # per replica, prompt tokens processed while busy (with decoding)
+    requests_per_second: float
+    startup_seconds: float            # submit until the first batch finished: Ray, engine load, warm-up
+    mean_input_tokens: float
+    mean_output_tokens: float
+    measurements: int
+
+
+def measurement_from_manifest(manifest: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """Per-replica rates from a finished run's manifest (None when no replica reported work)."""
+    replicas = [r for r in manifest.get("replicas", []) if r.get("first_batch_at") and r.get("last_batch_at")]
+    busy = sum(r["last_batch_at"] - r["first_batch_at"] for r in replicas)
+    rows, tokens = manifest["rows"], manifest["tokens"]
+    if busy <= 0 or not rows["ok"]:
+        return None
+    return {
+        "source": source,
+        "at": datetime.now(timezone.utc).isoformat(),
+        "rows": rows["ok"],
+        "replicas": len(replicas),
+        "replica_busy_seconds": round(busy, 3),
+        "wall_seconds": manifest["wall_seconds"],
+        "startup_seconds": manifest.get("startup_seconds"),
+        "input_tokens": tokens["input"],
+        "output_tokens": tokens["generated"],
+        "output_tokens_per_second": round(tokens["generated"] / busy, 3),
+        "input_tokens_per_second": round(tokens["input"] / busy, 3),
+        "requests_per_second": round(rows["ok"] / busy, 4),
+        "mean_input_tokens": round(tokens["input"] / max(1, rows["in"]), 2),
+        "mean_output_tokens": round(tokens["generated"] / max(1, rows["ok"]), 2),
+        "max_tokens": manifest["spec"]["sampling"]["max_tokens"],
+    }
+
+
+def load(key: str) -> dict[str, Any] | None:
+    uri = join(store_root(), f"{key}.json")
+    fs, inner = filesystem_for(uri)
+    with storage_errors(uri, "read profile"):
+        if not fs.exists(inner):
+            return None
+        with fs.open(inner, "rb") as handle:
+            return json.loads(handle.read())
+
+
+def save(profile: dict[str, Any]) -> str:
+    uri = join(store_root(), f"{profile['key']}.json")
+    fs, inner = filesystem_for(uri)
+    with storage_errors(uri, "write profile"):
+        fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(inner, json.dumps(profile, indent=2).encode())
+    return uri
+
+
+def record(key: str, identity: dict[str, Any], measurement: dict[str, Any] | None,
+           prediction: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add a measurement (and the prediction it is checked against) to the profile, creating it if new."""
+    profile = load(key) or {"key": key, **identity, "measurements": [], "predictions": []}
+    if measurement:
+        profile["measurements"] = (profile["measurements"] + [measurement])[-50:]
+    if prediction:
+        profile["predictions"] = (profile["predictions"] + [prediction])[-50:]
+    save(profile)
+    return profile
+
+
+def rates(profile: dict[str, Any] | None) -> Rates | None:
+    """Token-weighted rates over every measurement; startup is the median of those that recorded it."""
+    if not profile or not profile.get("measurements"):
+        return None
+    ms = profile["measurements"]
+    busy = sum(m["replica_busy_seconds"] for m in ms)
+    rows = sum(m["rows"] for m in ms)
+    startups = [m["startup_seconds"] for m in ms if m.get("startup_seconds") is not None]
+    return Rates(
+        output_tokens_per_second=sum(m["output_tokens"] for m in ms) / busy,
+        input_tokens_per_second=sum(m["input_tokens"] for m in ms) / busy,
+        requests_per_second=rows / busy,
+        startup_seconds=statistics.median(startups) if startups else 0.0,
+        mean_input_tokens=sum(m["input_tokens"] for m in ms) / max(1, rows),
+        mean_output_tokens=sum(m["output_tokens"] for m in ms) / max(1, rows),
+        measurements=len(ms),
+    )
+
+
+def prediction_errors(profile: dict[str, Any] | None) -> list[dict[str, Any]]:
+    out = []
+    for p in (profile or {}).get("predictions", []):
+        if p.get("predicted_wall_seconds") and p.get("measured_wall_seconds"):
+            error = (p["predicted_wall_seconds"] - p["measured_wall_seconds"]) / p["measured_wall_seconds"]
+            out.append({**p, "error": round(error, 4)})
+    return out

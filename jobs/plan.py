@@ -1,0 +1,255 @@
+"""`llmbatch plan`: how many replicas, how many GPUs each, how long and how much, from measured throughput."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cluster import model_store, profiles
+from cluster.accelerators import ACCELERATORS, Accelerator, accelerator
+from cluster.model_facts import facts_for_checkpoint
+from cluster.sizing import choose_tensor_parallel, cost_usd, replicas_for_budget, replicas_for_deadline, wall_seconds
+from jobs.errors import UserError
+from jobs.spec import JobSpec
+
+COUNT_ALL_UP_TO = 5000   # rows; above this the input is sampled
+SAMPLE_ROWS = 1000
+AUTO_MAX_REPLICAS = 64
+
+
+@dataclass
+class TokenEstimate:
+    rows: int
+    input_tokens: int
+    method: str
+
+
+@dataclass
+class Plan:
+    model: str
+    accelerator: str
+    engine: dict[str, Any]
+    rows: int
+    input_tokens: int
+    input_tokens_method: str
+    output_tokens: int
+    tensor_parallel_size: int
+    fit: str
+    replicas: int
+    devices_total: int
+    wall_seconds: float
+    device_hours: float
+    cost_usd: float
+    hourly_usd: float
+    profile: dict[str, Any]
+    work_seconds: float = 0.0        # replica-seconds of inference
+    startup_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    past_errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def for_replicas(self, replicas: int) -> "Plan":
+        """The same plan with another replica count (e.g. capped by the cluster)."""
+        wall = wall_seconds(self.work_seconds, self.startup_seconds, replicas)
+        devices = self.tensor_parallel_size
+        return replace(self, replicas=replicas, devices_total=replicas * devices, wall_seconds=round(wall, 1),
+                       device_hours=round(wall / 3600 * replicas * devices, 4),
+                       cost_usd=round(cost_usd(wall, replicas, devices, self.hourly_usd), 4))
+
+
+def engine_settings(spec: JobSpec, device: Accelerator, tp: int | None = None) -> dict[str, Any]:
+    engine = spec.model.engine
+    dtype = engine.dtype if engine.dtype != "auto" else ("float32" if device.name == "CPU" else "auto")
+    return {"dtype": dtype, "max_model_len": engine.max_model_len,
+            "tensor_parallel_size": tp or engine.tensor_parallel_size,
+            "enable_prefix_caching": engine.enable_prefix_caching}
+
+
+def accelerator_for(spec: JobSpec, name: str | None) -> Accelerator:
+    if name:
+        return accelerator(name)
+    wanted = spec.resources.accelerator_type
+    if wanted:
+        matches = [a for a in ACCELERATORS.values() if a.name.lower().startswith(wanted.lower())]
+        if matches:
+            return matches[0]
+        raise UserError(f"resources.accelerator_type: the planner has no prices for '{wanted}'; "
+                        f"pass --accelerator one of {', '.join(ACCELERATORS)}")
+    if spec.resources.accelerator == "gpu":
+        return ACCELERATORS["A10G"]
+    return ACCELERATORS["CPU"]
+
+
+def count_input_tokens(spec: JobSpec, model_path: Path) -> TokenEstimate:
+    """Render and tokenize the input's prompts: all of them when small, an even sample when large."""
+    from pipelines.read import iter_shard, list_input_files, scan_shard
+    from pipelines.render import RenderSettings, RenderStage, RowError
+
+    files = list_input_files(spec.input.path, spec.input.format)
+    counts = {f.uri: scan_shard(f.uri, f.format).rows for f in files}
+    total = sum(counts.values())
+    if spec.input.limit is not None:
+        total = min(total, spec.input.limit)
+    renderer = RenderStage(str(model_path), RenderSettings(
+        prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
+        template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=None))
+    sampled = total > COUNT_ALL_UP_TO
+    per_shard = max(1, SAMPLE_ROWS // len(files)) if sampled else None
+    counted = tokens = seen = 0
+    for f in files:
+        taken = 0
+        for table in iter_shard(f.uri, f.format):
+            for row in table.drop_columns(["_row_number", "_row_error"]).to_pylist():
+                if seen >= total or (per_shard is not None and taken >= per_shard):
+                    break
+                try:
+                    tokens += len(renderer.render(row)[1])
+                except RowError:
+                    pass  # a row that will fail costs no inference
+                counted += 1
+                taken += 1
+                seen += 1
+            if seen >= total or (per_shard is not None and taken >= per_shard):
+                break
+    if not sampled:
+        return TokenEstimate(total, tokens, f"counted every row ({total})")
+    estimate = int(tokens / max(1, counted) * total)
+    return TokenEstimate(total, estimate, f"sampled the first {per_shard} rows of each of {len(files)} shard(s) "
+                                          f"({counted} of {total}) and scaled up")
+
+
+def assumed_rates(params: int, device: Accelerator) -> profiles.Rates:
+    """A stated guess when no profile exists: decode speed falls with model size."""
+    base = 110.0 if device.name == "CPU" else 2500.0  # tok/s of a ~135M model on this CPU; of a 7B on one GPU
+    scale = (1.35e8 if device.name == "CPU" else 7e9) / max(params, 1)
+    out = base * min(4.0, max(0.02, scale)) ** 0.5
+    return profiles.Rates(output_tokens_per_second=out, input_tokens_per_second=out * 4,
+                          requests_per_second=out / 64, startup_seconds=90.0 if device.name == "CPU" else 180.0,
+                          mean_input_tokens=0.0, mean_output_tokens=0.0, measurements=0)
+
+
+def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) -> Plan:
+    device = accelerator_for(spec, accelerator_name)
+    model_path = model_store.resolve_local(spec.model.source, log=log)
+    facts = facts_for_checkpoint(model_path)
+    max_len = spec.model.engine.max_model_len or facts.max_context or 2048
+    dtype = engine_settings(spec, device)["dtype"]
+    fit = choose_tensor_parallel(facts, device, max_len, None if dtype == "auto" else dtype)
+    notes: list[str] = []
+    if fit.tensor_parallel_size is None:
+        raise UserError(f"model {spec.model.source} on {device.name}: {fit.reason}")
+    tp = max(fit.tensor_parallel_size, spec.model.engine.tensor_parallel_size)
+    if device.name == "CPU":
+        tp = 1  # a CPU replica is one machine; its memory check is the fit above
+    elif tp != spec.model.engine.tensor_parallel_size:
+        notes.append(f"model.engine.tensor_parallel_size is {spec.model.engine.tensor_parallel_size}; "
+                     f"the model needs {tp} x {device.name} per replica")
+    engine = engine_settings(spec, device, tp)
+    fingerprint = model_store.fingerprint(model_path)
+    key = profiles.profile_key(fingerprint, device.name, engine)
+    stored = profiles.load(key)
+    rates = profiles.rates(stored)
+    if rates is None:
+        rates = assumed_rates(facts.parameters, device)
+        profile_info = {"used": False, "key": key, "assumed": {
+            "output_tokens_per_second": round(rates.output_tokens_per_second, 1),
+            "startup_seconds": rates.startup_seconds, "mean_output_tokens": "max_tokens"}}
+        notes.append(f"no profile for this model on {device.name}: rates are assumed; "
+                     f"run `llmbatch profile {spec.model.source}` for a measured plan")
+    else:
+        profile_info = {"used": True, "key": key, "measurements": rates.measurements,
+                        "output_tokens_per_second": round(rates.output_tokens_per_second, 2),
+                        "input_tokens_per_second": round(rates.input_tokens_per_second, 2),
+                        "requests_per_second": round(rates.requests_per_second, 3),
+                        "startup_seconds": round(rates.startup_seconds, 1),
+                        "mean_input_tokens": round(rates.mean_input_tokens, 1),
+                        "mean_output_tokens": round(rates.mean_output_tokens, 1)}
+
+    estimate = count_input_tokens(spec, model_path)
+    per_row_out = min(rates.mean_output_tokens or spec.sampling.max_tokens, spec.sampling.max_tokens)
+    output_tokens = int(estimate.rows * per_row_out)
+    work = output_tokens / rates.output_tokens_per_second  # replica-seconds
+    replicas = _choose_replicas(spec, work, rates.startup_seconds, tp, device, notes)
+    wall = wall_seconds(work, rates.startup_seconds, replicas)
+    return Plan(
+        model=spec.model.source, accelerator=device.name, engine=engine, rows=estimate.rows,
+        input_tokens=estimate.input_tokens, input_tokens_method=estimate.method, output_tokens=output_tokens,
+        tensor_parallel_size=tp, fit=fit.reason, replicas=replicas, devices_total=replicas * tp,
+        wall_seconds=round(wall, 1), device_hours=round(wall / 3600 * replicas * tp, 4),
+        cost_usd=round(cost_usd(wall, replicas, tp, device.hourly_usd), 4), hourly_usd=device.hourly_usd,
+        profile=profile_info, work_seconds=round(work, 2), startup_seconds=round(rates.startup_seconds, 2),
+        notes=notes, past_errors=profiles.prediction_errors(stored)[-5:],
+    )
+
+
+def _choose_replicas(spec: JobSpec, work: float, startup: float, tp: int, device: Accelerator,
+                     notes: list[str]) -> int:
+    resources = spec.resources
+    if resources.replicas != "auto":
+        return resources.replica_range[1]
+    most = resources.max_replicas or AUTO_MAX_REPLICAS
+    choice = 1
+    if resources.deadline_seconds is not None:
+        needed = replicas_for_deadline(work, startup, resources.deadline_seconds)
+        if needed is None:
+            choice = min(most, max(1, math.ceil(work / max(startup, 1.0))))
+            notes.append(f"resources.deadline {resources.deadline} cannot be met: start-up alone takes "
+                         f"{startup:.0f} s; {choice} replica(s) finish in about "
+                         f"{wall_seconds(work, startup, choice):.0f} s")
+        elif needed > most:
+            notes.append(f"resources.deadline {resources.deadline} needs {needed} replicas; capped at {most} "
+                         f"(raise resources.max_replicas to {needed} to meet it)")
+            choice = most
+        else:
+            choice = needed
+    if resources.budget is not None:
+        affordable = replicas_for_budget(work, startup, tp, device.hourly_usd, resources.budget, most)
+        if affordable is None:
+            cheapest = cost_usd(wall_seconds(work, startup, 1), 1, tp, device.hourly_usd)
+            notes.append(f"resources.budget ${resources.budget:g} is below the cheapest run "
+                         f"(${cheapest:.2f} with 1 replica)")
+            choice = 1
+        elif resources.deadline_seconds is None:
+            choice = affordable
+        elif affordable < choice:
+            notes.append(f"resources.budget ${resources.budget:g} allows {affordable} replicas, fewer than the "
+                         "deadline needs")
+            choice = affordable
+    if resources.deadline_seconds is None and resources.budget is None:
+        choice = min(most, max(1, math.ceil(work / 3600)))  # about an hour of work per replica
+    return max(1, min(choice, most))
+
+
+def render_plan(plan: Plan) -> str:
+    hours, rest = divmod(int(plan.wall_seconds), 3600)
+    minutes, seconds = divmod(rest, 60)
+    wall = f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+    lines = [
+        f"plan for {plan.model} on {plan.accelerator}",
+        f"  rows               {plan.rows}",
+        f"  input tokens       {plan.input_tokens}  ({plan.input_tokens_method})",
+        f"  output tokens      {plan.output_tokens}  (estimated)",
+        f"  per replica        {plan.tensor_parallel_size} x {plan.accelerator}  ({plan.fit})",
+        f"  replicas           {plan.replicas}",
+        f"  devices in total   {plan.devices_total}",
+        f"  estimated wall     {wall}  ({plan.wall_seconds:.0f} s)",
+        f"  device-hours       {plan.device_hours:.3f}",
+        f"  estimated cost     ${plan.cost_usd:.2f}  (at ${plan.hourly_usd:.2f} per device-hour)",
+    ]
+    p = plan.profile
+    if p["used"]:
+        lines.append(f"  profile            {p['key']}: {p['output_tokens_per_second']} output tok/s per replica, "
+                     f"start-up {p['startup_seconds']} s, mean output {p['mean_output_tokens']} tokens "
+                     f"({p['measurements']} measurement(s))")
+    else:
+        lines.append(f"  profile            none; assumed {p['assumed']['output_tokens_per_second']} output tok/s "
+                     f"per replica and {p['assumed']['startup_seconds']:.0f} s start-up")
+    for e in plan.past_errors:
+        lines.append(f"  past prediction    run {e['run_id']}: predicted {e['predicted_wall_seconds']:.0f} s, "
+                     f"measured {e['measured_wall_seconds']:.0f} s ({e['error'] * 100:+.0f}%)")
+    for note in plan.notes:
+        lines.append(f"  note               {note}")
+    return "\n".join(lines)
