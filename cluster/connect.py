@@ -38,6 +38,10 @@ def node_resources() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
+def alive_node_ids() -> list[str]:
+    return [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
+
+
 def quiet_ray_data() -> None:
     """llmbatch reports progress itself; Ray Data's own bars and execution logs go to its log files."""
     import logging

@@ -15,8 +15,9 @@ from typing import Any
 import structlog
 
 from cluster import model_store
-from cluster.connect import join_cluster, node_resources, start_local_ray
+from cluster.connect import alive_node_ids, join_cluster, node_resources, start_local_ray
 from cluster.diagnose import explain_failure
+from cluster.model_sync import ensure_model_on_nodes
 from cluster.resources import (
     check_fits, choose_accelerator, default_memory_utilization, replica_capacity, replica_shape,
 )
@@ -32,6 +33,7 @@ from pipelines.storage import join
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROGRESS_EVERY_SECONDS = 10.0
+STALL_WARNING_SECONDS = 600.0
 
 
 def new_run_id(job_name: str) -> str:
@@ -149,6 +151,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         sizing = sizing.for_replicas(max_replicas)
         log.info("run_predicted", replicas=max_replicas, wall_s=sizing.wall_seconds, cost_usd=sizing.cost_usd)
     check_fits(shape, min_replicas, cluster, node_resources(), spec.resources.accelerator_type)
+    if model_store.classify_source(spec.model.source).kind != "hub":
+        ensure_model_on_nodes(spec.model.source, str(model_path), alive_node_ids())
 
     from pipelines.pipeline import OutputContext, build_dataset, scan_inputs, write_dataset
     from pipelines.progress import ProgressCounter, progress_actor_name
@@ -272,8 +276,12 @@ def _report_progress(counter, total: int, started: float, stop: threading.Event,
             continue
         elapsed = time.time() - started
         if snap["rows"] == 0:
-            log.info("progress", rows_done=0, rows_total=total, elapsed_s=round(elapsed),
-                     note="starting engine replicas and warming up")
+            if elapsed > STALL_WARNING_SECONDS:
+                log.warning("no_rows_yet", elapsed_s=round(elapsed), hint="no replica has finished a batch; "
+                            "if the cluster cannot place the engine replicas, `ray status` shows what is pending")
+            else:
+                log.info("progress", rows_done=0, rows_total=total, elapsed_s=round(elapsed),
+                         note="starting engine replicas and warming up")
             continue
         busy = max(1e-6, time.time() - (snap["first_row_at"] or started))
         log.info("progress", rows_done=snap["rows"], rows_total=total,

@@ -1,0 +1,28 @@
+"""Every node that may host a replica gets the model files into its own cache, once, before engines start."""
+from __future__ import annotations
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from jobs.errors import UserError
+
+
+@ray.remote(num_cpus=0)
+def _resolve_on_node(source: str) -> tuple[str, str]:
+    from cluster.model_store import resolve_local
+
+    return ray.get_runtime_context().get_node_id(), str(resolve_local(source))
+
+
+def ensure_model_on_nodes(source: str, driver_path: str, node_ids: list[str]) -> dict[str, str]:
+    """Prepare (catalog), copy (s3://) or find (a local directory) the model on each node; every node must
+    see it at the same path, since all replicas get one model path."""
+    refs = [_resolve_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(source) for node in node_ids]
+    paths = dict(ray.get(refs))
+    elsewhere = {node: path for node, path in paths.items() if path != driver_path}
+    if elsewhere:
+        node, path = next(iter(elsewhere.items()))
+        raise UserError(f"model.source: node {node[:12]} keeps the model at {path}, the driver at {driver_path}; "
+                        "give every node the same LLMBATCH_HOME")
+    return paths
