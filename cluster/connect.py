@@ -7,15 +7,14 @@ import ray
 import ray.data
 
 
-def start_local_ray(*, num_cpus: int | None = None, num_gpus: int | None = None, show_worker_logs: bool = False) -> dict:
+def start_local_ray(*, show_worker_logs: bool = False) -> dict:
     """An embedded single-machine Ray for this process; returns its resources."""
     # A RAY_ADDRESS in the environment means a cluster; the embedded runtime must not join it.
     if ray.is_initialized():
         return ray.cluster_resources()
     ray.init(
         address="local",
-        num_cpus=num_cpus or os.cpu_count(),
-        num_gpus=num_gpus,
+        num_cpus=os.cpu_count(),
         include_dashboard=False,
         log_to_driver=show_worker_logs,
         logging_level="WARNING",
@@ -33,13 +32,9 @@ def join_cluster(*, show_worker_logs: bool = True) -> dict:
     return ray.cluster_resources()
 
 
-def node_resources() -> list[dict[str, float]]:
-    """Total resources of each alive node."""
-    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-
-
-def alive_node_ids() -> list[str]:
-    return [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """Node id -> total resources, for each alive node."""
+    return {node["NodeID"]: dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")}
 
 
 def quiet_ray_data() -> None:
@@ -52,7 +47,3 @@ def quiet_ray_data() -> None:
     for name in ("ray.data", "ray.llm"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
-
-def stop_ray() -> None:
-    if ray.is_initialized():
-        ray.shutdown()

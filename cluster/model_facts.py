@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,6 @@ class ModelFacts:
     def kv_bytes_per_token(self, dtype: str | None = None) -> int:
         """Keys and values of every layer for one token."""
         return 2 * self.layers * self.kv_heads * self.head_dim * DTYPE_BYTES[dtype or self.dtype]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _first(config: dict, *keys: str, default=None):

@@ -5,7 +5,6 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
-import os
 import re
 import shutil
 import tempfile

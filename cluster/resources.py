@@ -55,6 +55,13 @@ def check_fits(shape: ReplicaShape, replicas: int, cluster: dict[str, float],
                         f"the cluster has {cluster.get('GPU', 0):g}")
 
 
+def can_host(shape: ReplicaShape, node: dict[str, float], accelerator_type: str | None = None) -> bool:
+    """Whether one replica's workers fit on this node."""
+    if accelerator_type and node.get(f"accelerator_type:{accelerator_type}", 0) <= 0:
+        return False
+    return all(node.get(key, 0) >= amount * shape.workers_per_replica for key, amount in shape.bundle.items())
+
+
 def replica_capacity(shape: ReplicaShape, cluster: dict[str, float]) -> int:
     """How many replicas of this shape the cluster holds at once, next to the pipeline's CPU stages."""
     per = {k: v * shape.workers_per_replica for k, v in shape.bundle.items()}

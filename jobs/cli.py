@@ -1,7 +1,6 @@
 """The `llmbatch` command line: a thin layer over jobs.run, jobs.spec and cluster.model_store."""
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 
@@ -162,19 +161,22 @@ def profile(model_source: str, input_path: str | None, samples: int, max_tokens:
         apply_override(engine, item)
     manifest = profile_model(model_source, input_path=input_path, samples=samples, max_tokens=max_tokens,
                              engine=engine, log=structlog.get_logger())
-    replicas = manifest["replicas"]
-    busy = sum((r["last_batch_at"] or 0) - (r["first_batch_at"] or 0) for r in replicas)
-    rows, tokens = manifest["rows"], manifest["tokens"]
-    click.echo(f"profile of {model_source} ({manifest['engine']['accelerator']}, "
-               f"{manifest['engine']['dtype']}, max_model_len {manifest['engine'].get('max_model_len')})")
+    from cluster.profiles import measurement_from_manifest
+
+    rows, engine = manifest["rows"], manifest["engine"]
+    click.echo(f"profile of {model_source} ({engine['accelerator']}, {engine['dtype']}, "
+               f"max_model_len {engine.get('max_model_len')})")
     click.echo(f"  samples            {rows['ok']} ok of {rows['in']}")
-    click.echo(f"  start-up           {manifest['startup_seconds']:.1f} s")
-    if busy > 0:
-        click.echo(f"  output tok/s       {tokens['generated'] / busy:.1f} per replica (decode)")
-        click.echo(f"  input tok/s        {tokens['input'] / busy:.1f} per replica (prefill, alongside decode)")
-        click.echo(f"  requests/s         {rows['ok'] / busy:.2f} per replica")
-    click.echo(f"  mean input tokens  {tokens['input'] / max(1, rows['in']):.1f}")
-    click.echo(f"  mean output tokens {tokens['generated'] / max(1, rows['ok']):.1f}")
+    measured = measurement_from_manifest(manifest, "profile")
+    if measured is None:
+        raise JobFailed("no replica finished a batch, so nothing was measured")
+    if manifest.get("startup_seconds") is not None:
+        click.echo(f"  start-up           {manifest['startup_seconds']:.1f} s")
+    click.echo(f"  output tok/s       {measured['output_tokens_per_second']:.1f} per replica (decode)")
+    click.echo(f"  input tok/s        {measured['input_tokens_per_second']:.1f} per replica (prefill, alongside decode)")
+    click.echo(f"  requests/s         {measured['requests_per_second']:.2f} per replica")
+    click.echo(f"  mean input tokens  {measured['mean_input_tokens']:.1f}")
+    click.echo(f"  mean output tokens {measured['mean_output_tokens']:.1f}")
 
 
 def _address(address: str | None) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from cluster import profiles
-from cluster.accelerators import Accelerator
+from cluster.accelerators import ACCELERATORS, Accelerator
+from jobs.errors import UserError
 from jobs.spec import JobSpec
 
 
@@ -13,20 +14,27 @@ def device_for(spec: JobSpec, accelerator: str) -> Accelerator:
     from jobs.plan import accelerator_for
 
     if accelerator == "cpu":
-        return accelerator_for(spec.model_copy(update={"resources": spec.resources.model_copy(
-            update={"accelerator": "cpu", "accelerator_type": None})}), None)
+        return ACCELERATORS["CPU"]
     return accelerator_for(spec.model_copy(update={"resources": spec.resources.model_copy(
         update={"accelerator": "gpu"})}), None)
 
 
-def predict(spec: JobSpec, device: Accelerator, fingerprint: str, log, *, required: bool):
-    """The plan for this run when a profile exists to base it on, or when `replicas: auto` needs one anyway."""
+def predict(spec: JobSpec, accelerator: str, fingerprint: str, log, *, required: bool):
+    """(priced accelerator, plan) for this run. The plan exists when a profile backs it, or always for
+    `replicas: auto`; for a fixed pool, sizing is advice and its failures only warn."""
     from jobs.plan import engine_settings, plan_job
 
-    if not required and profiles.load(profiles.profile_key(fingerprint, device.name,
-                                                           engine_settings(spec, device))) is None:
-        return None
-    return plan_job(spec, device.name, log=log)
+    try:
+        device = device_for(spec, accelerator)
+        if not required and profiles.load(profiles.profile_key(fingerprint, device.name,
+                                                               engine_settings(spec, device))) is None:
+            return device, None
+        return device, plan_job(spec, device.name, log=log)
+    except (UserError, ValueError, TypeError, KeyError) as exc:
+        if required:
+            raise
+        log.warning("no_prediction", reason=str(exc))
+        return None, None
 
 
 def record_run(manifest: dict[str, Any], fingerprint: str, device: Accelerator, engine: dict[str, Any],

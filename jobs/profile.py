@@ -10,14 +10,14 @@ CALIBRATION_PROMPTS = Path(__file__).resolve().parent / "data" / "calibration.js
 
 
 def calibration_spec(source: str, input_path: str | None, samples: int, max_tokens: int, output: str,
-                     engine: dict[str, Any] | None = None, accelerator: str = "auto") -> JobSpec:
+                     engine: dict[str, Any] | None = None) -> JobSpec:
     return validate_spec({
         "name": "profile",
         "model": {"source": source, "engine": engine or {}},
         "input": {"path": input_path or str(CALIBRATION_PROMPTS), "limit": samples},
         "sampling": {"max_tokens": max_tokens, "temperature": 0.0},
         "output": {"path": output},
-        "resources": {"replicas": 1, "accelerator": accelerator},
+        "resources": {"replicas": 1},
     })
 
 

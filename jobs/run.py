@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import threading
@@ -15,18 +16,18 @@ from typing import Any
 import structlog
 
 from cluster import model_store
-from cluster.connect import alive_node_ids, join_cluster, node_resources, start_local_ray
+from cluster.connect import alive_nodes, join_cluster, start_local_ray
 from cluster.diagnose import explain_failure
 from cluster.model_sync import ensure_model_on_nodes
 from cluster.resources import (
-    check_fits, choose_accelerator, default_memory_utilization, replica_capacity, replica_shape,
+    can_host, check_fits, choose_accelerator, default_memory_utilization, replica_capacity, replica_shape,
 )
 from jobs.errors import JobFailed, UserError
-from jobs.feedback import device_for, predict, record_run
+from jobs.feedback import predict, record_run
 from jobs.plan import engine_settings as plan_engine_settings
 from jobs.spec import JobSpec
 from pipelines.infer import EnginePlan, sampling_params
-from pipelines.manifest import manifest_exists, tally_output, write_manifest
+from pipelines.manifest import clear_uncommitted, manifest_exists, tally_output, write_manifest
 from pipelines.read import list_input_files
 from pipelines.render import RenderSettings, template_fields
 from pipelines.storage import join
@@ -72,11 +73,6 @@ def required_input_columns(spec: JobSpec) -> list[str]:
 def validate_job(spec: JobSpec) -> list[str]:
     """Everything `validate` checks beyond the spec itself, without starting Ray. Returns problems."""
     problems: list[str] = []
-    if spec.input.template is not None:
-        try:
-            template_fields(spec.input.template)
-        except ValueError as exc:
-            problems.append(f"input.template: {exc}")
     try:
         list_input_files(spec.input.path, spec.input.format)
     except UserError as exc:
@@ -120,10 +116,11 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     started_at = datetime.now(timezone.utc).isoformat()
     run_uri = join(spec.output.path, run_id)
 
-    if spec.input.template is not None:
-        template_fields(spec.input.template)
     if manifest_exists(run_uri):
         raise UserError(f"{run_uri} already holds a committed run; choose another --run-id")
+    stale = clear_uncommitted(run_uri)
+    if stale:
+        log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
     files = list_input_files(spec.input.path, spec.input.format)
     log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
 
@@ -137,9 +134,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
     accelerator = choose_accelerator(spec.resources.accelerator, cluster)
     shape = replica_shape(accelerator, spec.model.engine.tensor_parallel_size)
-    device = device_for(spec, accelerator)
     auto = spec.resources.replicas == "auto"
-    sizing = predict(spec, device, fingerprint, log, required=auto)
+    device, sizing = predict(spec, accelerator, fingerprint, log, required=auto)
     if auto:
         capacity = replica_capacity(shape, cluster)
         min_replicas = max_replicas = max(1, min(sizing.replicas, capacity))
@@ -150,9 +146,11 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     if sizing is not None:
         sizing = sizing.for_replicas(max_replicas)
         log.info("run_predicted", replicas=max_replicas, wall_s=sizing.wall_seconds, cost_usd=sizing.cost_usd)
-    check_fits(shape, min_replicas, cluster, node_resources(), spec.resources.accelerator_type)
-    if model_store.classify_source(spec.model.source).kind != "hub":
-        ensure_model_on_nodes(spec.model.source, str(model_path), alive_node_ids())
+    nodes = alive_nodes()
+    check_fits(shape, min_replicas, cluster, list(nodes.values()), spec.resources.accelerator_type)
+    hosts = [node for node, res in nodes.items() if can_host(shape, res, spec.resources.accelerator_type)]
+    if on_cluster and model_store.classify_source(spec.model.source).kind != "hub":
+        ensure_model_on_nodes(spec.model.source, str(model_path), hosts)
 
     from pipelines.pipeline import OutputContext, build_dataset, scan_inputs, write_dataset
     from pipelines.progress import ProgressCounter, progress_actor_name
@@ -165,7 +163,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "dtype": ("float32" if accelerator == "cpu" else "auto") if engine.dtype == "auto" else engine.dtype,
         "tensor_parallel_size": engine.tensor_parallel_size,
         "gpu_memory_utilization": engine.gpu_memory_utilization
-        or default_memory_utilization(accelerator, max_replicas),
+        or default_memory_utilization(accelerator, math.ceil(max_replicas / max(1, len(hosts)))),
         "enable_prefix_caching": engine.enable_prefix_caching,
     }
     if max_len is not None:
@@ -190,7 +188,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     )
     counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
     ds = build_dataset(inputs, spec.input.id_column, render, plan,
-                       OutputContext(run_uri, run_id, spec.model.source, sampling.max_tokens, max_len), counter)
+                       OutputContext(run_id, spec.model.source, max_len), counter)
 
     log.info("run_started", rows=inputs.rows, replicas=max_replicas, accelerator=accelerator,
              model=spec.model.source, output=run_uri)
@@ -247,7 +245,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "output_tokens_per_second": round(tally.generated_tokens / wall, 3) if wall > 0 else None,
     }
     write_manifest(run_uri, manifest)
-    record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
+    if device is not None:
+        record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
     log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
              wall_seconds=round(wall, 1))
     result = RunResult(run_id, run_uri, status, manifest)

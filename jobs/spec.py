@@ -49,6 +49,15 @@ class InputSpec(_Section):
     system_prompt: Optional[str] = Field(None, description="System message put before every prompt.")
     limit: Optional[int] = Field(None, gt=0, description="Process only the first N rows (smoke runs).")
 
+    @field_validator("template")
+    @classmethod
+    def _template_names_columns(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            from pipelines.render import template_fields
+
+            template_fields(value)
+        return value
+
     @model_validator(mode="after")
     def _template_or_messages(self) -> "InputSpec":
         if self.template is not None and self.messages_column is not None:

@@ -4,11 +4,11 @@ This is the only module that imports ray.data.llm.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines.read import ROW_ERROR_COLUMN
-from pipelines.render import PROMPT_COLUMN, TOKENS_COLUMN
+from pipelines.render import PROMPT_COLUMN
 
 RENDERED_PROMPT = "_rendered_prompt"
 INFERENCE_ERROR = "__inference_error__"  # ray.data.llm's per-row error column
@@ -24,9 +24,7 @@ class EnginePlan:
     replicas: tuple[int, int]        # (min, max) engine replicas; equal for a fixed pool
     batch_size: int
     bundle_per_replica: dict[str, float]
-    placement_strategy: str = "STRICT_PACK"
     accelerator_type: str | None = None
-    runtime_env: dict[str, Any] = field(default_factory=dict)
     progress_actor: str | None = None  # named ProgressCounter each replica reports its batches to
 
 
@@ -58,8 +56,7 @@ def build_infer_stage(plan: EnginePlan):
         concurrency=tuple(plan.replicas),
         accelerator_type=plan.accelerator_type,
         placement_group_config={"bundle_per_worker": dict(plan.bundle_per_replica),
-                                "strategy": plan.placement_strategy},
-        runtime_env=plan.runtime_env or None,
+                                "strategy": "STRICT_PACK"},  # a replica's workers share one node
         should_continue_on_error=True,
         # Prompts arrive rendered and tokenized by our render stage; the engine detokenizes itself.
         chat_template_stage=False,
@@ -113,6 +110,3 @@ def _reporting_engine_udf():
 
     return ReportingEngineUDF
 
-
-def engine_columns() -> tuple[str, ...]:
-    return (PROMPT_COLUMN, TOKENS_COLUMN, RENDERED_PROMPT, INFERENCE_ERROR)

@@ -53,6 +53,18 @@ def _count_distinct(values: array) -> int:
     return int(1 + np.count_nonzero(ordered[1:] != ordered[:-1])) if len(ordered) else 0
 
 
+def clear_uncommitted(run_uri: str) -> int:
+    """Delete parquet parts that an earlier attempt at this run id wrote but never committed."""
+    fs, inner = filesystem_for(run_uri)
+    with storage_errors(run_uri, "clear an uncommitted attempt at"):
+        if not fs.exists(inner):
+            return 0
+        stale = [p for p in fs.find(inner) if p.endswith(".parquet")]
+        for path in stale:
+            fs.rm_file(path)
+    return len(stale)
+
+
 def manifest_uri(run_uri: str) -> str:
     return join(run_uri, MANIFEST_NAME)
 

@@ -51,8 +51,10 @@ def conform_output(batch: pa.Table, *, schema_bytes: bytes, counter=None) -> pa.
         if field.name in batch.column_names:
             column = batch.column(field.name)
             if column.type != field.type:
-                column = pa.array(column.to_pylist(), field.type) if not _castable(column, field.type) \
-                    else column.cast(field.type)
+                try:
+                    column = column.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                    column = pa.array(column.to_pylist(), field.type)
             columns.append(column)
         else:
             columns.append(pa.nulls(batch.num_rows, field.type))
@@ -63,10 +65,3 @@ def conform_output(batch: pa.Table, *, schema_bytes: bytes, counter=None) -> pa.
         counter.add.remote(table.num_rows, errors, generated)
     return table
 
-
-def _castable(column, target) -> bool:
-    try:
-        column.cast(target)
-        return True
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return False

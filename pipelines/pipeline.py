@@ -57,10 +57,8 @@ def scan_inputs(files: list[InputFile], limit: int | None, required_columns: lis
 
 @dataclass(frozen=True)
 class OutputContext:
-    run_uri: str
     run_id: str
     model_label: str
-    max_tokens: int
     max_model_len: int | None
 
 

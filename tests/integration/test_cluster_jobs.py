@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import CLI, DEMO_MODEL, REPO, read_output, run_cli, write_job
+from support import CLI, DEMO_MODEL, read_output, run_cli, write_job
 
 RAY = str(Path(CLI).with_name("ray"))
 

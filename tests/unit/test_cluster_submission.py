@@ -102,3 +102,41 @@ def test_explain_failure_falls_back_to_the_exception_and_adds_a_hint(monkeypatch
     message = explain_failure(RuntimeError("wrapper\nValueError: desired CPU memory utilization (0.99)"), 0)
     assert message.startswith("the pipeline failed: ValueError: desired CPU memory utilization (0.99)")
     assert "--set model.engine.gpu_memory_utilization=0.3" in message
+
+
+def test_can_host_needs_the_whole_replica_and_its_gpu_type_on_one_node():
+    from cluster.resources import can_host
+
+    gpu2 = replica_shape("gpu", 2)
+    assert can_host(gpu2, {"CPU": 4, "GPU": 2})
+    assert not can_host(gpu2, {"CPU": 4, "GPU": 1})
+    assert not can_host(replica_shape("gpu", 1), {"CPU": 4, "GPU": 1}, "H100")
+    assert can_host(replica_shape("gpu", 1), {"CPU": 4, "GPU": 1, "accelerator_type:H100": 1}, "H100")
+    assert not can_host(replica_shape("cpu", 1), {"GPU": 1, "CPU": 0})
+
+
+def test_parts_of_an_uncommitted_attempt_are_cleared(tmp_path: Path):
+    from pipelines.manifest import clear_uncommitted
+
+    run = tmp_path / "out" / "r1"
+    assert clear_uncommitted(str(run)) == 0
+    run.mkdir(parents=True)
+    (run / "a.parquet").write_bytes(b"x")
+    (run / "b.parquet").write_bytes(b"y")
+    (run / "notes.txt").write_text("kept")
+    assert clear_uncommitted(str(run)) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_sizing_problems_only_warn_for_a_fixed_pool():
+    from structlog.testing import capture_logs
+
+    import structlog
+    from jobs.feedback import predict
+
+    spec = validate_spec({**BASE, "resources": {"replicas": 2, "accelerator_type": "L40S"}})
+    with capture_logs() as logs:
+        assert predict(spec, "gpu", "sha256:x", structlog.get_logger(), required=False) == (None, None)
+    assert logs[0]["event"] == "no_prediction" and "L40S" in logs[0]["reason"]
+    with pytest.raises(UserError, match="no prices for 'L40S'"):
+        predict(spec, "gpu", "sha256:x", structlog.get_logger(), required=True)

@@ -6,7 +6,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT, engine_columns, sampling_params
+from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT, sampling_params
 from pipelines.output import conform_output, to_output_row
 from pipelines.schema import OutputRow, output_names_for_inputs, output_schema
 from pipelines.score import cumulative_logprob, finish_reason, mean_logprob
@@ -78,10 +78,6 @@ def test_sampling_params_asks_for_the_sampled_tokens_logprob_and_omits_unset_opt
         "max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "logprobs": 0}
     full = sampling_params(8, 0.7, 0.9, 40, 123, ["\n\n"])
     assert full["top_k"] == 40 and full["seed"] == 123 and full["stop"] == ["\n\n"]
-
-
-def test_engine_columns_are_the_columns_dropped_before_output():
-    assert engine_columns() == ("prompt", "tokenized_prompt", RENDERED_PROMPT, INFERENCE_ERROR)
 
 
 # ---- to_output_row -------------------------------------------------------------------------------
