@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 EXTRA  ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit test-integration bench clean
+.PHONY: setup browser run test test-unit test-integration bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,13 +26,21 @@ run: setup
 	$(BIN)/llmbatch models prepare smollm2-135m-instruct
 	$(BIN)/llmbatch submit jobs/quickstart.yaml
 
-test: setup
+# The compare report test renders its HTML page in headless Chromium (Debian's package).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Chromium for the report test"; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || { \
+	    $(SUDO) apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium >/dev/null; }; }
+
+test: setup browser
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: setup
+test-integration: setup browser
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 bench: setup

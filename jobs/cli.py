@@ -109,7 +109,7 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     if target is None:
         result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=show_worker_logs or on_cluster,
                          on_cluster=on_cluster)
-        click.echo(render_summary(result.manifest))
+        click.echo(render_summary(result.manifest, result.summary))
         return
     from jobs.remote import submit_to_cluster, wait_for
 
@@ -242,6 +242,30 @@ def cancel(run_id: str, address: str | None) -> None:
     from jobs.remote import cancel as stop
 
     click.echo(f"run {run_id}: {stop(_address(address), run_id)}")
+
+
+@main.command()
+@click.argument("run_path")
+@click.option("--rows", default=5, show_default=True, type=click.IntRange(0), help="Sample rows to print.")
+def results(run_path: str, rows: int) -> None:
+    """Print a finished run's summary and a sample of its rows (RUN_PATH = output.path/RUN_ID)."""
+    from jobs.results import render_results
+
+    click.echo(render_results(run_path, rows))
+
+
+@main.command()
+@click.argument("run_paths", nargs=-1, required=True)
+@click.option("--out", "out_dir", default="compare", show_default=True,
+              help="Directory for compare.md and compare.html.")
+@click.option("--quality", help="Scorer to rank by (default: the first scorer every run has, else mean logprob).")
+def compare(run_paths: tuple[str, ...], out_dir: str, quality: str | None) -> None:
+    """Compare runs on quality, output tok/s and cost per 1M tokens: a markdown table and an HTML page with charts."""
+    from jobs.compare import write_report
+
+    markdown, page = write_report(list(run_paths), out_dir, quality)
+    click.echo(markdown.read_text(encoding="utf-8"))
+    click.echo(f"wrote {markdown} and {page}")
 
 
 @main.group()

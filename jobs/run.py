@@ -26,9 +26,13 @@ from jobs.errors import JobFailed, UserError
 from jobs.feedback import predict, record_run
 from jobs.plan import engine_settings as plan_engine_settings
 from jobs.spec import JobSpec
-from pipelines.infer import EnginePlan, sampling_params
-from pipelines.manifest import clear_uncommitted, manifest_exists, tally_output, write_manifest
+from pipelines.infer import EnginePlan, sampling_params, scoring_params
+from pipelines.judge import judge_sampling_params
+from pipelines.manifest import (
+    STAGING_DIR, clear_uncommitted, manifest_exists, remove_staging, staging_uri, tally_output, write_manifest,
+)
 from pipelines.read import list_input_files
+from pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
 from pipelines.render import RenderSettings, template_fields
 from pipelines.storage import join
 
@@ -55,6 +59,7 @@ class RunResult:
     run_uri: str
     status: str
     manifest: dict[str, Any]
+    summary: dict[str, Any] | None = None
 
 
 def required_input_columns(spec: JobSpec) -> list[str]:
@@ -67,6 +72,8 @@ def required_input_columns(spec: JobSpec) -> list[str]:
         cols.append(spec.input.prompt_column)
     if spec.input.id_column:
         cols.append(spec.input.id_column)
+    cols.extend(c for c in (spec.input.completion_column, spec.input.choices_column) if c)
+    cols.extend(s.reference_column for s in spec.scoring if getattr(s, "reference_column", None))
     return list(dict.fromkeys(cols))
 
 
@@ -152,30 +159,21 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     if on_cluster and model_store.classify_source(spec.model.source).kind != "hub":
         ensure_model_on_nodes(spec.model.source, str(model_path), hosts)
 
-    from pipelines.pipeline import OutputContext, build_dataset, scan_inputs, write_dataset
+    from pipelines.pipeline import OutputContext, build_dataset, scan_inputs
     from pipelines.progress import ProgressCounter, progress_actor_name
 
     inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec))
     log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names)
 
-    engine = spec.model.engine
-    engine_kwargs: dict[str, Any] = {
-        "dtype": ("float32" if accelerator == "cpu" else "auto") if engine.dtype == "auto" else engine.dtype,
-        "tensor_parallel_size": engine.tensor_parallel_size,
-        "gpu_memory_utilization": engine.gpu_memory_utilization
-        or default_memory_utilization(accelerator, math.ceil(max_replicas / max(1, len(hosts)))),
-        "enable_prefix_caching": engine.enable_prefix_caching,
-    }
-    if max_len is not None:
-        engine_kwargs["max_model_len"] = max_len
-    if accelerator == "cpu":
-        engine_kwargs["enforce_eager"] = True  # graph capture costs minutes on CPU and buys little
+    engine_kwargs = engine_kwargs_for(spec.model.engine, accelerator, max_len,
+                                      math.ceil(max_replicas / max(1, len(hosts))))
     sampling = spec.sampling
     plan = EnginePlan(
         model_path=str(model_path),
         engine_kwargs=engine_kwargs,
-        sampling_params=sampling_params(sampling.max_tokens, sampling.temperature, sampling.top_p,
-                                        sampling.top_k, sampling.seed, sampling.stop),
+        sampling_params=scoring_params() if spec.task == "score" else sampling_params(
+            sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.stop,
+            sampling.logprobs),
         replicas=(min_replicas, max_replicas),
         batch_size=spec.resources.batch_size,
         bundle_per_replica=shape.bundle,
@@ -185,31 +183,23 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     render = RenderSettings(
         prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
         template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=max_len,
+        task=spec.task, completion_column=spec.input.completion_column, choices_column=spec.input.choices_column,
     )
+    judges = judge_plans(spec, accelerator, cluster, nodes, max_replicas, on_cluster, log)
     counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
-    ds = build_dataset(inputs, spec.input.id_column, render, plan,
-                       OutputContext(run_id, spec.model.source, max_len), counter)
+    context = OutputContext(run_id, spec.model.source, max_len, task=spec.task, logprobs=spec.sampling.logprobs,
+                            scorers=tuple(s.model_dump(mode="json") for s in spec.scoring))
+    ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter)
 
     log.info("run_started", rows=inputs.rows, replicas=max_replicas, accelerator=accelerator,
              model=spec.model.source, output=run_uri)
-    stop = threading.Event()
-    reporter = threading.Thread(target=_report_progress, args=(counter, inputs.rows, started, stop, log), daemon=True)
-    reporter.start()
-    try:
-        write_dataset(ds, run_uri)
-    except (UserError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        log.error("run_failed", error=type(exc).__name__)
-        raise JobFailed(explain_failure(exc, since=started)) from exc
-    finally:
-        stop.set()
-        reporter.join(timeout=5)
-    wall = time.time() - started
-
+    target = staging_uri(run_uri, 0) if judges else run_uri
+    _execute(ds, target, counter, inputs.rows, started, log)
     import ray
 
     replicas = ray.get(counter.snapshot.remote())["replicas"]
+    judge_stats = _judge_passes(judges, target, run_uri, run_id, inputs, context, spec.model.source, log)
+    wall = time.time() - started
     first_batch = min((r["first_batch_at"] for r in replicas if r.get("first_batch_at")), default=None)
     tally = tally_output(run_uri)
     status = "succeeded" if tally.errors == 0 else "succeeded_with_errors"
@@ -242,17 +232,122 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "wall_seconds": round(wall, 3),
         "startup_seconds": round(first_batch - started, 3) if first_batch else None,
         "plan": sizing.to_dict() if sizing is not None else None,
+        "judges": judge_stats,
         "output_tokens_per_second": round(tally.generated_tokens / wall, 3) if wall > 0 else None,
+        "cost": run_cost(wall, max_replicas * shape.workers_per_replica, device),
     }
+    summary = summarize(run_uri, list(context.scorers), manifest)
+    write_summary(run_uri, summary)
+    manifest["summary"] = SUMMARY_NAME
     write_manifest(run_uri, manifest)
-    if device is not None:
+    if device is not None and not judges:  # a judge pass would count as generation time
         record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
     log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
              wall_seconds=round(wall, 1))
-    result = RunResult(run_id, run_uri, status, manifest)
+    result = RunResult(run_id, run_uri, status, manifest, summary)
     if status == "failed":
         raise JobFailed("; ".join(problems))
     return result
+
+
+def run_cost(wall_seconds: float, devices: int, device) -> dict[str, Any] | None:
+    """What the run's devices cost for its wall time, at the planner's hourly price."""
+    if device is None:
+        return None
+    return {"usd": round(wall_seconds / 3600 * devices * device.hourly_usd, 6), "devices": devices,
+            "device": device.name, "hourly_usd_per_device": device.hourly_usd}
+
+
+def engine_kwargs_for(engine, accelerator: str, max_len: int | None, replicas_per_node: int) -> dict[str, Any]:
+    """vLLM engine arguments for an engine spec on this accelerator."""
+    kwargs: dict[str, Any] = {
+        "dtype": ("float32" if accelerator == "cpu" else "auto") if engine.dtype == "auto" else engine.dtype,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "gpu_memory_utilization": engine.gpu_memory_utilization
+        or default_memory_utilization(accelerator, replicas_per_node),
+        "enable_prefix_caching": engine.enable_prefix_caching,
+    }
+    if max_len is not None:
+        kwargs["max_model_len"] = max_len
+    if accelerator == "cpu":
+        kwargs["enforce_eager"] = True  # graph capture costs minutes on CPU and buys little
+    return kwargs
+
+
+def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job_replicas: int, on_cluster: bool,
+                log) -> list[tuple[dict[str, Any], EnginePlan, int | None]]:
+    """(scorer, engine plan, max_model_len) for each judge scorer; judge models resolved and checked to fit."""
+    plans = []
+    for scorer in spec.scoring:
+        if scorer.kind != "judge":
+            continue
+        model = scorer.model or spec.model
+        where = f"scoring.{spec.scoring.index(scorer)}"
+        model_path = model_store.resolve_local(model.source, log=log)
+        max_len = model_max_len(model_path, model.engine.max_model_len)
+        shape = replica_shape(accelerator, model.engine.tensor_parallel_size)
+        replicas = scorer.replicas or job_replicas
+        try:
+            check_fits(shape, replicas, cluster, list(nodes.values()), spec.resources.accelerator_type)
+        except UserError as exc:
+            raise UserError(f"{where} (judge {scorer.name}): {exc}") from None
+        hosts = [n for n, res in nodes.items() if can_host(shape, res, spec.resources.accelerator_type)]
+        if on_cluster and model_store.classify_source(model.source).kind != "hub":
+            ensure_model_on_nodes(model.source, str(model_path), hosts)
+        plans.append((scorer.model_dump(mode="json"), EnginePlan(
+            model_path=str(model_path),
+            engine_kwargs=engine_kwargs_for(model.engine, accelerator, max_len,
+                                            math.ceil(replicas / max(1, len(hosts)))),
+            sampling_params=judge_sampling_params(scorer.scale),
+            replicas=(replicas, replicas),
+            batch_size=spec.resources.batch_size,
+            bundle_per_replica=shape.bundle,
+            accelerator_type=spec.resources.accelerator_type,
+        ), max_len))
+    return plans
+
+
+def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inputs, context, model_source: str,
+                  log) -> dict[str, Any]:
+    """Each judge rereads the previous pass's parts and writes the next; the last writes the run's output."""
+    from pipelines.pipeline import build_judge_pass, read_output_parts
+    from pipelines.progress import ProgressCounter, progress_actor_name
+
+    stats, target = {}, first_pass
+    for number, (scorer, judge_plan, judge_max_len) in enumerate(judges, start=1):
+        started = time.time()
+        source, target = target, staging_uri(run_uri, number) if number < len(judges) else run_uri
+        name = scorer["name"]
+        log.info("judge_pass_started", scorer=name, model=(scorer.get("model") or {}).get("source") or model_source,
+                 replicas=judge_plan.replicas[1])
+        counter = ProgressCounter.options(name=f"{progress_actor_name(run_id)}-judge-{name}").remote(run_id)
+        ds = build_judge_pass(read_output_parts(source), scorer, judge_plan, inputs, context, judge_max_len, counter)
+        _execute(ds, target, counter, inputs.rows, started, log.bind(judge=name))
+        remove_staging(source)
+        stats[name] = {"wall_seconds": round(time.time() - started, 3), "replicas": judge_plan.replicas[1],
+                       "model": judge_plan.model_path}
+    if judges:
+        remove_staging(join(run_uri, STAGING_DIR))
+    return stats
+
+
+def _execute(ds, target: str, counter, total_rows: int, started: float, log) -> None:
+    """Run a dataset to its parquet target, reporting progress while it runs."""
+    from pipelines.pipeline import write_dataset
+
+    stop = threading.Event()
+    reporter = threading.Thread(target=_report_progress, args=(counter, total_rows, started, stop, log), daemon=True)
+    reporter.start()
+    try:
+        write_dataset(ds, target)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        log.error("run_failed", error=type(exc).__name__)
+        raise JobFailed(explain_failure(exc, since=started)) from exc
+    finally:
+        stop.set()
+        reporter.join(timeout=5)
 
 
 def _version(*distributions: str) -> str | None:

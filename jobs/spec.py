@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -48,6 +48,11 @@ class InputSpec(_Section):
         None, description="Python format string over the row's columns that builds the prompt, e.g. 'Q: {question}'.")
     system_prompt: Optional[str] = Field(None, description="System message put before every prompt.")
     limit: Optional[int] = Field(None, gt=0, description="Process only the first N rows (smoke runs).")
+    completion_column: Optional[str] = Field(
+        None, description="task: score - column holding the completion whose log-likelihood is scored.")
+    choices_column: Optional[str] = Field(
+        None, description="task: score - column holding a list of candidate completions; each is scored, "
+                          "the most likely one is the row's choice.")
 
     @field_validator("template")
     @classmethod
@@ -72,10 +77,133 @@ class SamplingSpec(_Section):
     top_k: Optional[int] = Field(None, gt=0, description="Sample among the K most likely tokens; null = all.")
     seed: Optional[int] = Field(None, description="Random seed for sampling; null = unseeded.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a generation.")
+    logprobs: Optional[int] = Field(
+        None, ge=1, le=20, description="Keep the K most likely tokens at each generated position in `top_logprobs`.")
 
 
 class OutputSpec(_Section):
     path: str = Field(..., min_length=1, description="Local directory or s3:// prefix; each run writes under {path}/{run_id}/.")
+
+
+NORMALIZATIONS = ("strip", "lowercase", "whitespace", "punctuation", "articles")
+Normalization = Literal["strip", "lowercase", "whitespace", "punctuation", "articles"]
+SCORER_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class _ScorerSpec(_Section):
+    name: str = Field(..., pattern=SCORER_NAME,
+                      description="Adds the column score_<name>; lowercase letters, digits and '_'.")
+
+
+class ExactMatchScorer(_ScorerSpec):
+    kind: Literal["exact_match"] = Field(..., description="True when the output equals the reference.")
+    reference_column: str = Field(..., min_length=1, description="Input column holding the expected answer.")
+    normalize: list[Normalization] = Field(
+        default_factory=lambda: ["strip"],
+        description="Applied to both sides first: strip, lowercase, whitespace, punctuation, articles.")
+
+
+class ContainsScorer(_ScorerSpec):
+    kind: Literal["contains"] = Field(..., description="True when the output contains the reference or text.")
+    reference_column: Optional[str] = Field(None, min_length=1, description="Input column holding the text to find.")
+    text: Optional[str] = Field(None, min_length=1, description="A fixed text to find (instead of a column).")
+    normalize: list[Normalization] = Field(
+        default_factory=lambda: ["strip"],
+        description="Applied to both sides first: strip, lowercase, whitespace, punctuation, articles.")
+
+    @model_validator(mode="after")
+    def _one_needle(self) -> "ContainsScorer":
+        if (self.reference_column is None) == (self.text is None):
+            raise ValueError("give exactly one of reference_column or text")
+        return self
+
+
+class RegexScorer(_ScorerSpec):
+    kind: Literal["regex"] = Field(..., description="True when the pattern matches the output.")
+    pattern: str = Field(..., min_length=1, description="Python regular expression.")
+    full_match: bool = Field(False, description="The whole output must match (else: found anywhere).")
+    ignore_case: bool = Field(False, description="Match regardless of case.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+
+class JsonValidScorer(_ScorerSpec):
+    kind: Literal["json_valid"] = Field(..., description="True when the output parses as JSON.")
+    strip_code_fence: bool = Field(True, description="Accept output wrapped in a ```json ... ``` fence.")
+
+
+class JsonSchemaScorer(_ScorerSpec):
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True, serialize_by_alias=True)
+
+    kind: Literal["json_schema"] = Field(..., description="True when the output parses and matches the schema.")
+    schema_: dict[str, Any] = Field(..., alias="schema", description="JSON Schema the parsed output must match.")
+    strip_code_fence: bool = Field(True, description="Accept output wrapped in a ```json ... ``` fence.")
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, value: dict) -> dict:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(value).check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema ({exc.message})") from None
+        return value
+
+
+class ChrfScorer(_ScorerSpec):
+    kind: Literal["chrf"] = Field(..., description="chrF (sacrebleu) of the output against a reference, 0-100.")
+    reference_column: str = Field(..., min_length=1, description="Input column holding the reference text.")
+
+
+class JudgeScorer(_ScorerSpec):
+    kind: Literal["judge"] = Field(..., description="A model grades each output on a numeric scale (second pass).")
+    rubric: str = Field(..., min_length=1,
+                        description="Format string over the output row: {prompt}, {generated_text} and input columns.")
+    scale: list[int] = Field(default_factory=lambda: [1, 5], description="[lowest, highest] whole-number score.")
+    model: Optional[ModelSpec] = Field(None, description="The judge model and engine; null = the job's model.")
+    system_prompt: Optional[str] = Field(None, description="System message for the judge.")
+    replicas: Optional[int] = Field(None, ge=1, description="Judge engine replicas; null = as many as the job's.")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, value: list[int]) -> list[int]:
+        if len(value) != 2 or not value[0] < value[1] or value[1] - value[0] > 100:
+            raise ValueError("must be [lowest, highest] with lowest < highest and at most 100 steps")
+        return value
+
+    @field_validator("rubric")
+    @classmethod
+    def _rubric_fields(cls, value: str) -> str:
+        from pipelines.render import template_fields
+
+        template_fields(value)
+        return value
+
+
+class PythonScorer(_ScorerSpec):
+    kind: Literal["python"] = Field(..., description="Your own function, called once per row inside the Ray stage.")
+    function: str = Field(..., pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                          description="package.module:function; called as function(row, **options).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the function.")
+    returns: Literal["number", "boolean"] = Field("number", description="Column type of the score.")
+
+
+Scorer = Annotated[
+    Union[ExactMatchScorer, ContainsScorer, RegexScorer, JsonValidScorer, JsonSchemaScorer, ChrfScorer,
+          JudgeScorer, PythonScorer],
+    Field(discriminator="kind"),
+]
+SCORER_KINDS = {cls.model_fields["kind"].annotation.__args__[0]: cls for cls in (
+    ExactMatchScorer, ContainsScorer, RegexScorer, JsonValidScorer, JsonSchemaScorer, ChrfScorer, JudgeScorer,
+    PythonScorer)}
 
 
 DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
@@ -153,11 +281,35 @@ class ResourcesSpec(_Section):
 
 class JobSpec(_Section):
     name: str = Field(..., pattern=NAME_PATTERN, description="Job name: lowercase letters, digits and '-'.")
+    task: Literal["generate", "score"] = Field(
+        "generate", description="generate = sample completions; score = log-likelihood of given completions.")
     model: ModelSpec = Field(..., description="Which model and how to run it.")
     input: InputSpec = Field(..., description="Where the prompts are and how to read them.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How to generate.")
+    scoring: list[Scorer] = Field(default_factory=list, description="Scorers; each adds a score_<name> column.")
     output: OutputSpec = Field(..., description="Where results go.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Replicas and batching.")
+
+    @field_validator("scoring")
+    @classmethod
+    def _unique_scorer_names(cls, value: list) -> list:
+        names = [s.name for s in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"scorer names must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+    @model_validator(mode="after")
+    def _task_inputs(self) -> "JobSpec":
+        given = [n for n in ("completion_column", "choices_column") if getattr(self.input, n) is not None]
+        if self.task == "score" and len(given) != 1:
+            raise ValueError("task: score needs exactly one of input.completion_column or input.choices_column")
+        if self.task == "generate" and given:
+            raise ValueError(f"input.{given[0]}: only used with task: score")
+        if self.task == "score" and self.input.messages_column is not None:
+            raise ValueError("input.messages_column: task: score continues a text prompt; "
+                             "use input.prompt_column or input.template")
+        return self
 
     @field_validator("name", mode="before")
     @classmethod
@@ -240,14 +392,29 @@ def validate_spec(raw: dict, source: str | None = None) -> JobSpec:
 def format_validation_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        where = ".".join(loc) or "(top level)"
-        lines.append(f"{where}: {_message(err)}")
+        loc = [str(p) for p in _without_union_tags(err["loc"])]
+        message = _message(err)
+        if not loc and re.match(r"^[a-z_.]+: ", message):
+            lines.append(message)  # a cross-section rule names its own path
+        else:
+            lines.append(f"{'.'.join(loc) or '(top level)'}: {message}")
     return sorted(set(lines), key=lines.index)
+
+
+def _without_union_tags(loc: tuple) -> tuple:
+    """pydantic puts the scorer kind into error paths (scoring.0.regex.pattern); the YAML has no such level."""
+    parts = list(loc)
+    for i in range(len(parts) - 2):
+        if parts[i] == "scoring" and isinstance(parts[i + 1], int) and parts[i + 2] in SCORER_KINDS:
+            del parts[i + 2]
+            break
+    return tuple(parts)
 
 
 def _message(err: dict) -> str:
     kind = err["type"]
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return f"kind must be one of: {', '.join(SCORER_KINDS)}"
     if kind == "extra_forbidden":
         loc = [p for p in err["loc"]]
         known = _known_keys(loc[:-1])
@@ -268,7 +435,12 @@ def _message(err: dict) -> str:
 
 def _known_keys(loc: list) -> list[str]:
     model: type[BaseModel] = JobSpec
-    for part in loc:
+    for i, part in enumerate(loc):
+        if str(part) in SCORER_KINDS and i >= 2 and loc[i - 2] == "scoring":
+            model = SCORER_KINDS[str(part)]
+            continue
+        if isinstance(part, int) or (model is JobSpec and part == "scoring"):
+            continue
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -288,6 +460,17 @@ def spec_reference() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 out.append(f"{pad + name + ':':<31} # {field.description}")
                 walk(ann, indent + 1)
+            elif model is JobSpec and name == "scoring":
+                out.append(f"{pad + name + ':':<31} # {field.description} Each item is one of:")
+                for kind, scorer in SCORER_KINDS.items():
+                    out.append(f"{pad + '  - kind: ' + kind:<31} # {scorer.model_fields['kind'].description}")
+                    for key, sub in scorer.model_fields.items():
+                        if key == "kind":
+                            continue
+                        default = "(required)" if sub.is_required() else _yaml_scalar(
+                            sub.get_default(call_default_factory=True))
+                        left = f"{pad}    {sub.alias or key}: {default}"
+                        out.append(f"{left:<31} # {sub.description}")
             else:
                 default = "(required)" if field.is_required() else _yaml_scalar(field.get_default(call_default_factory=True))
                 left = f"{pad}{name}: {default}"

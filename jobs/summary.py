@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def render_summary(manifest: dict[str, Any]) -> str:
+def render_summary(manifest: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
     rows, tokens = manifest["rows"], manifest["tokens"]
     wall = manifest["wall_seconds"]
     replicas = manifest["engine"]["replicas"]
@@ -20,6 +20,37 @@ def render_summary(manifest: dict[str, Any]) -> str:
         f"  output       {manifest['output']['path']}",
         f"  manifest     {manifest['output']['path'].rstrip('/')}/_manifest.json",
     ]
+    cost = (manifest.get("cost") or {}).get("usd")
+    if cost is not None:
+        lines.insert(-2, f"  cost         ${cost:.4f}  ({manifest['cost']['devices']} x {manifest['cost']['device']} "
+                         f"at ${manifest['cost']['hourly_usd_per_device']:.2f}/h)")
     if manifest.get("problems"):
         lines.append("  problems     " + "; ".join(manifest["problems"]))
+    if summary:
+        lines.extend(render_scores(summary))
     return "\n".join(lines)
+
+
+def render_scores(summary: dict[str, Any]) -> list[str]:
+    """One line per scorer, plus the intrinsic scores."""
+    lines = []
+    intrinsic = summary.get("intrinsic", {})
+    mean_lp, ppl = intrinsic.get("mean_logprob", {}), intrinsic.get("perplexity", {})
+    if mean_lp.get("mean") is not None:
+        lines.append(f"  logprob      mean {mean_lp['mean']:.3f} per token, median perplexity {ppl.get('median', 0):.2f}")
+    for name, figures in summary.get("scores", {}).items():
+        errors = summary["errors"]["by_scorer"].get(name, 0)
+        tail = f", {errors} could not be scored" if errors else ""
+        if figures["type"] == "boolean":
+            rate = figures.get("pass_rate")
+            shown = f"{rate:.1%} pass ({figures.get('passed', 0)} of {figures['scored']})" if rate is not None \
+                else "nothing scored"
+        elif figures.get("mean") is not None:
+            shown = (f"mean {figures['mean']:.3f} (min {figures['min']:g}, median {figures['median']:g}, "
+                     f"max {figures['max']:g}; {figures['scored']} scored)")
+        else:
+            shown = "nothing scored"
+        lines.append(f"    {'score_' + name:<22} {shown}{tail}  [{figures['kind']}]")
+    if summary.get("scores"):
+        lines.insert(1 if mean_lp.get("mean") is not None else 0, "  scores")
+    return lines

@@ -12,6 +12,8 @@ from pipelines.render import PROMPT_COLUMN
 
 RENDERED_PROMPT = "_rendered_prompt"
 INFERENCE_ERROR = "__inference_error__"  # ray.data.llm's per-row error column
+CHOICE_RESULTS_COLUMN = "_choice_results"  # task: score - [{logprob, num_tokens}] per completion
+STAGE_CPUS = 0.25  # CPU share of each light (non-engine) step
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,9 @@ class EnginePlan:
 
 
 def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: int | None,
-                    seed: int | None, stop: list[str]) -> dict[str, Any]:
+                    seed: int | None, stop: list[str], logprobs: int | None = None) -> dict[str, Any]:
     params: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  logprobs=0)  # 0 = the sampled token's own logprob, for scoring
+                                  logprobs=logprobs or 0)  # 0 = the sampled token's own logprob, for scoring
     if top_k is not None:
         params["top_k"] = top_k
     if seed is not None:
@@ -39,6 +41,11 @@ def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: in
     if stop:
         params["stop"] = list(stop)
     return params
+
+
+def scoring_params() -> dict[str, Any]:
+    """task: score - one greedy token; what matters is the logprob of every prompt token."""
+    return dict(max_tokens=1, temperature=0.0, prompt_logprobs=0, logprobs=None)
 
 
 def build_infer_stage(plan: EnginePlan):
@@ -73,40 +80,82 @@ def build_infer_stage(plan: EnginePlan):
             INFERENCE_ERROR: row.get(ROW_ERROR_COLUMN) or "",
         }
 
-    processor = build_processor(config, preprocess=preprocess)
-    if plan.progress_actor:
-        stage = processor.get_stage_by_name("vLLMEngineStage")
-        # Written past pydantic's assignment validation on purpose: the stage's validator derives its
-        # resource request from a placement-group config it consumed when the stage was built, so running
-        # it again would ask for a GPU per replica even on CPU.
-        stage.__dict__["fn"] = _reporting_engine_udf()
-        stage.fn_constructor_kwargs["progress_actor"] = plan.progress_actor
+    # The processor's own map steps are light; at Ray's default of one CPU each they would hold back
+    # the render and score stages next to the engines on a small machine.
+    light = {"num_cpus": STAGE_CPUS}
+    processor = build_processor(config, preprocess=preprocess, preprocess_map_kwargs=light,
+                                postprocess_map_kwargs=light)
+    stage = processor.get_stage_by_name("vLLMEngineStage")
+    # Written past pydantic's assignment validation on purpose: the stage's validator derives its
+    # resource request from a placement-group config it consumed when the stage was built, so running
+    # it again would ask for a GPU per replica even on CPU.
+    stage.__dict__["fn"] = _llmbatch_engine_udf()
+    stage.fn_constructor_kwargs["progress_actor"] = plan.progress_actor
     return processor
 
 
-def _reporting_engine_udf():
-    """ray.data.llm's engine stage, reporting each batch (replica, node, rows, tokens, seconds) to our counter."""
+def _llmbatch_engine_udf():
+    """ray.data.llm's engine stage, plus: each batch reported (replica, node, rows, tokens, seconds) to our
+    counter; and for task: score, one request per completion, folded back into one output per row."""
     import time
 
     import ray
     from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 
-    class ReportingEngineUDF(vLLMEngineStageUDF):
-        def __init__(self, *args, progress_actor: str, **kwargs):
+    from pipelines.render import CHOICES_COLUMN, TOKENS_COLUMN
+    from pipelines.score import completion_logprob
+
+    class LlmbatchEngineUDF(vLLMEngineStageUDF):
+        def __init__(self, *args, progress_actor: str | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             context = ray.get_runtime_context()
             self._replica = context.get_actor_id()
             self._node = context.get_node_id()
-            self._progress = ray.get_actor(progress_actor)
-            self._progress.replica_started.remote(self._replica, self._node)
+            self._progress = ray.get_actor(progress_actor) if progress_actor else None
+            if self._progress is not None:
+                self._progress.replica_started.remote(self._replica, self._node)
 
         async def udf(self, batch):
             started, rows, tokens = time.time(), 0, 0
-            async for output in super().udf(batch):
+            outputs = self._score_choices(batch) if batch and batch[0].get(CHOICES_COLUMN) is not None \
+                else super().udf(batch)
+            async for output in outputs:
                 rows += 1
                 tokens += int(output.get("num_generated_tokens") or 0)
                 yield output
-            self._progress.replica_batch.remote(self._replica, rows, tokens, started, time.time())
+            if self._progress is not None:
+                self._progress.replica_batch.remote(self._replica, rows, tokens, started, time.time())
 
-    return ReportingEngineUDF
+        async def _score_choices(self, batch):
+            idx_column = self.IDX_IN_BATCH_COLUMN
+            requests, owner, token_ids = [], [], []  # the engine pops each request's tokens: keep a copy
+            for row in batch:
+                prompt = [int(t) for t in row[TOKENS_COLUMN]]
+                for k, choice in enumerate(row[CHOICES_COLUMN]):
+                    request = {key: value for key, value in row.items() if key != CHOICES_COLUMN}
+                    request[TOKENS_COLUMN] = prompt + [int(t) for t in choice["tokens"]]
+                    request["sampling_params"] = dict(row["sampling_params"])
+                    request[idx_column] = len(requests)
+                    requests.append(request)
+                    owner.append((row, k))
+                    token_ids.append(request[TOKENS_COLUMN])
+            results: dict[int, dict] = {}
+            async for output in super().udf(requests):
+                number = output[idx_column]
+                row, k = owner[number]
+                count = len(row[CHOICES_COLUMN][k]["tokens"])
+                entry = results.setdefault(row[idx_column], {
+                    **output, idx_column: row[idx_column], "num_input_tokens": len(row[TOKENS_COLUMN]),
+                    "num_generated_tokens": 0, CHOICE_RESULTS_COLUMN: [None] * len(row[CHOICES_COLUMN])})
+                if output.get(INFERENCE_ERROR):
+                    entry[INFERENCE_ERROR] = output[INFERENCE_ERROR]
+                entry[CHOICE_RESULTS_COLUMN][k] = {
+                    "logprob": completion_logprob(output.get("prompt_logprobs"), token_ids[number], count),
+                    "num_tokens": count}
+            for entry in results.values():
+                entry["prompt_logprobs"] = None
+                entry["logprobs"] = None
+                yield entry
+
+    return LlmbatchEngineUDF
 

@@ -13,6 +13,24 @@ import pyarrow.parquet as pq
 from pipelines.storage import filesystem_for, join, storage_errors
 
 MANIFEST_NAME = "_manifest.json"
+STAGING_DIR = "_staging"  # parts of a pass that a later pass (a judge) rewrites; never part of the output
+
+
+def staging_uri(run_uri: str, number: int) -> str:
+    return join(run_uri, STAGING_DIR, f"pass-{number}")
+
+
+def output_parts(fs, inner: str) -> list[str]:
+    """The run's committed-to-be parquet parts: everything but staging."""
+    staging = f"/{STAGING_DIR}/"
+    return sorted(p for p in fs.find(inner) if p.endswith(".parquet") and staging not in p[len(inner):])
+
+
+def remove_staging(uri: str) -> None:
+    fs, inner = filesystem_for(uri)
+    with storage_errors(uri, "remove a finished pass from"):
+        if fs.exists(inner):
+            fs.rm(inner, recursive=True)
 
 
 @dataclass
@@ -30,7 +48,7 @@ def tally_output(run_uri: str) -> OutputTally:
     """Count what the run's parquet parts hold (streamed by column, never the whole table at once)."""
     fs, inner = filesystem_for(run_uri)
     with storage_errors(run_uri, "read back output"):
-        names = sorted(p for p in fs.find(inner) if p.endswith(".parquet"))
+        names = output_parts(fs, inner)
         tally = OutputTally(files=[p[len(inner):].lstrip("/") for p in names])
         id_hashes = array("q")  # 8 bytes a row, so millions of ids fit in a few MB
         for name in names:

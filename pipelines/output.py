@@ -6,14 +6,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT
+from pipelines.infer import CHOICE_RESULTS_COLUMN, INFERENCE_ERROR, RENDERED_PROMPT
 from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
-from pipelines.render import TOKENS_COLUMN
-from pipelines.score import cumulative_logprob, finish_reason, mean_logprob
+from pipelines.render import CHOICES_COLUMN, TOKENS_COLUMN
+from pipelines.score import cumulative_logprob, finish_reason, mean_logprob, perplexity, top_logprobs
+
 
 
 def to_output_row(row: dict[str, Any], *, input_columns: dict[str, str], model: str, run_id: str,
-                  max_tokens: int, max_model_len: int | None) -> dict[str, Any]:
+                  max_tokens: int, max_model_len: int | None, task: str = "generate",
+                  logprobs: int | None = None) -> dict[str, Any]:
     error = row.get(INFERENCE_ERROR) or row.get(ROW_ERROR_COLUMN) or None
     inputs = row.get(INPUT_COLUMN) or {}
     out: dict[str, Any] = {"id": row[ID_COLUMN]}
@@ -24,7 +26,10 @@ def to_output_row(row: dict[str, Any], *, input_columns: dict[str, str], model: 
     if error:
         out.update(generated_text=None, finish_reason=None,
                    num_input_tokens=len(tokens) if tokens is not None else None,
-                   num_generated_tokens=None, cumulative_logprob=None, mean_logprob=None, error=str(error))
+                   num_generated_tokens=None, cumulative_logprob=None, mean_logprob=None, perplexity=None,
+                   error=str(error))
+    elif task == "score":
+        out.update(_scored_choices(row, len(tokens) if tokens is not None else None))
     else:
         n_in = int(row.get("num_input_tokens") or 0)
         n_gen = int(row.get("num_generated_tokens") or 0)
@@ -36,11 +41,32 @@ def to_output_row(row: dict[str, Any], *, input_columns: dict[str, str], model: 
             num_generated_tokens=n_gen,
             cumulative_logprob=cumulative,
             mean_logprob=mean_logprob(cumulative, n_gen),
+            perplexity=perplexity(mean_logprob(cumulative, n_gen)),
             error=None,
         )
+        if logprobs:
+            out["top_logprobs"] = top_logprobs(row.get("logprobs"), logprobs)
     out["model"] = model
     out["run_id"] = run_id
     return out
+
+
+def _scored_choices(row: dict[str, Any], num_prompt_tokens: int | None) -> dict[str, Any]:
+    """task: score - the log-likelihood of each completion, and the most likely one as the row's text."""
+    choices = row.get(CHOICES_COLUMN) or []
+    results = row.get(CHOICE_RESULTS_COLUMN) or []
+    sums = [r.get("logprob") for r in results]
+    counts = [int(r.get("num_tokens") or 0) for r in results]
+    if len(results) != len(choices) or not choices or any(s is None for s in sums):
+        return dict(generated_text=None, error="score: the engine returned no prompt logprobs for a completion",
+                    num_input_tokens=num_prompt_tokens)
+    best = max(range(len(sums)), key=lambda i: sums[i])
+    mean = mean_logprob(sums[best], counts[best])
+    return dict(
+        generated_text=choices[best]["text"], finish_reason=None, num_input_tokens=num_prompt_tokens,
+        num_generated_tokens=0, cumulative_logprob=sums[best], mean_logprob=mean, perplexity=perplexity(mean),
+        choice=best, choice_logprobs=[float(s) for s in sums], choice_num_tokens=counts, error=None,
+    )
 
 
 def conform_output(batch: pa.Table, *, schema_bytes: bytes, counter=None) -> pa.Table:

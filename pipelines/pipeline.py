@@ -2,21 +2,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import ray
 
 from jobs.errors import UserError
-from pipelines.infer import EnginePlan, build_infer_stage
+from pipelines.infer import INFERENCE_ERROR, STAGE_CPUS, EnginePlan, build_infer_stage
+from pipelines.judge import JudgeRenderStage, after_judge
 from pipelines.output import conform_output, to_output_row
 from pipelines.read import (
     InputFile, ReadShards, ShardScan, ShardTask, plan_shard_tasks, scan_shard, shard_task_rows, unify_input_schema,
 )
 from pipelines.render import RenderSettings, RenderStage
-from pipelines.schema import output_names_for_inputs, output_schema
-from pipelines.storage import filesystem_for, is_s3, storage_errors
+from pipelines.schema import output_names_for_inputs, output_schema, task_fields
+from pipelines.scorers import ENGINE_KINDS, ScoreStage, score_fields
+from pipelines.storage import filesystem_for, is_s3, join, storage_errors
 
-CPU_STAGE_CPUS = 0.25
+CPU_STAGE_CPUS = STAGE_CPUS
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,23 @@ class OutputContext:
     run_id: str
     model_label: str
     max_model_len: int | None
+    task: str = "generate"
+    logprobs: int | None = None                        # sampling.logprobs: keep the top K per position
+    scorers: tuple[dict[str, Any], ...] = ()            # scoring section, as plain dicts
+
+    def extra_fields(self) -> list[pa.Field]:
+        return task_fields(self.task, bool(self.logprobs)) + score_fields(list(self.scorers))
+
+
+def output_schema_for(inputs: "InputPlan", output: OutputContext) -> pa.Schema:
+    return output_schema(inputs.schema, output.extra_fields())
 
 
 def build_dataset(inputs: InputPlan, id_column: str | None, render: RenderSettings, engine: EnginePlan,
                   output: OutputContext, counter=None) -> ray.data.Dataset:
     schema_bytes = inputs.schema.serialize().to_pybytes()
-    out_schema = output_schema(inputs.schema)
+    out_schema = output_schema_for(inputs, output)
+    columns = output_names_for_inputs(inputs.schema.names, [f.name for f in output.extra_fields()])
     ds = ray.data.from_items(shard_task_rows(inputs.tasks), override_num_blocks=len(inputs.tasks))
     ds = ds.map_batches(_read_shards, fn_kwargs={"schema_bytes": schema_bytes, "id_column": id_column},
                         batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
@@ -73,13 +87,57 @@ def build_dataset(inputs: InputPlan, id_column: str | None, render: RenderSettin
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
     ds = build_infer_stage(engine)(ds)
     ds = ds.map(to_output_row, fn_kwargs=dict(
-        input_columns=output_names_for_inputs(inputs.schema.names), model=output.model_label, run_id=output.run_id,
+        input_columns=columns, model=output.model_label, run_id=output.run_id,
         max_tokens=engine.sampling_params["max_tokens"], max_model_len=output.max_model_len,
+        task=output.task, logprobs=output.logprobs,
     ), num_cpus=CPU_STAGE_CPUS)
+    row_scorers = [s for s in output.scorers if s["kind"] not in ENGINE_KINDS]
+    if row_scorers:
+        ds = ds.map_batches(ScoreStage, fn_constructor_args=(row_scorers, columns), batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
     ds = ds.map_batches(conform_output, fn_kwargs={"schema_bytes": out_schema.serialize().to_pybytes(),
                                                    "counter": counter},
                         batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
     return ds
+
+
+def build_judge_pass(ds: ray.data.Dataset, scorer: dict[str, Any], judge: EnginePlan, inputs: InputPlan,
+                     output: OutputContext, judge_max_len: int | None, counter=None) -> ray.data.Dataset:
+    """A second pass over finished output rows: the judge model grades each one into score_<name>."""
+    columns = output_names_for_inputs(inputs.schema.names, [f.name for f in output.extra_fields()])
+    ds = ds.map_batches(JudgeRenderStage, fn_constructor_args=(judge.model_path, scorer, columns, judge_max_len),
+                        batch_size=judge.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
+    ds = build_infer_stage(judge)(ds)
+    ds = ds.map(after_judge, fn_kwargs={"scorer": scorer, "inference_error": INFERENCE_ERROR}, num_cpus=CPU_STAGE_CPUS)
+    return ds.map_batches(conform_output, fn_kwargs={"schema_bytes": output_schema_for(inputs, output).serialize()
+                                                     .to_pybytes(), "counter": counter},
+                          batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
+
+
+def read_output_parts(uri: str) -> ray.data.Dataset:
+    """Parquet parts an earlier pass of this run wrote (to be judged), one read task per part.
+
+    Read with our own light tasks: ray.data.read_parquet starts a metadata task that asks for a whole CPU,
+    which the engines beside it may hold.
+    """
+    fs, inner = filesystem_for(uri)
+    with storage_errors(uri, "read back the first pass from"):
+        parts = sorted(p for p in fs.find(inner) if p.endswith(".parquet"))
+    if not parts:
+        raise UserError(f"{uri}: the first pass wrote no output parts")
+    ds = ray.data.from_items([{"part": join(uri, p[len(inner):].lstrip("/"))} for p in parts],
+                             override_num_blocks=len(parts))
+    return ds.map_batches(_read_part, batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
+
+
+def _read_part(batch: pa.Table):
+    import pyarrow.parquet as pq
+
+    for uri in batch.column("part").to_pylist():
+        fs, inner = filesystem_for(uri)
+        with storage_errors(uri, "read back the first pass from"), fs.open(inner, "rb") as handle:
+            yield from (pa.Table.from_batches([b]) for b in pq.ParquetFile(handle).iter_batches(batch_size=1024))
 
 
 def _read_shards(batch: pa.Table, *, schema_bytes: bytes, id_column: str | None):

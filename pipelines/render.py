@@ -9,6 +9,9 @@ import pyarrow as pa
 
 from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
 
+CHOICES_COLUMN = "_choices"  # task: score - [{text, tokens}] completions to score after the prompt
+CHOICES_TYPE = pa.list_(pa.struct([("text", pa.string()), ("tokens", pa.list_(pa.int32()))]))
+
 PROMPT_COLUMN = "prompt"
 TOKENS_COLUMN = "tokenized_prompt"
 
@@ -24,6 +27,9 @@ class RenderSettings:
     template: str | None = None
     system_prompt: str | None = None
     max_model_len: int | None = None
+    task: str = "generate"                 # score: plain text prompt, plus completions to score
+    completion_column: str | None = None
+    choices_column: str | None = None
 
 
 def template_fields(template: str) -> list[str]:
@@ -118,22 +124,60 @@ class RenderStage:
         errors = batch.column(ROW_ERROR_COLUMN).to_pylist()
         prompts: list[str | None] = []
         tokens: list[list[int] | None] = []
+        choices: list[list[dict[str, Any]] | None] = []
         for i, row in enumerate(rows):
-            prompt, ids = None, None
+            prompt, ids, completions = None, None, None
             if errors[i] is None:
                 try:
-                    prompt, ids = self.render(row or {})
+                    if self.settings.task == "score":
+                        prompt, ids, completions = self.render_for_scoring(row or {})
+                    else:
+                        prompt, ids = self.render(row or {})
                 except RowError as exc:
                     errors[i] = str(exc)
                 except Exception as exc:  # a template the tokenizer rejects, odd unicode, ...
                     errors[i] = f"render: {type(exc).__name__}: {exc}"
             prompts.append(prompt)
             tokens.append(ids)
-        return batch.drop_columns([ROW_ERROR_COLUMN]).append_column(
+            choices.append(completions)
+        out = batch.drop_columns([ROW_ERROR_COLUMN]).append_column(
             PROMPT_COLUMN, pa.array(prompts, pa.string())
-        ).append_column(
-            TOKENS_COLUMN, pa.array(tokens, pa.list_(pa.int32()))
-        ).append_column(ROW_ERROR_COLUMN, pa.array(errors, pa.string()))
+        ).append_column(TOKENS_COLUMN, pa.array(tokens, pa.list_(pa.int32())))
+        if self.settings.task == "score":
+            out = out.append_column(CHOICES_COLUMN, pa.array(choices, CHOICES_TYPE))
+        return out.append_column(ROW_ERROR_COLUMN, pa.array(errors, pa.string()))
+
+    def render_for_scoring(self, row: dict[str, Any]) -> tuple[str, list[int], list[dict[str, Any]]]:
+        """The prompt as plain text (no chat template, the way evaluation harnesses score continuations)
+        and each completion's tokens as they follow the prompt."""
+        settings = self.settings
+        if settings.completion_column:
+            texts = [row.get(settings.completion_column)]
+            where = f"completion column '{settings.completion_column}'"
+        else:
+            texts = row.get(settings.choices_column)
+            where = f"choices column '{settings.choices_column}'"
+            if not isinstance(texts, (list, tuple)) or not texts:
+                raise RowError(f"{where} must hold a non-empty list of texts")
+        if any(not isinstance(t, str) or not t for t in texts):
+            raise RowError(f"{where} must hold non-empty text")
+        context = render_plain(row, settings)
+        stripped = context.rstrip()
+        context_ids = list(self.tokenizer(stripped, add_special_tokens=True)["input_ids"])
+        completions = []
+        for text in texts:
+            continuation = context[len(stripped):] + text
+            whole = list(self.tokenizer(stripped + continuation, add_special_tokens=True)["input_ids"])
+            if whole[:len(context_ids)] == context_ids and len(whole) > len(context_ids):
+                ids = whole[len(context_ids):]
+            else:
+                ids = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            limit = settings.max_model_len
+            if limit is not None and len(context_ids) + len(ids) > limit:
+                raise RowError(f"prompt plus completion is {len(context_ids) + len(ids)} tokens; "
+                               f"model.engine.max_model_len is {limit}")
+            completions.append({"text": text, "tokens": ids})
+        return stripped, context_ids, completions
 
     def render(self, row: dict[str, Any]) -> tuple[str, list[int]]:
         if self.chat:

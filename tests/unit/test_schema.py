@@ -13,7 +13,7 @@ from pipelines.schema import (
 )
 
 RESULT_NAMES = ["prompt", "generated_text", "finish_reason", "num_input_tokens", "num_generated_tokens",
-                "cumulative_logprob", "mean_logprob", "error", "model", "run_id"]
+                "cumulative_logprob", "mean_logprob", "perplexity", "error", "model", "run_id"]
 
 
 def good_row(**overrides) -> dict:
@@ -80,17 +80,17 @@ def test_output_row_accepts_an_error_row():
 
 
 def test_output_row_rejects_error_row_with_generated_text():
-    with pytest.raises(ValueError, match="an error row carries no generated_text"):
+    with pytest.raises(ValueError, match="a row that failed before scoring carries no generated_text"):
         OutputRow.model_validate(good_row(error="boom"))
 
 
 def test_output_row_rejects_success_row_without_finish_reason():
-    with pytest.raises(ValueError, match="generated_text and finish_reason must be set"):
+    with pytest.raises(ValueError, match="must be set"):
         OutputRow.model_validate(good_row(finish_reason=None))
 
 
 def test_output_row_rejects_success_row_without_generated_text():
-    with pytest.raises(ValueError, match="generated_text and finish_reason must be set"):
+    with pytest.raises(ValueError, match="must be set"):
         OutputRow.model_validate(good_row(generated_text=None))
 
 

@@ -117,6 +117,7 @@ def test_success_row_has_text_scores_and_no_error():
         "num_generated_tokens": 2,
         "cumulative_logprob": pytest.approx(-2.0),
         "mean_logprob": pytest.approx(-1.0),
+        "perplexity": pytest.approx(math.e),
         "error": None,
         "model": "smollm2-135m-instruct",
         "run_id": "run-1",
@@ -255,3 +256,41 @@ def test_conform_output_reports_progress_to_the_counter():
                       "num_generated_tokens": [4, None, 6]})
     conform_output(batch, schema_bytes=schema.serialize().to_pybytes(), counter=Counter())
     assert calls == [(3, 1, 10)]
+
+
+def test_perplexity_and_top_logprobs():
+    from pipelines.score import perplexity, top_logprobs
+
+    assert perplexity(-1.0) == pytest.approx(math.e) and perplexity(None) is None
+    steps = [{5: {"logprob": -0.1, "rank": 1, "decoded_token": "a"}, 7: {"logprob": -2.0, "rank": 2, "decoded_token": "b"},
+              9: {"logprob": -3.0, "rank": 3, "decoded_token": "c"}}]
+    assert top_logprobs(steps, 2) == [[{"token": "a", "logprob": -0.1}, {"token": "b", "logprob": -2.0}]]
+    assert top_logprobs(None, 2) is None
+
+
+def test_completion_logprob_sums_the_completion_tokens_only():
+    from pipelines.score import completion_logprob
+
+    token_ids = [1, 2, 3, 4]
+    prompt_logprobs = [None, {2: {"logprob": -5.0}}, {3: {"logprob": -0.5}}, {4: {"logprob": -0.25}}]
+    assert completion_logprob(prompt_logprobs, token_ids, 2) == pytest.approx(-0.75)
+    assert completion_logprob(prompt_logprobs, token_ids, 0) is None
+    assert completion_logprob(prompt_logprobs[:3], token_ids, 2) is None  # misaligned: no guess
+
+
+def test_score_task_row_takes_the_most_likely_choice():
+    from pipelines.infer import CHOICE_RESULTS_COLUMN
+    from pipelines.render import CHOICES_COLUMN
+
+    row = engine_row()
+    row[CHOICES_COLUMN] = [{"text": " London", "tokens": [8]}, {"text": " Paris", "tokens": [9, 10]}]
+    row[CHOICE_RESULTS_COLUMN] = [{"logprob": -4.0, "num_tokens": 1}, {"logprob": -1.0, "num_tokens": 2}]
+    out = to_output_row(row, input_columns=output_names_for_inputs(["prompt", "topic"]), task="score", **COMMON)
+    assert out["choice"] == 1 and out["generated_text"] == " Paris"
+    assert out["choice_logprobs"] == [-4.0, -1.0] and out["choice_num_tokens"] == [1, 2]
+    assert out["cumulative_logprob"] == -1.0 and out["mean_logprob"] == -0.5 and out["finish_reason"] is None
+    assert OutputRow.model_validate(out).error is None
+
+    row[CHOICE_RESULTS_COLUMN] = [{"logprob": None, "num_tokens": 1}, {"logprob": -1.0, "num_tokens": 2}]
+    failed = to_output_row(row, input_columns=output_names_for_inputs(["prompt", "topic"]), task="score", **COMMON)
+    assert failed["error"].startswith("score: the engine returned no prompt logprobs")

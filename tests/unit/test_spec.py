@@ -143,7 +143,7 @@ def test_unknown_top_level_key_lists_sections():
     raw = minimal_raw()
     raw["xyzzy"] = True
     assert spec_error_lines(raw) == [
-        "xyzzy: unknown key (known keys: name, model, input, sampling, output, resources)"
+        "xyzzy: unknown key (known keys: name, task, model, input, sampling, scoring, output, resources)"
     ]
 
 
@@ -377,7 +377,10 @@ def test_spec_reference_lists_every_field_with_default_and_description():
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 n += count(field.annotation)
         return n
-    assert len(lines) == count(JobSpec)
+    from jobs.spec import SCORER_KINDS
+
+    assert len(lines) == count(JobSpec) + sum(len(kind.model_fields) for kind in SCORER_KINDS.values())
+    assert any(line.startswith("  - kind: judge ") for line in lines)
 
 
 def test_spec_reference_parses_as_yaml_with_the_real_defaults():

@@ -1,0 +1,64 @@
+"""`llmbatch results RUN_PATH`: a finished run's summary and a sample of its rows, read back later."""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from jobs.errors import UserError
+from jobs.summary import render_summary
+from pipelines.manifest import manifest_exists, output_parts, read_manifest
+from pipelines.run_summary import read_summary, summarize
+from pipelines.storage import filesystem_for, storage_errors
+
+
+def load_run(run_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, summary) of a committed run; the summary is computed when the run predates summaries."""
+    run_uri = run_uri.rstrip("/")
+    if not manifest_exists(run_uri):
+        raise UserError(f"{run_uri}: no _manifest.json, so this is not a committed run "
+                        "(give the run's own directory: output.path/RUN_ID)")
+    manifest = read_manifest(run_uri)
+    summary = read_summary(run_uri)
+    if summary is None:
+        summary = summarize(run_uri, manifest["spec"].get("scoring", []), manifest)
+    return manifest, summary
+
+
+def sample_rows(run_uri: str, count: int) -> list[dict[str, Any]]:
+    fs, inner = filesystem_for(run_uri)
+    rows: list[dict[str, Any]] = []
+    with storage_errors(run_uri, "read rows from"):
+        for name in output_parts(fs, inner):
+            with fs.open(name, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                wanted = [c for c in parquet.schema_arrow.names
+                          if c in ("id", "prompt", "generated_text", "error") or c.startswith("score_")]
+                for batch in parquet.iter_batches(columns=wanted, batch_size=count):
+                    rows.extend(batch.to_pylist()[: count - len(rows)])
+                    if len(rows) >= count:
+                        return rows
+    return rows
+
+
+def _short(value: Any, width: int) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_results(run_uri: str, rows: int) -> str:
+    manifest, summary = load_run(run_uri)
+    lines = [render_summary(manifest, summary)]
+    if rows > 0:
+        lines.append(f"\nfirst {rows} rows:")
+        for row in sample_rows(run_uri.rstrip("/"), rows):
+            lines.append(f"  {row['id']}")
+            lines.append(f"    prompt     {_short(row.get('prompt'), 100)}")
+            if row.get("error"):
+                lines.append(f"    error      {_short(row['error'], 100)}")
+            if row.get("generated_text") is not None:
+                lines.append(f"    output     {_short(row['generated_text'], 100)}")
+            scores = {k: v for k, v in row.items() if k.startswith("score_") and not k.endswith("_raw")}
+            if scores:
+                lines.append("    scores     " + ", ".join(f"{k[6:]}={v}" for k, v in scores.items()))
+    return "\n".join(lines)

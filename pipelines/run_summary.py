@@ -1,0 +1,146 @@
+"""`_summary.json`: what a run's scores say, aggregated from its output parts (streamed, by column)."""
+from __future__ import annotations
+
+import json
+import math
+from array import array
+from collections import Counter
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipelines.manifest import output_parts
+from pipelines.scorers import BOOLEAN_KINDS, score_column
+from pipelines.storage import filesystem_for, join, storage_errors
+
+SUMMARY_NAME = "_summary.json"
+BUCKETS = 10
+
+
+def _is_boolean(scorer: dict[str, Any]) -> bool:
+    return scorer["kind"] in BOOLEAN_KINDS or (scorer["kind"] == "python" and scorer.get("returns") == "boolean")
+
+
+class _Stat:
+    """Running figures for one numeric or boolean column."""
+
+    def __init__(self, boolean: bool):
+        self.boolean = boolean
+        self.values = array("d")
+        self.nulls = 0
+
+    def add(self, values: list) -> None:
+        for value in values:
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                self.nulls += 1
+            else:
+                self.values.append(float(value))
+
+    def figures(self, scale: list[int] | None = None) -> dict[str, Any]:
+        n = len(self.values)
+        out: dict[str, Any] = {"scored": n, "null": self.nulls}
+        if n == 0:
+            return out
+        finite = [v for v in self.values if math.isfinite(v)]
+        if self.boolean:
+            passed = int(sum(self.values))
+            out.update(passed=passed, pass_rate=round(passed / n, 6))
+            return out
+        ordered = sorted(finite)
+        if not ordered:
+            return out
+        out.update(mean=round(sum(ordered) / len(ordered), 6), min=ordered[0], max=ordered[-1],
+                   median=ordered[len(ordered) // 2], buckets=_buckets(ordered, scale))
+        return out
+
+
+def _buckets(ordered: list[float], scale: list[int] | None) -> list[dict[str, Any]]:
+    """Counts per scale point for whole-number scales, else ten equal-width buckets over [min, max]."""
+    if scale is not None:
+        counts = Counter(int(v) for v in ordered)
+        return [{"value": v, "count": counts.get(v, 0)} for v in range(scale[0], scale[1] + 1)]
+    lo, hi = ordered[0], ordered[-1]
+    if hi == lo:
+        return [{"from": lo, "to": hi, "count": len(ordered)}]
+    width = (hi - lo) / BUCKETS
+    counts = [0] * BUCKETS
+    for v in ordered:
+        counts[min(BUCKETS - 1, int((v - lo) / width))] += 1
+    return [{"from": round(lo + i * width, 6), "to": round(lo + (i + 1) * width, 6), "count": c}
+            for i, c in enumerate(counts)]
+
+
+def summarize(run_uri: str, scorers: list[dict[str, Any]], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Per-scorer figures, intrinsic scores, errors, tokens, throughput and cost of one run."""
+    fs, inner = filesystem_for(run_uri)
+    intrinsic = {name: _Stat(False) for name in ("mean_logprob", "perplexity", "num_generated_tokens")}
+    scores = {s["name"]: _Stat(_is_boolean(s)) for s in scorers}
+    scorer_errors = Counter()
+    finish = Counter()
+    other_errors = 0
+    with storage_errors(run_uri, "summarize"):
+        for name in output_parts(fs, inner):
+            with fs.open(name, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                wanted = ["error", "finish_reason", *intrinsic, *(score_column(s) for s in scores)]
+                columns = [c for c in wanted if c in parquet.schema_arrow.names]
+                for batch in parquet.iter_batches(columns=columns):
+                    data = batch.to_pydict()
+                    for error in data["error"]:
+                        if error is None:
+                            continue
+                        named = [s for s in scores if f"{score_column(s)}:" in error]
+                        scorer_errors.update(named)
+                        other_errors += not named
+                    finish.update(r for r in data.get("finish_reason", []) if r is not None)
+                    for column, stat in intrinsic.items():
+                        stat.add(data.get(column, []))
+                    for scorer, stat in scores.items():
+                        stat.add(data.get(score_column(scorer), []))
+    by_name = {s["name"]: s for s in scorers}
+    tokens = manifest["tokens"]
+    cost = (manifest.get("cost") or {}).get("usd")
+    return {
+        "run_id": manifest["run_id"],
+        "job": manifest["job"],
+        "task": manifest["spec"].get("task", "generate"),
+        "model": manifest["model"]["source"],
+        "sampling": manifest["spec"]["sampling"],
+        "status": manifest["status"],
+        "rows": manifest["rows"],
+        "errors": {"failed_rows": other_errors, "by_scorer": {s: scorer_errors.get(s, 0) for s in scores}},
+        "scores": {
+            name: {"kind": by_name[name]["kind"], "type": "boolean" if stat.boolean else "number",
+                   **stat.figures(by_name[name].get("scale") if by_name[name]["kind"] == "judge" else None)}
+            for name, stat in scores.items()
+        },
+        "intrinsic": {**{name: stat.figures() for name, stat in intrinsic.items()},
+                      "finish_reason": dict(finish)},
+        "tokens": tokens,
+        "wall_seconds": manifest["wall_seconds"],
+        "output_tokens_per_second": manifest["output_tokens_per_second"],
+        "cost_usd": cost,
+        "cost_per_million_output_tokens_usd": round(cost / tokens["generated"] * 1e6, 6)
+        if cost is not None and tokens["generated"] else None,
+    }
+
+
+def write_summary(run_uri: str, summary: dict[str, Any]) -> None:
+    fs, inner = filesystem_for(run_uri)
+    with storage_errors(run_uri, "write the summary to"):
+        with fs.open(f"{inner.rstrip('/')}/{SUMMARY_NAME}", "w") as handle:
+            handle.write(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+
+
+def read_summary(run_uri: str) -> dict[str, Any] | None:
+    fs, inner = filesystem_for(run_uri)
+    path = f"{inner.rstrip('/')}/{SUMMARY_NAME}"
+    with storage_errors(run_uri, "read the summary from"):
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as handle:
+            return json.loads(handle.read())
+
+
+def summary_uri(run_uri: str) -> str:
+    return join(run_uri, SUMMARY_NAME)

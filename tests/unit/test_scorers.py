@@ -1,0 +1,203 @@
+"""Row scorers, the judge's parsing, run summaries and the comparison report (no Ray)."""
+from __future__ import annotations
+
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.compare import choose_metric, render_html, render_markdown, RunPoint, scatter_svg
+from jobs.errors import SpecError, UserError
+from jobs.spec import validate_spec
+from pipelines.judge import SKIPPED, after_judge, judge_messages, judge_sampling_params, parse_judgement
+from pipelines.render import RowError
+from pipelines.run_summary import summarize
+from pipelines.scorers import ScoreStage, build_scorer, normalize, score_fields, strip_code_fence
+
+BASE = {"name": "j", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"}}
+
+
+def scorers(*items: dict) -> list[dict]:
+    """Scorer specs as the pipeline receives them: validated, then dumped."""
+    return [s.model_dump(mode="json") for s in validate_spec({**BASE, "scoring": list(items)}).scoring]
+
+
+def row(text: str | None = "Paris.", **extra) -> dict:
+    return {"id": "r1", "prompt": "q", "generated_text": text, "error": None, "answer": "paris", **extra}
+
+
+def test_exact_match_applies_normalisation_to_both_sides():
+    strict, loose = scorers({"name": "a", "kind": "exact_match", "reference_column": "answer"},
+                            {"name": "b", "kind": "exact_match", "reference_column": "answer",
+                             "normalize": ["lowercase", "punctuation", "strip"]})
+    assert build_scorer(strict, {})(row()) is False
+    assert build_scorer(loose, {})(row()) is True
+
+
+def test_normalize_articles_and_whitespace():
+    assert normalize("  The   Eiffel  tower ", ["articles", "whitespace", "lowercase"]) == "eiffel tower"
+
+
+def test_contains_with_a_column_or_a_fixed_text():
+    by_column, by_text = scorers({"name": "a", "kind": "contains", "reference_column": "answer",
+                                  "normalize": ["lowercase"]}, {"name": "b", "kind": "contains", "text": "Rome"})
+    assert build_scorer(by_column, {})(row("It is Paris")) is True
+    assert build_scorer(by_text, {})(row("It is Paris")) is False
+
+
+def test_reference_column_renamed_in_the_output_is_found():
+    (scorer,) = scorers({"name": "a", "kind": "exact_match", "reference_column": "prompt"})
+    out = row("q2", input_prompt="q2")
+    assert build_scorer(scorer, {"prompt": "input_prompt"})(out) is True
+
+
+def test_regex_search_full_match_and_case():
+    search, full, nocase = scorers({"name": "a", "kind": "regex", "pattern": r"\d+"},
+                                   {"name": "b", "kind": "regex", "pattern": r"\d+", "full_match": True},
+                                   {"name": "c", "kind": "regex", "pattern": "paris", "ignore_case": True})
+    assert build_scorer(search, {})(row("about 42 days")) is True
+    assert build_scorer(full, {})(row("about 42 days")) is False
+    assert build_scorer(nocase, {})(row("PARIS")) is True
+
+
+def test_json_valid_and_schema_accept_a_code_fence():
+    valid, shaped = scorers({"name": "a", "kind": "json_valid"},
+                            {"name": "b", "kind": "json_schema", "schema": {
+                                "type": "object", "required": ["age"], "properties": {"age": {"type": "integer"}}}})
+    fenced = '```json\n{"age": 3}\n```'
+    assert strip_code_fence(fenced) == '{"age": 3}'
+    assert build_scorer(valid, {})(row(fenced)) is True
+    assert build_scorer(valid, {})(row("{age: 3}")) is False
+    assert build_scorer(shaped, {})(row('{"age": 3}')) is True
+    assert build_scorer(shaped, {})(row('{"age": "3"}')) is False
+
+
+def test_invalid_json_schema_is_a_spec_error():
+    with pytest.raises(SpecError) as err:
+        validate_spec({**BASE, "scoring": [{"name": "a", "kind": "json_schema", "schema": {"type": "nope"}}]})
+    assert err.value.lines[0].startswith("scoring.0.schema: not a valid JSON Schema")
+
+
+def test_chrf_from_sacrebleu():
+    (scorer,) = scorers({"name": "a", "kind": "chrf", "reference_column": "answer"})
+    assert build_scorer(scorer, {})(row("paris")) == pytest.approx(100.0)
+    assert 0 <= build_scorer(scorer, {})(row("berlin")) < 30
+
+
+def plus_one(row: dict, offset: int = 1) -> float:
+    if row["generated_text"] == "boom":
+        raise RuntimeError("cannot score boom")
+    return len(row["generated_text"]) + offset
+
+
+def test_python_scorer_gets_options_and_its_failures_become_row_errors():
+    (scorer,) = scorers({"name": "n", "kind": "python", "function": "test_scorers:plus_one", "options": {"offset": 10}})
+    stage = ScoreStage([scorer], {})
+    table = stage(pa.Table.from_pylist([row("abc"), {**row("boom"), "id": "r2"}]))
+    out = table.to_pylist()
+    assert out[0]["score_n"] == 13.0 and out[0]["error"] is None
+    assert out[1]["score_n"] is None and out[1]["generated_text"] == "boom"
+    assert out[1]["error"] == "score_n: test_scorers:plus_one raised RuntimeError: cannot score boom"
+
+
+def test_null_reference_is_a_row_error_and_failed_rows_are_not_scored():
+    (scorer,) = scorers({"name": "e", "kind": "exact_match", "reference_column": "answer"})
+    out = ScoreStage([scorer], {})(pa.Table.from_pylist([
+        row(answer=None), {**row(None), "id": "r2", "error": "engine died"}])).to_pylist()
+    assert out[0]["error"] == "score_e: reference column 'answer' is null" and out[0]["score_e"] is None
+    assert out[1]["error"] == "engine died" and out[1]["score_e"] is None
+
+
+def test_score_columns_types_and_judge_raw_text():
+    fields = score_fields(scorers({"name": "a", "kind": "regex", "pattern": "x"},
+                                  {"name": "b", "kind": "judge", "rubric": "{generated_text}"},
+                                  {"name": "c", "kind": "python", "function": "m:f", "returns": "boolean"}))
+    assert [(f.name, f.type) for f in fields] == [
+        ("score_a", pa.bool_()), ("score_b", pa.float64()), ("score_b_raw", pa.string()), ("score_c", pa.bool_())]
+
+
+def test_scoring_spec_errors_name_the_yaml_path():
+    with pytest.raises(SpecError) as err:
+        validate_spec({**BASE, "scoring": [{"name": "a", "kind": "regex", "pattern": "(", "flags": 1},
+                                           {"name": "a", "kind": "bleu"}]})
+    assert "scoring.0.pattern: not a valid regular expression" in err.value.lines[0]
+    assert "scoring.0.flags: unknown key" in " ".join(err.value.lines)
+    assert any(line.startswith("scoring.1: kind must be one of: exact_match") for line in err.value.lines)
+
+
+def test_judge_is_constrained_to_the_scale_and_parsed_strictly():
+    params = judge_sampling_params([1, 5])
+    assert params["structured_outputs"] == {"choice": ["1", "2", "3", "4", "5"]}
+    assert parse_judgement(" 4\n", [1, 5]) == 4
+    with pytest.raises(ValueError):
+        parse_judgement("four", [1, 5])
+    with pytest.raises(RowError):
+        judge_messages({"generated_text": "x"}, {"rubric": "{missing}", "scale": [1, 5]})
+
+
+def test_after_judge_fills_scores_or_errors():
+    (judge,) = scorers({"name": "q", "kind": "judge", "rubric": "{generated_text}"})
+    judged = row("Paris")
+    ok = after_judge({"_judged_row": judged, "generated_text": "5", "__inference_error__": ""},
+                     scorer=judge, inference_error="__inference_error__")
+    assert ok["score_q"] == 5.0 and ok["score_q_raw"] == "5" and ok["error"] is None
+    skipped = after_judge({"_judged_row": {**judged, "error": "x", "generated_text": None},
+                           "__inference_error__": SKIPPED}, scorer=judge, inference_error="__inference_error__")
+    assert skipped["score_q"] is None and skipped["error"] == "x"
+    failed = after_judge({"_judged_row": judged, "__inference_error__": "engine died"},
+                         scorer=judge, inference_error="__inference_error__")
+    assert failed["error"] == "score_q: judge failed: engine died" and failed["generated_text"] == "Paris"
+
+
+def manifest(run_id: str = "r", cost: float | None = 0.5, generated: int = 1000) -> dict:
+    return {"run_id": run_id, "job": "j", "status": "succeeded", "model": {"source": "m"},
+            "spec": {"task": "generate", "sampling": {"temperature": 0.0, "max_tokens": 8}},
+            "rows": {"in": 4, "out": 4, "ok": 3, "error": 1}, "tokens": {"input": 10, "generated": generated},
+            "wall_seconds": 10.0, "output_tokens_per_second": 100.0,
+            "cost": {"usd": cost} if cost is not None else None}
+
+
+def test_summary_aggregates_scores_from_the_output_parts(tmp_path):
+    specs = scorers({"name": "ok", "kind": "regex", "pattern": "a"},
+                    {"name": "q", "kind": "judge", "rubric": "{generated_text}", "scale": [1, 3]})
+    table = pa.table({
+        "id": ["1", "2", "3", "4"], "error": [None, None, None, "score_q: judge failed: x"],
+        "finish_reason": ["stop", "length", "stop", "stop"],
+        "mean_logprob": [-1.0, -2.0, -3.0, -1.0], "perplexity": [2.7, 7.4, 20.1, 2.7],
+        "num_generated_tokens": [1, 2, 3, 4],
+        "score_ok": [True, False, True, None], "score_q": [1.0, 3.0, 3.0, None]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    (tmp_path / "_staging").mkdir()
+    pq.write_table(table, tmp_path / "_staging" / "ignored.parquet")
+    summary = summarize(str(tmp_path), specs, manifest())
+    assert summary["scores"]["ok"] == {"kind": "regex", "type": "boolean", "scored": 3, "null": 1,
+                                       "passed": 2, "pass_rate": pytest.approx(2 / 3, abs=1e-6)}
+    judge = summary["scores"]["q"]
+    assert judge["mean"] == pytest.approx(7 / 3, abs=1e-6)
+    assert judge["buckets"] == [{"value": 1, "count": 1}, {"value": 2, "count": 0}, {"value": 3, "count": 2}]
+    assert summary["errors"] == {"failed_rows": 0, "by_scorer": {"ok": 0, "q": 1}}
+    assert summary["intrinsic"]["finish_reason"] == {"stop": 3, "length": 1}
+    assert summary["cost_per_million_output_tokens_usd"] == pytest.approx(500.0)
+
+
+def point(run_id: str, quality: float | None, speed: float | None, cost: float | None) -> RunPoint:
+    return RunPoint(run_id=run_id, path=f"out/{run_id}", model="m", sampling="temperature=0.0",
+                    quality=quality, output_tok_s=speed, cost_per_million=cost,
+                    rows={"ok": 1, "error": 0}, wall_seconds=1.0)
+
+
+def test_compare_metric_choice():
+    a = {"run_id": "a", "scores": {"x": {}, "y": {}}}
+    b = {"run_id": "b", "scores": {"y": {}}}
+    assert choose_metric([a, b], None) == "y"
+    assert choose_metric([b, {"run_id": "c", "scores": {}}], None) == "mean_logprob"
+    with pytest.raises(UserError, match="run\\(s\\) b have no scorer 'x'"):
+        choose_metric([a, b], "score_x")
+
+
+def test_compare_report_has_a_point_per_run_in_each_chart():
+    points = [point("a", 0.5, 100.0, 2.0), point("b", 0.7, 50.0, 4.0), point("c", None, 10.0, 1.0)]
+    page = render_html("exact", points)
+    assert page.count('class="point"') == 4  # two charts x two runs with a quality figure
+    assert "Best on `exact`: **m · b**" in render_markdown("exact", points)
+    assert "no run has both figures" in scatter_svg("t", "x", "y", [])
