@@ -43,6 +43,22 @@ def root_cause(logs_dir: Path | None, since: float) -> str | None:
     return None
 
 
+def orphaned_engine_pids(proc: Path = Path("/proc")) -> list[int]:
+    """vLLM engine processes (named `VLLM::...`) whose parent died: left by an earlier run that was killed,
+    they keep its KV cache memory. Linux only; elsewhere none are found."""
+    pids = []
+    for entry in proc.glob("[0-9]*"):
+        try:
+            name = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = stat.rsplit(")", 1)[-1].split()[1] if ")" in stat else ""
+        if name.startswith("VLLM::") and parent == "1":
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
 def explain_failure(exc: BaseException, since: float) -> str:
     logs_dir = ray_logs_dir()
     cause = root_cause(logs_dir, since)
@@ -51,6 +67,11 @@ def explain_failure(exc: BaseException, since: float) -> str:
         cause = (text[-1] if text else type(exc).__name__)[:500]
     message = f"the pipeline failed: {cause}"
     hint = next((h for key, h in HINTS if key in cause.lower()), None)
+    orphans = orphaned_engine_pids() if "memory" in cause.lower() else []
+    if orphans:
+        listed = " ".join(str(p) for p in orphans)
+        hint = (f"vLLM engine processes left by an earlier, interrupted run still hold memory: "
+                f"stop them with `kill {listed}`")
     if hint:
         message += f" ({hint})"
     if logs_dir is not None:

@@ -54,7 +54,7 @@ def measurement_from_manifest(manifest: dict[str, Any], source: str) -> dict[str
         "rows": rows["ok"],
         "replicas": len(replicas),
         "replica_busy_seconds": round(busy, 3),
-        "wall_seconds": manifest["wall_seconds"],
+        "wall_seconds": manifest.get("generation_seconds", manifest["wall_seconds"]),  # judge passes excluded
         "startup_seconds": manifest.get("startup_seconds"),
         "input_tokens": tokens["input"],
         "output_tokens": tokens["generated"],

@@ -61,18 +61,11 @@ def collect(run_paths: list[str], wanted: str | None) -> tuple[str, list[RunPoin
     points = [RunPoint(
         run_id=manifest["run_id"], path=path, model=manifest["model"]["source"],
         sampling=_sampling(manifest["spec"]["sampling"]), quality=quality_of(summary, metric),
-        output_tok_s=generation_speed(manifest),
+        output_tok_s=manifest.get("output_tokens_per_second"),
         cost_per_million=summary.get("cost_per_million_output_tokens_usd"),
         rows=manifest["rows"], wall_seconds=manifest["wall_seconds"],
     ) for path, manifest, summary in loaded]
     return metric, points
-
-
-def generation_speed(manifest: dict[str, Any]) -> float | None:
-    """Output tokens per second of the generation itself: judge passes are scoring time, not model speed."""
-    judging = sum(j.get("wall_seconds", 0) for j in (manifest.get("judges") or {}).values())
-    seconds = manifest["wall_seconds"] - judging
-    return round(manifest["tokens"]["generated"] / seconds, 3) if seconds > 0 else None
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

@@ -45,7 +45,7 @@ def record_run(manifest: dict[str, Any], fingerprint: str, device: Accelerator, 
     prediction = None
     if plan is not None:
         prediction = {"run_id": manifest["run_id"], "predicted_wall_seconds": plan.wall_seconds,
-                      "measured_wall_seconds": manifest["wall_seconds"], "rows": manifest["rows"]["in"],
+                      "measured_wall_seconds": manifest.get("generation_seconds", manifest["wall_seconds"]), "rows": manifest["rows"]["in"],
                       "replicas": plan.replicas}
     identity = {"model_source": manifest["model"]["source"], "model_fingerprint": fingerprint,
                 "accelerator": device.name, "engine": engine}

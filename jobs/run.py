@@ -33,6 +33,7 @@ from pipelines.manifest import (
 )
 from pipelines.read import list_input_files
 from pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
+from pipelines.scorers import check_scorers, load_function
 from pipelines.render import RenderSettings, template_fields
 from pipelines.storage import join
 
@@ -88,6 +89,12 @@ def validate_job(spec: JobSpec) -> list[str]:
         model_store.check_source(spec.model.source)
     except UserError as exc:
         problems.extend(exc.lines)
+    for number, scorer in enumerate(spec.scoring):
+        if scorer.kind == "python":
+            try:
+                load_function(scorer.function)
+            except ImportError as exc:
+                problems.append(f"scoring.{number}.function: {exc}")
     return problems
 
 
@@ -159,11 +166,16 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     if on_cluster and model_store.classify_source(spec.model.source).kind != "hub":
         ensure_model_on_nodes(spec.model.source, str(model_path), hosts)
 
-    from pipelines.pipeline import OutputContext, build_dataset, scan_inputs
+    from pipelines.pipeline import OutputContext, build_dataset, output_schema_for, scan_inputs
     from pipelines.progress import ProgressCounter, progress_actor_name
 
     inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec))
     log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names)
+    context = OutputContext(run_id, spec.model.source, max_len, task=spec.task, logprobs=spec.sampling.logprobs,
+                            scorers=tuple(s.model_dump(mode="json") for s in spec.scoring))
+    problems = check_scorers(list(context.scorers), output_schema_for(inputs, context).names, inputs.schema.names)
+    if problems:
+        raise UserError(problems[0], lines=problems)
 
     engine_kwargs = engine_kwargs_for(spec.model.engine, accelerator, max_len,
                                       math.ceil(max_replicas / max(1, len(hosts))))
@@ -185,16 +197,15 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=max_len,
         task=spec.task, completion_column=spec.input.completion_column, choices_column=spec.input.choices_column,
     )
-    judges = judge_plans(spec, accelerator, cluster, nodes, max_replicas, on_cluster, log)
+    judges = judge_plans(spec, accelerator, cluster, nodes, (min_replicas, max_replicas), on_cluster, log)
     counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
-    context = OutputContext(run_id, spec.model.source, max_len, task=spec.task, logprobs=spec.sampling.logprobs,
-                            scorers=tuple(s.model_dump(mode="json") for s in spec.scoring))
     ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter)
 
     log.info("run_started", rows=inputs.rows, replicas=max_replicas, accelerator=accelerator,
              model=spec.model.source, output=run_uri)
     target = staging_uri(run_uri, 0) if judges else run_uri
     _execute(ds, target, counter, inputs.rows, started, log)
+    generation_seconds = time.time() - started
     import ray
 
     replicas = ray.get(counter.snapshot.remote())["replicas"]
@@ -233,14 +244,16 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "startup_seconds": round(first_batch - started, 3) if first_batch else None,
         "plan": sizing.to_dict() if sizing is not None else None,
         "judges": judge_stats,
-        "output_tokens_per_second": round(tally.generated_tokens / wall, 3) if wall > 0 else None,
-        "cost": run_cost(wall, max_replicas * shape.workers_per_replica, device),
+        "generation_seconds": round(generation_seconds, 3),
+        "output_tokens_per_second": round(tally.generated_tokens / generation_seconds, 3)
+        if generation_seconds > 0 else None,
+        "cost": run_cost(generation_seconds, max_replicas * shape.workers_per_replica, device, judge_stats),
     }
     summary = summarize(run_uri, list(context.scorers), manifest)
     write_summary(run_uri, summary)
     manifest["summary"] = SUMMARY_NAME
     write_manifest(run_uri, manifest)
-    if device is not None and not judges:  # a judge pass would count as generation time
+    if device is not None and spec.task == "generate":  # score runs generate nothing to measure
         record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
     log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
              wall_seconds=round(wall, 1))
@@ -250,12 +263,15 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     return result
 
 
-def run_cost(wall_seconds: float, devices: int, device) -> dict[str, Any] | None:
-    """What the run's devices cost for its wall time, at the planner's hourly price."""
+def run_cost(generation_seconds: float, devices: int, device, judges: dict[str, Any]) -> dict[str, Any] | None:
+    """What the run's devices cost at the planner's hourly price: generation, plus each judge pass's own devices."""
     if device is None:
         return None
-    return {"usd": round(wall_seconds / 3600 * devices * device.hourly_usd, 6), "devices": devices,
-            "device": device.name, "hourly_usd_per_device": device.hourly_usd}
+    generation = generation_seconds / 3600 * devices * device.hourly_usd
+    judging = sum(j["wall_seconds"] / 3600 * j["devices"] * device.hourly_usd for j in judges.values())
+    return {"usd": round(generation + judging, 6), "generation_usd": round(generation, 6),
+            "judges_usd": round(judging, 6), "devices": devices, "device": device.name,
+            "hourly_usd_per_device": device.hourly_usd}
 
 
 def engine_kwargs_for(engine, accelerator: str, max_len: int | None, replicas_per_node: int) -> dict[str, Any]:
@@ -274,8 +290,8 @@ def engine_kwargs_for(engine, accelerator: str, max_len: int | None, replicas_pe
     return kwargs
 
 
-def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job_replicas: int, on_cluster: bool,
-                log) -> list[tuple[dict[str, Any], EnginePlan, int | None]]:
+def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job_replicas: tuple[int, int],
+                on_cluster: bool, log) -> list[tuple[dict[str, Any], EnginePlan, int | None]]:
     """(scorer, engine plan, max_model_len) for each judge scorer; judge models resolved and checked to fit."""
     plans = []
     for scorer in spec.scoring:
@@ -286,20 +302,21 @@ def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job
         model_path = model_store.resolve_local(model.source, log=log)
         max_len = model_max_len(model_path, model.engine.max_model_len)
         shape = replica_shape(accelerator, model.engine.tensor_parallel_size)
-        replicas = scorer.replicas or job_replicas
+        low, high = (scorer.replicas, scorer.replicas) if scorer.replicas else job_replicas
         try:
-            check_fits(shape, replicas, cluster, list(nodes.values()), spec.resources.accelerator_type)
+            check_fits(shape, low, cluster, list(nodes.values()), spec.resources.accelerator_type)
         except UserError as exc:
-            raise UserError(f"{where} (judge {scorer.name}): {exc}") from None
+            detail = str(exc).split(": ", 1)[-1]
+            raise UserError(f"{where}.replicas: the judge's engine replicas do not fit: {detail}") from None
         hosts = [n for n, res in nodes.items() if can_host(shape, res, spec.resources.accelerator_type)]
         if on_cluster and model_store.classify_source(model.source).kind != "hub":
             ensure_model_on_nodes(model.source, str(model_path), hosts)
         plans.append((scorer.model_dump(mode="json"), EnginePlan(
             model_path=str(model_path),
             engine_kwargs=engine_kwargs_for(model.engine, accelerator, max_len,
-                                            math.ceil(replicas / max(1, len(hosts)))),
+                                            math.ceil(high / max(1, len(hosts)))),
             sampling_params=judge_sampling_params(scorer.scale),
-            replicas=(replicas, replicas),
+            replicas=(low, high),
             batch_size=spec.resources.batch_size,
             bundle_per_replica=shape.bundle,
             accelerator_type=spec.resources.accelerator_type,
@@ -325,6 +342,7 @@ def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inpu
         _execute(ds, target, counter, inputs.rows, started, log.bind(judge=name))
         remove_staging(source)
         stats[name] = {"wall_seconds": round(time.time() - started, 3), "replicas": judge_plan.replicas[1],
+                       "devices": judge_plan.replicas[1] * judge_plan.engine_kwargs["tensor_parallel_size"],
                        "model": judge_plan.model_path}
     if judges:
         remove_staging(join(run_uri, STAGING_DIR))

@@ -170,7 +170,8 @@ class JudgeScorer(_ScorerSpec):
     scale: list[int] = Field(default_factory=lambda: [1, 5], description="[lowest, highest] whole-number score.")
     model: Optional[ModelSpec] = Field(None, description="The judge model and engine; null = the job's model.")
     system_prompt: Optional[str] = Field(None, description="System message for the judge.")
-    replicas: Optional[int] = Field(None, ge=1, description="Judge engine replicas; null = as many as the job's.")
+    replicas: Optional[int] = Field(
+        None, ge=1, description="Judge engine replicas; null = the job's own replica count or range.")
 
     @field_validator("scale")
     @classmethod
@@ -297,6 +298,9 @@ class JobSpec(_Section):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"scorer names must be unique; repeated: {', '.join(repeated)}")
+        taken = sorted({s.name + "_raw" for s in value if s.kind == "judge"} & set(names))
+        if taken:
+            raise ValueError(f"scorer name {taken[0]} clashes with the judge column score_{taken[0]}")
         return value
 
     @model_validator(mode="after")
@@ -306,6 +310,8 @@ class JobSpec(_Section):
             raise ValueError("task: score needs exactly one of input.completion_column or input.choices_column")
         if self.task == "generate" and given:
             raise ValueError(f"input.{given[0]}: only used with task: score")
+        if self.task == "score" and self.sampling.logprobs is not None:
+            raise ValueError("sampling.logprobs: task: score generates nothing to keep top logprobs of")
         if self.task == "score" and self.input.messages_column is not None:
             raise ValueError("input.messages_column: task: score continues a text prompt; "
                              "use input.prompt_column or input.template")

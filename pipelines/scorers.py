@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import numbers
 import re
 import string
 from typing import Any, Callable
@@ -147,14 +148,37 @@ def _python_scorer(scorer: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
         if value is None:
             return None
         if boolean:
-            if not isinstance(value, bool):
+            if type(value).__name__ not in ("bool", "bool_"):  # Python's or numpy's
                 raise ScoreError(f"{scorer['function']} returned {type(value).__name__}, expected bool")
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return bool(value)
+        if type(value).__name__ in ("bool", "bool_") or not isinstance(value, numbers.Real) \
+                or not math.isfinite(float(value)):
             raise ScoreError(f"{scorer['function']} returned {value!r}, expected a finite number")
         return float(value)
 
     return score
+
+
+def check_scorers(scorers: list[dict[str, Any]], output_columns: list[str], input_columns: list[str]) -> list[str]:
+    """Problems found before any engine starts: python scorers that do not import, rubrics naming no column."""
+    from pipelines.render import template_fields
+
+    problems = []
+    known = set(output_columns) | set(input_columns)
+    for number, scorer in enumerate(scorers):
+        where = f"scoring.{number}"
+        if scorer["kind"] == "python":
+            try:
+                load_function(scorer["function"])
+            except ImportError as exc:
+                problems.append(f"{where}.function: {exc} (the module must be importable where the job runs, "
+                                "e.g. through PYTHONPATH or an installed package)")
+        if scorer["kind"] == "judge":
+            missing = [f for f in template_fields(scorer["rubric"]) if f not in known]
+            if missing:
+                problems.append(f"{where}.rubric: no column {', '.join(repr(m) for m in missing)}; "
+                                f"the rubric can use {', '.join(sorted(known))}")
+    return problems
 
 
 def add_error(row: dict[str, Any], message: str) -> None:
@@ -185,3 +209,5 @@ def score_row(row: dict[str, Any], scorers: list[tuple[str, Callable[[dict[str, 
             row[column] = scorer(row)
         except ScoreError as exc:
             add_error(row, f"{column}: {exc}")
+        except Exception as exc:  # a scorer library choking on odd output is still one row's problem
+            add_error(row, f"{column}: {type(exc).__name__}: {exc}")

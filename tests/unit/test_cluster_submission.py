@@ -140,3 +140,17 @@ def test_sizing_problems_only_warn_for_a_fixed_pool():
     assert logs[0]["event"] == "no_prediction" and "L40S" in logs[0]["reason"]
     with pytest.raises(UserError, match="no prices for 'L40S'"):
         predict(spec, "gpu", "sha256:x", structlog.get_logger(), required=True)
+
+
+def test_orphaned_vllm_engines_are_found_by_name_and_parent(tmp_path):
+    from cluster.diagnose import orphaned_engine_pids
+
+    def process(pid: int, cmdline: bytes, parent: int) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(cmdline)
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (python3) S {parent} 1 1 0")
+
+    process(10, b"VLLM::Worker\0", 1)           # orphaned engine worker
+    process(11, b"VLLM::EngineCore\0", 4242)     # still owned by a live replica
+    process(12, b"python3\0-m\0ray\0", 1)
+    assert orphaned_engine_pids(tmp_path) == [10]

@@ -201,3 +201,52 @@ def test_compare_report_has_a_point_per_run_in_each_chart():
     assert page.count('class="point"') == 4  # two charts x two runs with a quality figure
     assert "Best on `exact`: **m · b**" in render_markdown("exact", points)
     assert "no run has both figures" in scatter_svg("t", "x", "y", [])
+
+
+def numpy_flag(row: dict):
+    import numpy as np
+
+    return np.bool_(len(row["generated_text"]) > 3)
+
+
+def test_python_scorer_accepts_numpy_results():
+    (scorer,) = scorers({"name": "n", "kind": "python", "function": "test_scorers:numpy_flag", "returns": "boolean"})
+    assert build_scorer(scorer, {})(row("long enough")) is True
+
+
+def test_a_scorer_library_failure_is_one_rows_error():
+    (scorer,) = scorers({"name": "j", "kind": "json_valid"})
+    out = ScoreStage([scorer], {})(pa.Table.from_pylist([row("[" * 100000)])).to_pylist()[0]
+    assert out["score_j"] is None and out["error"].startswith("score_j: RecursionError")
+
+
+def test_check_scorers_finds_missing_functions_and_rubric_columns():
+    from pipelines.scorers import check_scorers
+
+    specs = scorers({"name": "p", "kind": "python", "function": "no_such_module_here:f"},
+                    {"name": "q", "kind": "judge", "rubric": "{question} -> {generated_text} vs {answr}"})
+    problems = check_scorers(specs, ["id", "generated_text", "prompt"], ["question", "answer"])
+    assert problems[0].startswith("scoring.0.function: python scorer no_such_module_here:f: cannot import")
+    assert problems[1].startswith("scoring.1.rubric: no column 'answr'; the rubric can use answer, generated_text")
+
+
+def test_scorer_names_cannot_clash_with_a_judges_raw_column_and_score_tasks_keep_no_logprobs():
+    with pytest.raises(SpecError) as err:
+        validate_spec({**BASE, "scoring": [{"name": "q", "kind": "judge", "rubric": "{generated_text}"},
+                                           {"name": "q_raw", "kind": "json_valid"}]})
+    assert "clashes with the judge column score_q_raw" in err.value.lines[0]
+    with pytest.raises(SpecError) as err:
+        validate_spec({**BASE, "task": "score", "input": {"path": "p", "completion_column": "c"},
+                       "sampling": {"logprobs": 2}})
+    assert err.value.lines == ["sampling.logprobs: task: score generates nothing to keep top logprobs of"]
+
+
+def test_run_cost_counts_generation_and_each_judge_pass():
+    from cluster.accelerators import ACCELERATORS
+    from jobs.run import run_cost
+
+    cost = run_cost(3600, 2, ACCELERATORS["CPU"], {"q": {"wall_seconds": 1800, "devices": 1}})
+    price = ACCELERATORS["CPU"].hourly_usd
+    assert cost["generation_usd"] == pytest.approx(2 * price) and cost["judges_usd"] == pytest.approx(price / 2)
+    assert cost["usd"] == pytest.approx(2.5 * price)
+    assert run_cost(10, 1, None, {}) is None
