@@ -70,8 +70,9 @@ def explain_failure(exc: BaseException, since: float) -> str:
     orphans = orphaned_engine_pids() if "memory" in cause.lower() else []
     if orphans:
         listed = " ".join(str(p) for p in orphans)
-        hint = (f"vLLM engine processes left by an earlier, interrupted run still hold memory: "
-                f"stop them with `kill {listed}`")
+        orphan_hint = (f"vLLM engine processes left by an earlier, interrupted run still hold memory: "
+                       f"stop them with `kill {listed}`")
+        hint = f"{hint}; {orphan_hint}" if hint else orphan_hint
     if hint:
         message += f" ({hint})"
     if logs_dir is not None:

@@ -44,6 +44,6 @@ def test_profile_plan_run_and_feedback(tmp_path: Path, demo_model: str):
     profile = json.loads(next((tmp_path / "profiles").glob("*.json")).read_text())
     assert [m["source"] for m in profile["measurements"]][-1] == "run:sized-1"
     assert profile["predictions"][-1]["run_id"] == "sized-1"
-    assert profile["predictions"][-1]["measured_wall_seconds"] == manifest["wall_seconds"]
+    assert profile["predictions"][-1]["measured_wall_seconds"] == manifest["generation_seconds"]
     again = run_cli("plan", str(job), env=env, check=True).stdout
     assert "past prediction    run sized-1: predicted" in again and "(2 measurement(s))" in again

@@ -99,6 +99,7 @@ def test_root_cause_is_the_first_specific_error_a_worker_logged(tmp_path: Path):
 
 def test_explain_failure_falls_back_to_the_exception_and_adds_a_hint(monkeypatch):
     monkeypatch.setattr("cluster.diagnose.ray_logs_dir", lambda: None)
+    monkeypatch.setattr("cluster.diagnose.orphaned_engine_pids", lambda: [])
     message = explain_failure(RuntimeError("wrapper\nValueError: desired CPU memory utilization (0.99)"), 0)
     assert message.startswith("the pipeline failed: ValueError: desired CPU memory utilization (0.99)")
     assert "--set model.engine.gpu_memory_utilization=0.3" in message
@@ -154,3 +155,10 @@ def test_orphaned_vllm_engines_are_found_by_name_and_parent(tmp_path):
     process(11, b"VLLM::EngineCore\0", 4242)     # still owned by a live replica
     process(12, b"python3\0-m\0ray\0", 1)
     assert orphaned_engine_pids(tmp_path) == [10]
+
+
+def test_explain_failure_names_orphaned_engines_when_memory_runs_short(monkeypatch):
+    monkeypatch.setattr("cluster.diagnose.ray_logs_dir", lambda: None)
+    monkeypatch.setattr("cluster.diagnose.orphaned_engine_pids", lambda: [41, 42])
+    message = explain_failure(RuntimeError("ValueError: less than desired CPU memory utilization (0.5)"), 0)
+    assert "--set model.engine.gpu_memory_utilization=0.3" in message and "`kill 41 42`" in message
