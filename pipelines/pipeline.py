@@ -10,6 +10,7 @@ import ray
 from jobs.errors import UserError
 from pipelines.infer import INFERENCE_ERROR, STAGE_CPUS, EnginePlan, build_infer_stage
 from pipelines.judge import JudgeRenderStage, after_judge
+from pipelines.manifest import output_parts
 from pipelines.output import conform_output, to_output_row
 from pipelines.read import (
     InputFile, ReadShards, ShardScan, ShardTask, plan_shard_tasks, scan_shard, shard_task_rows, unify_input_schema,
@@ -123,7 +124,7 @@ def read_output_parts(uri: str) -> ray.data.Dataset:
     """
     fs, inner = filesystem_for(uri)
     with storage_errors(uri, "read back the first pass from"):
-        parts = sorted(p for p in fs.find(inner) if p.endswith(".parquet"))
+        parts = output_parts(fs, inner)
     if not parts:
         raise UserError(f"{uri}: the first pass wrote no output parts")
     ds = ray.data.from_items([{"part": join(uri, p[len(inner):].lstrip("/"))} for p in parts],
