@@ -46,6 +46,7 @@ test-integration: setup browser
 bench: setup
 	$(BIN)/python bench/bench_vs_vllm.py
 	$(BIN)/python bench/bench_sizing.py
+	$(BIN)/python bench/bench_resume.py
 
 clean:
 	rm -rf $(VENV) out *.egg-info

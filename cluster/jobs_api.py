@@ -84,3 +84,20 @@ def client(address: str):
 
     with jobs_api_errors(address):
         return JobSubmissionClient(address)
+
+
+def cluster_nodes(address: str) -> list[dict[str, float]]:
+    """Each alive node's total resources, asked of the cluster's dashboard (state API, same token auth)."""
+    use_token_if_available()
+    from ray.util.state import list_nodes
+
+    with jobs_api_errors(address):
+        try:
+            nodes = list_nodes(address=address, limit=10000, detail=True, raise_on_missing_output=False)
+        except ConnectionError:
+            raise
+        except Exception as exc:  # the state client wraps connection failures in its own errors
+            if "401" in str(exc) or "403" in str(exc) or "uthentication" in str(exc):
+                raise RuntimeError(str(exc)) from None
+            raise ConnectionError(str(exc)) from None
+    return [dict(n.resources_total or {}) for n in nodes if n.state == "ALIVE"]

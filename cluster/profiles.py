@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cluster.home import llmbatch_home
-from pipelines.storage import filesystem_for, join, storage_errors
+from pipelines.storage import filesystem_for, join, read_json, storage_errors
 
 STORE_ENV = "LLMBATCH_PROFILE_STORE"
 
@@ -39,6 +39,24 @@ class Rates:
     mean_input_tokens: float
     mean_output_tokens: float
     measurements: int
+    prefill_tokens_per_second: float | None = None  # per replica, measured alone (one output token per request)
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Output tokens per second of decoding alone: the busy time minus what prefill took."""
+        if not self.prefill_tokens_per_second or not self.requests_per_second:
+            return None
+        per_request = 1.0 / self.requests_per_second
+        prefill = self.mean_input_tokens / self.prefill_tokens_per_second
+        decoding = max(per_request - prefill, 0.1 * per_request)
+        return self.mean_output_tokens / decoding if self.mean_output_tokens else None
+
+    def replica_seconds(self, input_tokens: float, output_tokens: float) -> float:
+        """Busy replica-seconds for this much work: prefill and decode apart when both were measured."""
+        decode = self.decode_tokens_per_second
+        if decode:
+            return input_tokens / self.prefill_tokens_per_second + output_tokens / decode
+        return output_tokens / self.output_tokens_per_second
 
 
 def measurement_from_manifest(manifest: dict[str, Any], source: str) -> dict[str, Any] | None:
@@ -67,14 +85,25 @@ def measurement_from_manifest(manifest: dict[str, Any], source: str) -> dict[str
     }
 
 
+def prefill_from_manifest(manifest: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """Prompt tokens per second of a run that generated one token per request (prefill alone)."""
+    replicas = [r for r in manifest.get("replicas", []) if r.get("first_batch_at") and r.get("last_batch_at")]
+    busy = sum(r["last_batch_at"] - r["first_batch_at"] for r in replicas)
+    tokens = manifest["tokens"]
+    if busy <= 0 or not manifest["rows"]["ok"] or not tokens["input"]:
+        return None
+    return {
+        "source": source,
+        "at": datetime.now(timezone.utc).isoformat(),
+        "rows": manifest["rows"]["ok"],
+        "input_tokens": tokens["input"],
+        "replica_busy_seconds": round(busy, 3),
+        "prefill_tokens_per_second": round(tokens["input"] / busy, 3),
+    }
+
+
 def load(key: str) -> dict[str, Any] | None:
-    uri = join(store_root(), f"{key}.json")
-    fs, inner = filesystem_for(uri)
-    with storage_errors(uri, "read profile"):
-        if not fs.exists(inner):
-            return None
-        with fs.open(inner, "rb") as handle:
-            return json.loads(handle.read())
+    return read_json(join(store_root(), f"{key}.json"), "read profile")
 
 
 def save(profile: dict[str, Any]) -> str:
@@ -87,13 +116,16 @@ def save(profile: dict[str, Any]) -> str:
 
 
 def record(key: str, identity: dict[str, Any], measurement: dict[str, Any] | None,
-           prediction: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Add a measurement (and the prediction it is checked against) to the profile, creating it if new."""
+           prediction: dict[str, Any] | None = None, prefill: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add a measurement (and the prediction it is checked against, or a prefill measurement) to the
+    profile, creating it if new."""
     profile = load(key) or {"key": key, **identity, "measurements": [], "predictions": []}
     if measurement:
         profile["measurements"] = (profile["measurements"] + [measurement])[-50:]
     if prediction:
         profile["predictions"] = (profile["predictions"] + [prediction])[-50:]
+    if prefill:
+        profile["prefill"] = (profile.get("prefill", []) + [prefill])[-50:]
     save(profile)
     return profile
 
@@ -103,6 +135,8 @@ def rates(profile: dict[str, Any] | None) -> Rates | None:
     if not profile or not profile.get("measurements"):
         return None
     ms = profile["measurements"]
+    prefill = profile.get("prefill") or []
+    prefill_busy = sum(p["replica_busy_seconds"] for p in prefill)
     busy = sum(m["replica_busy_seconds"] for m in ms)
     rows = sum(m["rows"] for m in ms)
     startups = [m["startup_seconds"] for m in ms if m.get("startup_seconds") is not None]
@@ -114,6 +148,7 @@ def rates(profile: dict[str, Any] | None) -> Rates | None:
         mean_input_tokens=sum(m["input_tokens"] for m in ms) / max(1, rows),
         mean_output_tokens=sum(m["output_tokens"] for m in ms) / max(1, rows),
         measurements=len(ms),
+        prefill_tokens_per_second=sum(p["input_tokens"] for p in prefill) / prefill_busy if prefill_busy else None,
     )
 
 

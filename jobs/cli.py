@@ -86,10 +86,13 @@ ADDRESS_HELP = "Ray Jobs API address of a cluster, e.g. http://HEAD:8265 (defaul
 @click.option("--address", help=ADDRESS_HELP + " Without one, the job runs on an embedded local Ray.")
 @click.option("--wait", is_flag=True, help="With --address: stream the run's logs and exit with its outcome.")
 @click.option("--show-worker-logs", is_flag=True, help="Stream Ray worker and vLLM engine logs to the terminal.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (replicas, time, cost) and run nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (replicas, time, cost; fitted to the --address cluster when given) and run nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace a committed run already at output.path/RUN_ID.")
+@click.option("--resume", "resume_id", metavar="RUN_ID",
+              help="Continue a crashed or cancelled run: rows it already wrote are kept, not computed again.")
 @click.option("--on-cluster", is_flag=True, hidden=True)
 def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], address: str | None, wait: bool,
-           show_worker_logs: bool, dry_run: bool, on_cluster: bool) -> None:
+           show_worker_logs: bool, dry_run: bool, overwrite: bool, resume_id: str | None, on_cluster: bool) -> None:
     """Run a job and write parquet results plus a manifest (JOB_FILE '-' reads standard input)."""
     from cluster.jobs_api import cluster_address
     from jobs.run import check_run_id, new_run_id, run_job
@@ -100,20 +103,29 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
         click.get_current_context().find_root().obj["traceback_in_logs"] = True
     spec = load_spec(job_file, list(overrides))
     if dry_run:
-        from jobs.plan import plan_job, render_plan
+        from jobs.plan import plan_for, render_plan
 
-        click.echo(render_plan(plan_job(spec, log=structlog.get_logger())))
+        click.echo(render_plan(plan_for(spec, None, cluster_address(address), log=structlog.get_logger())))
         return
+    if resume_id:
+        if run_id and run_id != resume_id:
+            raise UserError(f"--resume {resume_id} and --run-id {run_id} name different runs; pass one of them")
+        if overwrite:
+            raise UserError("--resume keeps what a run wrote and --overwrite deletes it; pass one of them")
+        run_id = resume_id
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     target = None if on_cluster else cluster_address(address)
+    if target is not None and resume_id:
+        raise UserError("--resume: resuming runs on a cluster is not supported yet (the Jobs API keeps one "
+                        "submission per run id); resume it locally against the same output.path")
     if target is None:
         result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=show_worker_logs or on_cluster,
-                         on_cluster=on_cluster)
+                         on_cluster=on_cluster, overwrite=overwrite, resume=bool(resume_id))
         click.echo(render_summary(result.manifest, result.summary))
         return
     from jobs.remote import submit_to_cluster, wait_for
 
-    submission = submit_to_cluster(spec, run_id, target)
+    submission = submit_to_cluster(spec, run_id, target, overwrite=overwrite)
     click.echo(f"submitted {run_id} to {target}; output: {submission.run_uri}")
     if not wait:
         click.echo(f"follow it with: llmbatch logs {run_id} --follow --address {target}")
@@ -131,14 +143,19 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
 @click.option("--accelerator", help="Plan for this accelerator (CPU, L4, A10G, A100-40GB, A100-80GB, H100-80GB); "
                                     "default: resources.accelerator_type, A10G for gpu, else CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, as_json: bool) -> None:
+@click.option("--address", help="Fit the plan to this Ray cluster's capacity (its dashboard, http://HEAD:8265; "
+                                "default: RAY_ADDRESS, else no cluster check).")
+def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, as_json: bool,
+         address: str | None) -> None:
     """Estimate replicas, GPUs, wall time, GPU-hours and cost from measured throughput."""
     import json
 
-    from jobs.plan import plan_job, render_plan
+    from cluster.jobs_api import cluster_address
+    from jobs.plan import plan_for, render_plan
     from jobs.spec import load_spec
 
-    result = plan_job(load_spec(job_file, list(overrides)), accelerator, log=structlog.get_logger())
+    spec = load_spec(job_file, list(overrides))
+    result = plan_for(spec, accelerator, cluster_address(address), log=structlog.get_logger())
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
 
 
@@ -159,9 +176,9 @@ def profile(model_source: str, input_path: str | None, samples: int, max_tokens:
     engine: dict = {}
     for item in engine_overrides:
         apply_override(engine, item)
-    manifest = profile_model(model_source, input_path=input_path, samples=samples, max_tokens=max_tokens,
-                             engine=engine, log=structlog.get_logger())
-    from cluster.profiles import measurement_from_manifest
+    manifest, prefill_manifest = profile_model(model_source, input_path=input_path, samples=samples,
+                                               max_tokens=max_tokens, engine=engine, log=structlog.get_logger())
+    from cluster.profiles import measurement_from_manifest, prefill_from_manifest, rates
 
     rows, engine = manifest["rows"], manifest["engine"]
     click.echo(f"profile of {model_source} ({engine['accelerator']}, {engine['dtype']}, "
@@ -172,8 +189,15 @@ def profile(model_source: str, input_path: str | None, samples: int, max_tokens:
         raise JobFailed("no replica finished a batch, so nothing was measured")
     if manifest.get("startup_seconds") is not None:
         click.echo(f"  start-up           {manifest['startup_seconds']:.1f} s")
-    click.echo(f"  output tok/s       {measured['output_tokens_per_second']:.1f} per replica (decode)")
-    click.echo(f"  input tok/s        {measured['input_tokens_per_second']:.1f} per replica (prefill, alongside decode)")
+    click.echo(f"  output tok/s       {measured['output_tokens_per_second']:.1f} per replica (prefill included)")
+    click.echo(f"  input tok/s        {measured['input_tokens_per_second']:.1f} per replica (alongside decode)")
+    prefill = prefill_from_manifest(prefill_manifest, "profile")
+    if prefill is not None:
+        alone = rates({"measurements": [measured], "prefill": [prefill]})
+        click.echo(f"  prefill tok/s      {prefill['prefill_tokens_per_second']:.1f} per replica "
+                   f"(measured alone: one output token per request)")
+        if alone.decode_tokens_per_second:
+            click.echo(f"  decode tok/s       {alone.decode_tokens_per_second:.1f} per replica (prefill time taken out)")
     click.echo(f"  requests/s         {measured['requests_per_second']:.2f} per replica")
     click.echo(f"  mean input tokens  {measured['mean_input_tokens']:.1f}")
     click.echo(f"  mean output tokens {measured['mean_output_tokens']:.1f}")

@@ -8,6 +8,8 @@ from cluster.accelerators import ACCELERATORS, Accelerator
 from jobs.errors import UserError
 from jobs.spec import JobSpec
 
+PREFILL_SOURCE = "profile-prefill"  # a calibration run of one output token per request
+
 
 def device_for(spec: JobSpec, accelerator: str) -> Accelerator:
     """The priced accelerator a run uses: CPU, or the job's GPU type (A10G when it names none)."""
@@ -41,16 +43,20 @@ def record_run(manifest: dict[str, Any], fingerprint: str, device: Accelerator, 
                plan, source: str, log) -> None:
     """Add the run's measured rates (and how far the plan was off) to the model's profile."""
     key = profiles.profile_key(fingerprint, device.name, engine)
-    measurement = profiles.measurement_from_manifest(manifest, f"{source}:{manifest['run_id']}")
+    label = f"{source}:{manifest['run_id']}"
+    if source == PREFILL_SOURCE:
+        measurement, prefill = None, profiles.prefill_from_manifest(manifest, label)
+    else:
+        measurement, prefill = profiles.measurement_from_manifest(manifest, label), None
     prediction = None
-    if plan is not None:
+    if plan is not None and prefill is None:
         prediction = {"run_id": manifest["run_id"], "predicted_wall_seconds": plan.wall_seconds,
                       "measured_wall_seconds": manifest.get("generation_seconds", manifest["wall_seconds"]), "rows": manifest["rows"]["in"],
                       "replicas": plan.replicas}
     identity = {"model_source": manifest["model"]["source"], "model_fingerprint": fingerprint,
                 "accelerator": device.name, "engine": engine}
     try:
-        profiles.record(key, identity, measurement, prediction)
-        log.info("profile_updated", profile=key, measured=bool(measurement))
+        profiles.record(key, identity, measurement, prediction, prefill)
+        log.info("profile_updated", profile=key, measured=bool(measurement or prefill))
     except Exception as exc:  # a profile store outage must not fail a finished run
         log.warning("profile_update_failed", profile=key, error=f"{type(exc).__name__}: {exc}")

@@ -47,6 +47,7 @@ class Plan:
     startup_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     past_errors: list[dict[str, Any]] = field(default_factory=list)
+    cluster: dict[str, Any] | None = None   # what the cluster it was fitted to holds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +164,8 @@ def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) ->
         profile_info = {"used": True, "key": key, "measurements": rates.measurements,
                         "output_tokens_per_second": round(rates.output_tokens_per_second, 2),
                         "input_tokens_per_second": round(rates.input_tokens_per_second, 2),
+                        "prefill_tokens_per_second": _rounded(rates.prefill_tokens_per_second),
+                        "decode_tokens_per_second": _rounded(rates.decode_tokens_per_second),
                         "requests_per_second": round(rates.requests_per_second, 3),
                         "startup_seconds": round(rates.startup_seconds, 1),
                         "mean_input_tokens": round(rates.mean_input_tokens, 1),
@@ -171,7 +174,7 @@ def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) ->
     estimate = count_input_tokens(spec, model_path)
     per_row_out = min(rates.mean_output_tokens or spec.sampling.max_tokens, spec.sampling.max_tokens)
     output_tokens = int(estimate.rows * per_row_out)
-    work = output_tokens / rates.output_tokens_per_second  # replica-seconds
+    work = rates.replica_seconds(estimate.input_tokens, output_tokens)
     replicas = _choose_replicas(spec, work, rates.startup_seconds, tp, device, notes)
     wall = wall_seconds(work, rates.startup_seconds, replicas)
     return Plan(
@@ -183,6 +186,10 @@ def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) ->
         profile=profile_info, work_seconds=round(work, 2), startup_seconds=round(rates.startup_seconds, 2),
         notes=notes, past_errors=profiles.prediction_errors(stored)[-5:],
     )
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 2) if value is not None else None
 
 
 def _choose_replicas(spec: JobSpec, work: float, startup: float, tp: int, device: Accelerator,
@@ -223,6 +230,45 @@ def _choose_replicas(spec: JobSpec, work: float, startup: float, tp: int, device
     return max(1, min(choice, most))
 
 
+def plan_for(spec: JobSpec, accelerator_name: str | None, address: str | None, *, log=None) -> Plan:
+    """The job's plan, fitted to the cluster at `address` when there is one."""
+    plan = plan_job(spec, accelerator_name, log=log)
+    if address is None:
+        return plan
+    from cluster.jobs_api import cluster_nodes
+
+    return fit_to_cluster(plan, spec, address, cluster_nodes(address))
+
+
+def fit_to_cluster(plan: Plan, spec: JobSpec, address: str, nodes: list[dict[str, float]]) -> Plan:
+    """Cap the plan by what the cluster at `address` holds at once, and say so."""
+    from cluster.resources import can_host, replica_capacity, replica_shape
+
+    shape = replica_shape("cpu" if plan.accelerator == "CPU" else "gpu", plan.tensor_parallel_size)
+    hosts = [n for n in nodes if can_host(shape, n, spec.resources.accelerator_type)]
+    totals: dict[str, float] = {}
+    for node in hosts:
+        for key, amount in node.items():
+            totals[key] = totals.get(key, 0.0) + amount
+    capacity = replica_capacity(shape, totals)
+    info = {"address": address, "nodes": len(nodes), "nodes_that_can_host": len(hosts),
+            "cpus": totals.get("CPU", 0.0), "gpus": totals.get("GPU", 0.0), "replica_capacity": capacity}
+    notes = list(plan.notes)
+    fitted = plan
+    if capacity < 1:
+        notes.append(f"the cluster at {address} cannot hold one replica ({plan.tensor_parallel_size} x "
+                     f"{plan.accelerator} on one node); the run would be refused")
+    elif plan.replicas > capacity:
+        if spec.resources.replicas == "auto":
+            fitted = plan.for_replicas(capacity)
+            notes.append(f"capped at {capacity} replica(s): what the cluster at {address} holds at once "
+                         f"(planned {plan.replicas})")
+        else:
+            notes.append(f"resources.replicas {plan.replicas} is more than the cluster at {address} holds at "
+                         f"once ({capacity}); the run would be refused")
+    return replace(fitted, notes=notes, cluster=info)
+
+
 def render_plan(plan: Plan) -> str:
     hours, rest = divmod(int(plan.wall_seconds), 3600)
     minutes, seconds = divmod(rest, 60)
@@ -244,9 +290,16 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  profile            {p['key']}: {p['output_tokens_per_second']} output tok/s per replica, "
                      f"start-up {p['startup_seconds']} s, mean output {p['mean_output_tokens']} tokens "
                      f"({p['measurements']} measurement(s))")
+        if p.get("prefill_tokens_per_second"):
+            lines.append(f"  prefill / decode   {p['prefill_tokens_per_second']} prompt tok/s, "
+                         f"{p['decode_tokens_per_second']} output tok/s per replica (measured apart)")
     else:
         lines.append(f"  profile            none; assumed {p['assumed']['output_tokens_per_second']} output tok/s "
                      f"per replica and {p['assumed']['startup_seconds']:.0f} s start-up")
+    if plan.cluster:
+        c = plan.cluster
+        lines.append(f"  cluster            {c['address']}: {c['nodes']} node(s), {c['cpus']:g} CPUs, {c['gpus']:g} GPUs; "
+                     f"holds {c['replica_capacity']} replica(s) of this shape")
     for e in plan.past_errors:
         lines.append(f"  past prediction    run {e['run_id']}: predicted {e['predicted_wall_seconds']:.0f} s, "
                      f"measured {e['measured_wall_seconds']:.0f} s ({e['error'] * 100:+.0f}%)")

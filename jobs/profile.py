@@ -22,11 +22,17 @@ def calibration_spec(source: str, input_path: str | None, samples: int, max_toke
 
 
 def profile_model(source: str, *, input_path: str | None, samples: int, max_tokens: int,
-                  engine: dict[str, Any] | None = None, log=None) -> dict[str, Any]:
-    """Run the sample through the real pipeline (one replica); the run records itself in the profile store."""
+                  engine: dict[str, Any] | None = None, log=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the sample through the real pipeline (one replica) twice: as configured, then with one output
+    token per request so prefill is measured alone. Each run records itself in the profile store.
+    Returns both manifests (generation, prefill)."""
     from cluster.home import llmbatch_home
+    from jobs.feedback import PREFILL_SOURCE
     from jobs.run import new_run_id, run_job
 
-    spec = calibration_spec(source, input_path, samples, max_tokens, str(llmbatch_home() / "profile-runs"), engine)
-    result = run_job(spec, new_run_id("profile"), log=log, measurement_source="profile")
-    return result.manifest
+    runs = str(llmbatch_home() / "profile-runs")
+    spec = calibration_spec(source, input_path, samples, max_tokens, runs, engine)
+    generation = run_job(spec, new_run_id("profile"), log=log, measurement_source="profile")
+    prefill_spec = calibration_spec(source, input_path, samples, 1, runs, engine)
+    prefill = run_job(prefill_spec, new_run_id("profile-prefill"), log=log, measurement_source=PREFILL_SOURCE)
+    return generation.manifest, prefill.manifest

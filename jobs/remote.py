@@ -30,7 +30,7 @@ class Submission:
     run_uri: str
 
 
-def submit_to_cluster(spec: JobSpec, run_id: str, address: str) -> Submission:
+def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bool = False) -> Submission:
     """Send the job to the cluster: the project code and the resolved job file travel in the runtime env."""
     run_uri = join(spec.output.path, run_id)
     package_root = Path(__file__).resolve().parents[1]
@@ -45,6 +45,8 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str) -> Submission:
     metadata = {METADATA_MARK: "1", "job": spec.name, "run_id": run_id, "model": spec.model.source,
                 "output": run_uri}
     entrypoint = f'printenv {SPEC_ENV} | python -m jobs.cli submit - --run-id {run_id} --on-cluster'
+    if overwrite:
+        entrypoint += " --overwrite"
     jobs = client(address)
     with jobs_api_errors(address):
         jobs.submit_job(entrypoint=entrypoint, submission_id=run_id, runtime_env=runtime_env, metadata=metadata)

@@ -26,12 +26,15 @@ from jobs.errors import JobFailed, UserError
 from jobs.feedback import predict, record_run
 from jobs.plan import engine_settings as plan_engine_settings
 from jobs.spec import JobSpec
+from pipelines.error_rows import ERRORS_DIR, write_error_rows
 from pipelines.infer import EnginePlan, sampling_params, scoring_params
 from pipelines.judge import judge_sampling_params
 from pipelines.manifest import (
-    STAGING_DIR, clear_uncommitted, manifest_exists, remove_staging, staging_uri, tally_output, write_manifest,
+    STAGING_DIR, clear_uncommitted, manifest_exists, remove_run, remove_staging, remove_tree, staging_uri,
+    tally_output, write_manifest,
 )
 from pipelines.read import list_input_files
+from pipelines.resume import ATTEMPT_NAME, changed_settings, finished_work, read_attempt, write_attempt
 from pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
 from pipelines.scorers import check_scorers, load_function
 from pipelines.render import RenderSettings, template_fields
@@ -78,9 +81,37 @@ def required_input_columns(spec: JobSpec) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
+def check_resumable(run_uri: str, run_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A resume continues the same job: refuse when there is no earlier attempt or the job file changed.
+    Returns the earlier attempt's record."""
+    earlier = read_attempt(run_uri)
+    if earlier is None:
+        raise UserError(f"--resume {run_id}: no earlier attempt at {run_uri} (an attempt leaves {ATTEMPT_NAME}); "
+                        "check output.path and the run id, or submit without --resume")
+    changed = changed_settings(earlier["spec"], spec)
+    if changed:
+        raise UserError(f"--resume {run_id}: the job changed since the earlier attempt ({', '.join(changed)}), "
+                        "so its finished rows would not match the rest; submit under a new --run-id, "
+                        "or pass --overwrite to start this one again")
+    return earlier
+
+
+def overlap_problems(spec: JobSpec, run_uri: str | None = None) -> list[str]:
+    """A run must never read its own output, nor write (or clear) where its input lies."""
+    from pipelines.storage import is_within
+
+    if is_within(spec.output.path, spec.input.path):
+        return [f"output.path: {spec.output.path} is inside input.path {spec.input.path}; later runs would read "
+                "earlier runs' output as input. Write output elsewhere"]
+    if run_uri is not None and is_within(spec.input.path, run_uri):
+        return [f"input.path: {spec.input.path} is inside this run's output folder {run_uri}, which the run "
+                "clears and rewrites; use another --run-id or move the input"]
+    return []
+
+
 def validate_job(spec: JobSpec) -> list[str]:
     """Everything `validate` checks beyond the spec itself, without starting Ray. Returns problems."""
-    problems: list[str] = []
+    problems: list[str] = overlap_problems(spec)
     try:
         list_input_files(spec.input.path, spec.input.format)
     except UserError as exc:
@@ -118,11 +149,13 @@ def has_chat_template(model_path: Path) -> bool:
 
 
 def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False,
-            on_cluster: bool = False, measurement_source: str = "run") -> RunResult:
+            on_cluster: bool = False, measurement_source: str = "run", overwrite: bool = False,
+            resume: bool = False) -> RunResult:
     """Run `spec` end to end and commit its output with a manifest.
 
     The pipeline runs on an embedded local Ray, or, with `on_cluster`, on the Ray cluster this process
-    was submitted to through the Jobs API.
+    was submitted to through the Jobs API. With `resume`, an uncommitted earlier attempt at `run_id` keeps
+    the rows it wrote and only the rest are computed; `overwrite` replaces a committed run.
     """
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     log = (log or structlog.get_logger()).bind(job=spec.name, run_id=run_id)
@@ -130,13 +163,30 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     started_at = datetime.now(timezone.utc).isoformat()
     run_uri = join(spec.output.path, run_id)
 
+    overlap = overlap_problems(spec, run_uri)
+    if overlap:
+        raise UserError(overlap[0], lines=overlap)
     if manifest_exists(run_uri):
-        raise UserError(f"{run_uri} already holds a committed run; choose another --run-id")
-    stale = clear_uncommitted(run_uri)
-    if stale:
-        log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
+        if resume:
+            raise UserError(f"--resume {run_id}: {run_uri} is already committed, so there is nothing to resume; "
+                            "pass --overwrite to run it again")
+        if not overwrite:
+            raise UserError(f"{run_uri} already holds a committed run; choose another --run-id, "
+                            "or pass --overwrite to replace it")
+        remove_run(run_uri)
+        log.warning("committed_run_replaced", output=run_uri)
+    attempt = {"spec": spec.model_dump(mode="json")}
+    earlier = check_resumable(run_uri, run_id, attempt["spec"]) if resume else None
+    if not resume:
+        stale = clear_uncommitted(run_uri)
+        if stale:
+            log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
     files = list_input_files(spec.input.path, spec.input.format)
     log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
+    attempt["input_files"] = [[f.uri, f.size] for f in files]
+    if earlier is not None and earlier.get("input_files") not in (None, attempt["input_files"]):
+        raise UserError(f"--resume {run_id}: the input files changed since the earlier attempt (names or sizes), "
+                        "so its finished rows would not match; submit under a new --run-id")
 
     model_path = model_store.resolve_local(spec.model.source, log=log)
     fingerprint = model_store.fingerprint(model_path)
@@ -169,8 +219,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     from pipelines.pipeline import OutputContext, build_dataset, output_schema_for, scan_inputs
     from pipelines.progress import ProgressCounter, progress_actor_name
 
-    inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec))
-    log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names)
+    inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec), spec.input.id_column,
+                         rows_per_task=spec.resources.batch_size)
+    log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names, duplicate_ids=inputs.duplicate_ids)
     context = OutputContext(run_id, spec.model.source, max_len, task=spec.task, logprobs=spec.sampling.logprobs,
                             scorers=tuple(s.model_dump(mode="json") for s in spec.scoring))
     problems = check_scorers(list(context.scorers), output_schema_for(inputs, context).names, inputs.schema.names)
@@ -198,13 +249,24 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         task=spec.task, completion_column=spec.input.completion_column, choices_column=spec.input.choices_column,
     )
     judges = judge_plans(spec, accelerator, cluster, nodes, (min_replicas, max_replicas), on_cluster, log)
-    counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
-    ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter)
-
-    log.info("run_started", rows=inputs.rows, replicas=max_replicas, accelerator=accelerator,
-             model=spec.model.source, output=run_uri)
     target = staging_uri(run_uri, 0) if judges else run_uri
-    _execute(ds, target, counter, inputs.rows, started, log)
+    finished = None
+    if resume:
+        if judges:
+            clear_uncommitted(run_uri, keep_staging=True)  # judge passes run again over every row
+        finished = finished_work(target)
+        log.info("resuming", rows_skipped=finished.rows, parts_kept=finished.parts_kept,
+                 parts_removed=len(finished.parts_removed), output=run_uri)
+    remove_tree(join(run_uri, ERRORS_DIR))
+    write_attempt(run_uri, attempt)
+    counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
+    ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter,
+                       done=finished.done if finished else None)
+
+    to_do = inputs.rows - (finished.rows if finished else 0)
+    log.info("run_started", rows=to_do, replicas=max_replicas, accelerator=accelerator,
+             model=spec.model.source, output=run_uri)
+    _execute(ds, target, counter, to_do, started, log, spec.output.rows_per_part)
     generation_seconds = time.time() - started
     import ray
 
@@ -213,12 +275,20 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     wall = time.time() - started
     first_batch = min((r["first_batch_at"] for r in replicas if r.get("first_batch_at")), default=None)
     tally = tally_output(run_uri)
+    # a resumed run generated only the rows it did not find written
+    generated_now = sum(r.get("generated_tokens", 0) for r in replicas) if finished else tally.generated_tokens
+    error_rows = write_error_rows(run_uri) if tally.errors else None
     status = "succeeded" if tally.errors == 0 else "succeeded_with_errors"
     problems = []
+    error_rate = tally.errors / tally.rows if tally.rows else 0.0
+    if error_rate > spec.output.max_error_rate:
+        problems.append(f"{tally.errors} of {tally.rows} rows ({error_rate:.1%}) are errors, more than "
+                        f"output.max_error_rate {spec.output.max_error_rate:g}; see {join(run_uri, ERRORS_DIR)}")
     if tally.rows != inputs.rows:
         problems.append(f"wrote {tally.rows} rows for {inputs.rows} input rows")
-    if tally.distinct_ids != tally.rows:
-        problems.append(f"{tally.rows - tally.distinct_ids} duplicate ids in the output")
+    if tally.distinct_ids != tally.rows - inputs.duplicate_ids:
+        problems.append(f"{tally.rows - inputs.duplicate_ids - tally.distinct_ids} unexpected duplicate ids "
+                        "in the output")
     if problems:
         status = "failed"
     manifest = {
@@ -238,22 +308,25 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         "input": {"files": [{"path": f.uri, "size": f.size, "rows": inputs.rows_per_file.get(f.uri)}
                             for f in inputs.files]},
         "output": {"path": run_uri, "files": tally.files},
-        "rows": {"in": inputs.rows, "out": tally.rows, "ok": tally.ok, "error": tally.errors},
+        "rows": {"in": inputs.rows, "out": tally.rows, "ok": tally.ok, "error": tally.errors,
+                 "duplicate_ids": inputs.duplicate_ids},
+        "errors": error_rows,
+        "resumed": finished.to_dict() if finished else None,
         "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
         "wall_seconds": round(wall, 3),
         "startup_seconds": round(first_batch - started, 3) if first_batch else None,
         "plan": sizing.to_dict() if sizing is not None else None,
         "judges": judge_stats,
         "generation_seconds": round(generation_seconds, 3),
-        "output_tokens_per_second": round(tally.generated_tokens / generation_seconds, 3)
-        if generation_seconds > 0 else None,
+        "output_tokens_per_second": round(generated_now / generation_seconds, 3) if generation_seconds > 0 else None,
         "cost": run_cost(generation_seconds, max_replicas * shape.workers_per_replica, device, judge_stats),
     }
     summary = summarize(run_uri, list(context.scorers), manifest)
     write_summary(run_uri, summary)
     manifest["summary"] = SUMMARY_NAME
     write_manifest(run_uri, manifest)
-    if device is not None and spec.task == "generate":  # score runs generate nothing to measure
+    if device is not None and spec.task == "generate" and not (finished and finished.rows):
+        # score runs generate nothing to measure; a resumed run's totals mix two attempts
         record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
     log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
              wall_seconds=round(wall, 1))
@@ -349,7 +422,7 @@ def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inpu
     return stats
 
 
-def _execute(ds, target: str, counter, total_rows: int, started: float, log) -> None:
+def _execute(ds, target: str, counter, total_rows: int, started: float, log, rows_per_part: int | None = None) -> None:
     """Run a dataset to its parquet target, reporting progress while it runs."""
     from pipelines.pipeline import write_dataset
 
@@ -357,7 +430,7 @@ def _execute(ds, target: str, counter, total_rows: int, started: float, log) -> 
     reporter = threading.Thread(target=_report_progress, args=(counter, total_rows, started, stop, log), daemon=True)
     reporter.start()
     try:
-        write_dataset(ds, target)
+        write_dataset(ds, target, rows_per_part)
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:

@@ -83,6 +83,11 @@ class SamplingSpec(_Section):
 
 class OutputSpec(_Section):
     path: str = Field(..., min_length=1, description="Local directory or s3:// prefix; each run writes under {path}/{run_id}/.")
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0,
+                                  description="Largest share of error rows a run may have and still succeed "
+                                              "(0.05 = 5%); above it the run's status is failed.")
+    rows_per_part: int = Field(1000, ge=1, description="Rows per parquet part, written as soon as they finish; "
+                                                       "a crashed run resumes from the parts it wrote.")
 
 
 NORMALIZATIONS = ("strip", "lowercase", "whitespace", "punctuation", "articles")

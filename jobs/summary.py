@@ -24,6 +24,10 @@ def render_summary(manifest: dict[str, Any], summary: dict[str, Any] | None = No
     if cost is not None:
         lines.insert(-2, f"  cost         ${cost:.4f}  ({manifest['cost']['devices']} x {manifest['cost']['device']} "
                          f"at ${manifest['cost']['hourly_usd_per_device']:.2f}/h)")
+    errors = manifest.get("errors")
+    if errors and errors.get("rows"):
+        kinds = ", ".join(f"{k['kind']} ({k['rows']})" for k in errors["kinds"][:3])
+        lines.append(f"  error rows   {manifest['output']['path'].rstrip('/')}/{errors['path']}: {kinds}")
     if manifest.get("problems"):
         lines.append("  problems     " + "; ".join(manifest["problems"]))
     if summary:

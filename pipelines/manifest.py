@@ -26,11 +26,15 @@ def output_parts(fs, inner: str) -> list[str]:
     return sorted(p for p in fs.find(inner) if p.endswith(".parquet") and staging not in p[len(inner):])
 
 
-def remove_staging(uri: str) -> None:
+def remove_tree(uri: str, action: str = "remove") -> None:
     fs, inner = filesystem_for(uri)
-    with storage_errors(uri, "remove a finished pass from"):
+    with storage_errors(uri, action):
         if fs.exists(inner):
             fs.rm(inner, recursive=True)
+
+
+def remove_staging(uri: str) -> None:
+    remove_tree(uri, "remove a finished pass from")
 
 
 @dataclass
@@ -71,16 +75,27 @@ def _count_distinct(values: array) -> int:
     return int(1 + np.count_nonzero(ordered[1:] != ordered[:-1])) if len(ordered) else 0
 
 
-def clear_uncommitted(run_uri: str) -> int:
+def clear_uncommitted(run_uri: str, *, keep_staging: bool = False) -> int:
     """Delete parquet parts that an earlier attempt at this run id wrote but never committed."""
     fs, inner = filesystem_for(run_uri)
     with storage_errors(run_uri, "clear an uncommitted attempt at"):
         if not fs.exists(inner):
             return 0
-        stale = [p for p in fs.find(inner) if p.endswith(".parquet")]
+        stale = output_parts(fs, inner) if keep_staging else [p for p in fs.find(inner) if p.endswith(".parquet")]
         for path in stale:
             fs.rm_file(path)
     return len(stale)
+
+
+def remove_run(run_uri: str) -> None:
+    """Delete a committed run: its manifest first, so no reader ever sees a manifest without its parts."""
+    fs, inner = filesystem_for(run_uri)
+    with storage_errors(run_uri, "replace the committed run at"):
+        manifest = f"{inner}/{MANIFEST_NAME}"
+        if fs.exists(manifest):
+            fs.rm_file(manifest)
+        if fs.exists(inner):
+            fs.rm(inner, recursive=True)
 
 
 def manifest_uri(run_uri: str) -> str:

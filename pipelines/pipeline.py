@@ -13,7 +13,8 @@ from pipelines.judge import JudgeRenderStage, after_judge
 from pipelines.manifest import output_parts
 from pipelines.output import conform_output, to_output_row
 from pipelines.read import (
-    InputFile, ReadShards, ShardScan, ShardTask, plan_shard_tasks, scan_shard, shard_task_rows, unify_input_schema,
+    InputFile, ReadShards, ShardScan, ShardTask, id_hashes, mark_duplicate_ids, plan_shard_tasks, scan_shard,
+    shard_task_rows, split_tasks, unify_input_schema,
 )
 from pipelines.render import RenderSettings, RenderStage
 from pipelines.schema import output_names_for_inputs, output_schema, task_fields
@@ -29,6 +30,7 @@ class InputPlan:
     rows_per_file: dict[str, int]
     schema: pa.Schema
     tasks: list[ShardTask]
+    duplicate_ids: int = 0   # rows whose id repeats an earlier row's (error rows, never inferred)
 
     @property
     def rows(self) -> int:
@@ -40,13 +42,23 @@ def _scan_remote(uri: str, fmt: str) -> ShardScan:
     return scan_shard(uri, fmt)
 
 
-def scan_inputs(files: list[InputFile], limit: int | None, required_columns: list[str]) -> InputPlan:
-    """The cheap pass before any engine starts: every shard readable, row counts, one schema."""
+@ray.remote(num_cpus=CPU_STAGE_CPUS)
+def _id_hashes_remote(task: ShardTask, schema_bytes: bytes, id_column: str, rows: int):
+    return id_hashes(task.uri, task.format, pa.ipc.read_schema(pa.py_buffer(schema_bytes)), id_column,
+                     task.take if task.take is not None else rows)
+
+
+def scan_inputs(files: list[InputFile], limit: int | None, required_columns: list[str],
+                id_column: str | None = None, rows_per_task: int | None = None) -> InputPlan:
+    """The cheap pass before any engine starts: every shard readable, row counts, one schema, and with an
+    id column, the rows whose id repeats an earlier one. Read tasks cover `rows_per_task` rows each."""
     scans = ray.get([_scan_remote.remote(f.uri, f.format) for f in files])
     broken = [s for s in scans if s.error]
     if broken:
         lines = [f"input.path: cannot read {s.uri}: {s.error}" for s in broken]
         raise UserError(lines[0], lines=lines)
+    if not any(s.rows for s in scans):
+        raise UserError(f"input.path: the input holds no rows ({len(files)} file(s), all empty)")
     schema = unify_input_schema(scans)
     missing = [c for c in required_columns if c not in schema.names]
     if missing:
@@ -56,7 +68,14 @@ def scan_inputs(files: list[InputFile], limit: int | None, required_columns: lis
     tasks = plan_shard_tasks(files, rows_per_file, limit)
     if not tasks:
         raise UserError(f"input.path: the input holds no rows ({len(files)} file(s), all empty)")
-    return InputPlan(files, rows_per_file, schema, tasks)
+    duplicates = 0
+    if id_column:
+        schema_bytes = schema.serialize().to_pybytes()
+        hashes = ray.get([_id_hashes_remote.remote(t, schema_bytes, id_column, rows_per_file[t.uri]) for t in tasks])
+        tasks, duplicates = mark_duplicate_ids(tasks, hashes)
+    if rows_per_task:
+        tasks = split_tasks(tasks, rows_per_task, rows_per_file, {s.uri: s.seek_points for s in scans})
+    return InputPlan(files, rows_per_file, schema, tasks, duplicates)
 
 
 @dataclass(frozen=True)
@@ -77,12 +96,13 @@ def output_schema_for(inputs: "InputPlan", output: OutputContext) -> pa.Schema:
 
 
 def build_dataset(inputs: InputPlan, id_column: str | None, render: RenderSettings, engine: EnginePlan,
-                  output: OutputContext, counter=None) -> ray.data.Dataset:
+                  output: OutputContext, counter=None, done=None) -> ray.data.Dataset:
+    """The first pass. `done`: sorted key hashes of rows an earlier attempt wrote, which are not read again."""
     schema_bytes = inputs.schema.serialize().to_pybytes()
     out_schema = output_schema_for(inputs, output)
     columns = output_names_for_inputs(inputs.schema.names, [f.name for f in output.extra_fields()])
     ds = ray.data.from_items(shard_task_rows(inputs.tasks), override_num_blocks=len(inputs.tasks))
-    ds = ds.map_batches(_read_shards, fn_kwargs={"schema_bytes": schema_bytes, "id_column": id_column},
+    ds = ds.map_batches(_read_shards, fn_kwargs={"schema_bytes": schema_bytes, "id_column": id_column, "done": done},
                         batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
     ds = ds.map_batches(RenderStage, fn_constructor_args=(engine.model_path, render), batch_size=engine.batch_size,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
@@ -141,16 +161,19 @@ def _read_part(batch: pa.Table):
             yield from (pa.Table.from_batches([b]) for b in pq.ParquetFile(handle).iter_batches(batch_size=1024))
 
 
-def _read_shards(batch: pa.Table, *, schema_bytes: bytes, id_column: str | None):
-    yield from ReadShards(schema_bytes, id_column)(batch.to_pydict())
+def _read_shards(batch: pa.Table, *, schema_bytes: bytes, id_column: str | None, done=None):
+    yield from ReadShards(schema_bytes, id_column, done)(batch.to_pydict())
 
 
-def write_dataset(ds: ray.data.Dataset, run_uri: str) -> None:
+def write_dataset(ds: ray.data.Dataset, run_uri: str, rows_per_part: int | None = None) -> None:
+    """Write parquet parts as rows finish; a part is written once it holds `rows_per_part` rows (the last
+    one may be smaller), so a crash loses at most the parts not yet written."""
     fs, inner = filesystem_for(run_uri)
     with storage_errors(run_uri, "write output to"):
         if is_s3(run_uri):
             import pyarrow.fs as pafs
 
-            ds.write_parquet(inner, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+            ds.write_parquet(inner, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
+                             min_rows_per_file=rows_per_part)
         else:
-            ds.write_parquet(inner)
+            ds.write_parquet(inner, min_rows_per_file=rows_per_part)

@@ -1,13 +1,15 @@
 """Read stage: list input shards, scan them cheaply, and stream rows with a stable id."""
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -23,6 +25,8 @@ ID_COLUMN = "id"
 ROW_ERROR_COLUMN = "_row_error"
 INPUT_COLUMN = "_input"
 READ_CHUNK_ROWS = 1024
+DUPLICATE_ID_ERROR = "duplicate id "
+SEEK_EVERY = 256  # rows between the jsonl seek points the scan records
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class ShardTask:
     relpath: str
     format: str
     take: int | None
+    duplicates: str = "{}"  # JSON {row number: where that id was first seen} of rows whose id repeats
+    start: int = 0          # first row number of this task's range
+    seek_row: int = 0       # a jsonl place at or before `start` to read from: row number, line number, byte
+    seek_line: int = 0
+    seek_byte: int = 0
 
 
 def _has_glob(path: str) -> bool:
@@ -102,18 +111,29 @@ def _format_of(path: str, fmt: str) -> str | None:
 
 # ---- reading one shard -------------------------------------------------------------------------
 
-def iter_shard(uri: str, fmt: str, schema: pa.Schema | None = None) -> Iterator[pa.Table]:
+@dataclass(frozen=True)
+class SeekPoint:
+    """Where a jsonl row starts: its row number, its line number (1-based lines before it) and byte offset."""
+    row: int = 0
+    line: int = 0
+    byte: int = 0
+
+
+def iter_shard(uri: str, fmt: str, schema: pa.Schema | None = None, *, start: int = 0,
+               seek: SeekPoint | None = None, seek_points: list[SeekPoint] | None = None) -> Iterator[pa.Table]:
     """Stream a shard as tables of at most READ_CHUNK_ROWS rows, each row with its 0-based row number.
 
     Rows that cannot be parsed (a jsonl line that is not a JSON object) come through with
-    `_row_error` set, so that every input row has an output row.
+    `_row_error` set, so that every input row has an output row. Reading starts near row `start`
+    (parquet: its row group; jsonl: `seek`), so earlier rows may come too; callers skip them.
+    `seek_points`, for jsonl, collects a SeekPoint every SEEK_EVERY rows.
     """
     fs, inner = filesystem_for(uri)
     with fs.open(inner, "rb") as handle:
         if fmt == "parquet":
-            yield from _iter_parquet(handle, schema)
+            yield from _iter_parquet(handle, schema, start)
         elif fmt == "jsonl":
-            yield from _iter_jsonl(handle, schema)
+            yield from _iter_jsonl(handle, schema, seek or SeekPoint(), seek_points)
         elif fmt == "csv":
             yield from _iter_csv(handle, schema)
         else:
@@ -129,10 +149,14 @@ def _numbered(table: pa.Table, start: int, errors: list[str | None] | None = Non
     return table.append_column("_row_number", numbers).append_column(ROW_ERROR_COLUMN, errs)
 
 
-def _iter_parquet(handle, schema: pa.Schema | None) -> Iterator[pa.Table]:
+def _iter_parquet(handle, schema: pa.Schema | None, first_wanted: int = 0) -> Iterator[pa.Table]:
     parquet = pq.ParquetFile(handle)
-    start = 0
-    for batch in parquet.iter_batches(batch_size=READ_CHUNK_ROWS):
+    start, groups = 0, list(range(parquet.metadata.num_row_groups))
+    while groups and start + parquet.metadata.row_group(groups[0]).num_rows <= first_wanted:
+        start += parquet.metadata.row_group(groups.pop(0)).num_rows
+    if not groups:
+        return
+    for batch in parquet.iter_batches(batch_size=READ_CHUNK_ROWS, row_groups=groups):
         table = pa.Table.from_batches([batch])
         if schema is not None:
             table = conform(table, schema)
@@ -140,43 +164,108 @@ def _iter_parquet(handle, schema: pa.Schema | None) -> Iterator[pa.Table]:
         start += table.num_rows
 
 
-def _iter_jsonl(handle, schema: pa.Schema | None) -> Iterator[pa.Table]:
+def _iter_jsonl(handle, schema: pa.Schema | None, seek: SeekPoint,
+                seek_points: list[SeekPoint] | None = None) -> Iterator[pa.Table]:
     rows: list[dict] = []
     errors: list[str | None] = []
-    start = 0
-    text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="strict", newline="")
-    line_no = 0
-    while True:
-        try:
-            line = text.readline()
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"not UTF-8 near line {line_no + 1}: {exc.reason}") from None
-        if not line:
-            break
-        line_no += 1
-        if not line.strip():
+    start = seek.row
+    handle.seek(seek.byte)
+    offset = seek.byte
+    for line_no, raw in enumerate(iter(handle.readline, b""), start=seek.line + 1):
+        at, offset = offset, offset + len(raw)
+        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if not raw.strip():
             continue
+        row_number = start + len(rows)
+        if seek_points is not None and row_number % SEEK_EVERY == 0:
+            seek_points.append(SeekPoint(row_number, line_no - 1, at))
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("expected a JSON object")
-            rows.append(record)
-            errors.append(None)
-        except ValueError as exc:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
             rows.append({})
-            errors.append(f"input line {line_no}: not a JSON object ({exc})")
+            errors.append(f"input line {line_no}: not UTF-8 (byte {exc.start}: {exc.reason})")
+        else:
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("expected a JSON object")
+                rows.append(record)
+                errors.append(None)
+            except ValueError as exc:
+                rows.append({})
+                errors.append(f"input line {line_no}: not a JSON object ({exc})")
         if len(rows) >= READ_CHUNK_ROWS:
-            yield _numbered(_rows_to_table(rows, schema), start, errors)
+            yield _numbered(_rows_to_table(rows, schema, errors), start, errors)
             start += len(rows)
             rows, errors = [], []
     if rows:
-        yield _numbered(_rows_to_table(rows, schema), start, errors)
+        yield _numbered(_rows_to_table(rows, schema, errors), start, errors)
 
 
-def _rows_to_table(rows: list[dict], schema: pa.Schema | None) -> pa.Table:
-    if schema is None:
-        return pa.Table.from_pylist(rows)
-    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+def _rows_to_table(rows: list[dict], schema: pa.Schema | None, errors: list[str | None] | None = None) -> pa.Table:
+    """Rows as a table. A value whose type does not fit its column (an int among texts, say) is set to null
+    and its row gets an error in `errors`, so one odd row never makes its whole shard unreadable."""
+    try:
+        if schema is None:
+            return pa.Table.from_pylist(rows)
+        return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        if errors is None:
+            raise
+    schema = schema or _first_value_schema(rows)
+    clean = []
+    for i, row in enumerate(rows):
+        fitted = {}
+        for field in schema:
+            value = row.get(field.name)
+            if value is not None and not _fits(value, field.type):
+                errors[i] = errors[i] or (f"column '{field.name}' holds {type(value).__name__}, "
+                                          f"expected {_type_word(field.type)}")
+                value = None
+            fitted[field.name] = value
+        clean.append(fitted)
+    return pa.Table.from_pylist(clean, schema=schema)
+
+
+def _first_value_schema(rows: list[dict]) -> pa.Schema:
+    """Each column typed by its first non-null value (text when it has none)."""
+    types: dict[str, pa.DataType | None] = {}
+    for row in rows:
+        for name, value in row.items():
+            if types.get(name) is None and value is not None:
+                try:
+                    types[name] = pa.array([value]).type
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                    types[name] = pa.string()
+            types.setdefault(name, None)
+    return pa.schema([(name, t if t is not None else pa.string()) for name, t in types.items()])
+
+
+def _fits(value, type_: pa.DataType) -> bool:
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        return isinstance(value, str)
+    try:
+        pa.array([value], type_)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return False
+
+
+def _type_word(type_: pa.DataType) -> str:
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        return "text"
+    if pa.types.is_integer(type_):
+        return "an integer"
+    if pa.types.is_floating(type_):
+        return "a number"
+    if pa.types.is_boolean(type_):
+        return "true/false"
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return "a list"
+    if pa.types.is_struct(type_):
+        return "an object"
+    return str(type_)
 
 
 def _iter_csv(handle, schema: pa.Schema | None) -> Iterator[pa.Table]:
@@ -211,6 +300,7 @@ class ShardScan:
     rows: int
     schema: bytes  # serialized pa.Schema
     error: str | None = None
+    seek_points: tuple[SeekPoint, ...] = ()  # jsonl: where every SEEK_EVERY-th row starts
 
 
 def scan_shard(uri: str, fmt: str) -> ShardScan:
@@ -221,27 +311,45 @@ def scan_shard(uri: str, fmt: str) -> ShardScan:
             with fs.open(inner, "rb") as handle:
                 meta = pq.ParquetFile(handle)
                 return ShardScan(uri, meta.metadata.num_rows, meta.schema_arrow.serialize().to_pybytes())
-        rows, schemas = 0, []
-        for table in iter_shard(uri, fmt):
+        rows, schemas, points = 0, [], []
+        for table in iter_shard(uri, fmt, seek_points=points if fmt == "jsonl" else None):
             rows += table.num_rows
             data = table.drop_columns(["_row_number", ROW_ERROR_COLUMN])
             if data.num_columns:
                 schemas.append(data.schema)
         schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-        return ShardScan(uri, rows, schema.serialize().to_pybytes())
+        return ShardScan(uri, rows, schema.serialize().to_pybytes(), seek_points=tuple(points))
     except Exception as exc:  # reported per shard; the driver turns it into one clear error
         return ShardScan(uri, 0, b"", f"{type(exc).__name__}: {exc}")
 
 
 def unify_input_schema(scans: list[ShardScan]) -> pa.Schema:
-    schemas = [pa.ipc.read_schema(pa.py_buffer(s.schema)) for s in scans if s.schema]
+    named = [(s.uri, pa.ipc.read_schema(pa.py_buffer(s.schema))) for s in scans if s.schema]
     try:
-        unified = pa.unify_schemas(schemas, promote_options="permissive")
+        unified = pa.unify_schemas([schema for _, schema in named], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise UserError(f"input.path: the shards' columns have types that cannot be combined ({exc})") from None
+        raise UserError(_schema_conflict(named) or
+                        f"input.path: the shards' columns have types that cannot be combined ({exc})") from None
     # A column that is null in every sample becomes string: prompts and ids are text.
     fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in unified]
     return pa.schema(fields)
+
+
+def _schema_conflict(named: list[tuple[str, pa.Schema]]) -> str | None:
+    """Name the first column whose types in two shards cannot be combined, and the two shards."""
+    seen: dict[str, tuple[str, pa.Field]] = {}
+    for uri, schema in named:
+        for field in schema:
+            if field.name not in seen:
+                seen[field.name] = (uri, field)
+                continue
+            first_uri, first = seen[field.name]
+            try:
+                pa.unify_schemas([pa.schema([first]), pa.schema([field])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                return (f"input.path: column '{field.name}' is {first.type} in {first_uri} but {field.type} in "
+                        f"{uri}; make the shards agree (or cast the column when writing them)")
+    return None
 
 
 def plan_shard_tasks(files: list[InputFile], rows_per_file: dict[str, int], limit: int | None) -> list[ShardTask]:
@@ -261,6 +369,62 @@ def plan_shard_tasks(files: list[InputFile], rows_per_file: dict[str, int], limi
     return tasks
 
 
+def id_hashes(uri: str, fmt: str, schema: pa.Schema, id_column: str, take: int | None) -> np.ndarray:
+    """A stable 64-bit hash of each row's id (as the read stage will spell it); 0 for a null id."""
+    hashes: list[int] = []
+    for table in iter_shard(uri, fmt, schema):
+        for value in table.column(id_column).to_pylist():
+            hashes.append(0 if value is None else stable_hash(str(value)))
+        if take is not None and len(hashes) >= take:
+            break
+    return np.array(hashes[:take] if take is not None else hashes, dtype=np.int64)
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True) or 1
+
+
+def mark_duplicate_ids(tasks: list[ShardTask], hashes: list[np.ndarray]) -> tuple[list[ShardTask], int]:
+    """Tasks whose later rows repeating an earlier row's id (in path and row order) are marked; the count."""
+    if not tasks:
+        return tasks, 0
+    every = np.concatenate(hashes)
+    _, first, inverse = np.unique(every, return_index=True, return_inverse=True)
+    first_seen = first[inverse]
+    repeated = (first_seen != np.arange(len(every))) & (every != 0)
+    owner = np.repeat(np.arange(len(tasks)), [len(h) for h in hashes])
+    offsets = np.concatenate([[0], np.cumsum([len(h) for h in hashes])])
+    marked = [dict() for _ in tasks]
+    for position in np.flatnonzero(repeated):
+        origin = int(first_seen[position])
+        o_task = tasks[owner[origin]]
+        marked[owner[position]][int(position - offsets[owner[position]])] = \
+            f"{o_task.relpath} row {int(origin - offsets[owner[origin]])}"
+    out = [replace(t, duplicates=json.dumps(m)) if m else t for t, m in zip(tasks, marked)]
+    return out, int(repeated.sum())
+
+
+def split_tasks(tasks: list[ShardTask], rows_per_task: int, rows_per_file: dict[str, int],
+                seek_points: dict[str, tuple[SeekPoint, ...]]) -> list[ShardTask]:
+    """Cut each shard's task into ranges of `rows_per_task` rows, so that a large shard spreads over every
+    engine replica and its rows are written (and resumed) a range at a time. CSV shards stay whole."""
+    out: list[ShardTask] = []
+    for task in tasks:
+        total = task.take if task.take is not None else rows_per_file[task.uri]
+        if task.format == "csv" or total <= rows_per_task:
+            out.append(task)
+            continue
+        repeated = {int(k): v for k, v in json.loads(task.duplicates).items()}
+        points = seek_points.get(task.uri, ())
+        for start in range(0, total, rows_per_task):
+            take = min(rows_per_task, total - start)
+            seek = max((p for p in points if p.row <= start), key=lambda p: p.row, default=SeekPoint())
+            mine = {str(n): where for n, where in repeated.items() if start <= n < start + take}
+            out.append(replace(task, start=start, take=take, duplicates=json.dumps(mine) if mine else "{}",
+                               seek_row=seek.row, seek_line=seek.line, seek_byte=seek.byte))
+    return out
+
+
 # ---- the Ray Data stage ------------------------------------------------------------------------
 
 def stable_id(relpath: str, row_number: int) -> str:
@@ -270,23 +434,46 @@ def stable_id(relpath: str, row_number: int) -> str:
 class ReadShards:
     """Ray Data stage: one shard task in, that shard's rows out (streamed), with `id` and `_input`."""
 
-    def __init__(self, schema_bytes: bytes, id_column: str | None):
+    def __init__(self, schema_bytes: bytes, id_column: str | None, done: np.ndarray | None = None):
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
         self.id_column = id_column
+        self.done = done if done is not None and len(done) else None  # rows an earlier attempt wrote
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:
-        for uri, relpath, fmt, take in zip(batch["uri"], batch["relpath"], batch["format"], batch["take"]):
+        n = len(batch["uri"])
+        for i in range(n):
+            uri, relpath, fmt = str(batch["uri"][i]), str(batch["relpath"][i]), str(batch["format"][i])
+            take = batch["take"][i]
             take = None if take is None or take != take else int(take)  # NaN from pandas-free None
+            repeated = {int(k): v for k, v in json.loads(_field(batch, "duplicates", i, "{}")).items()}
+            start = int(_field(batch, "start", i, 0))
+            seek = SeekPoint(int(_field(batch, "seek_row", i, 0)), int(_field(batch, "seek_line", i, 0)),
+                             int(_field(batch, "seek_byte", i, 0)))
             emitted = 0
-            for table in iter_shard(str(uri), str(fmt), self.schema):
+            for table in iter_shard(uri, fmt, self.schema, start=start, seek=seek):
+                if take is not None and emitted >= take:
+                    break
+                if not table.num_rows:
+                    continue
+                numbers = table.column("_row_number")
+                if numbers[0].as_py() < start:
+                    table = table.filter(pc.greater_equal(numbers, start))
                 if take is not None:
-                    if emitted >= take:
-                        break
                     table = table.slice(0, take - emitted)
+                if not table.num_rows:
+                    continue
                 emitted += table.num_rows
-                yield self._with_ids(table, str(relpath))
+                rows = self._with_ids(table, str(relpath), repeated)
+                if self.done is not None:
+                    from pipelines.resume import is_done, row_key_hashes
 
-    def _with_ids(self, table: pa.Table, relpath: str) -> pa.Table:
+                    finished = is_done(row_key_hashes(rows.column(ID_COLUMN).to_pylist(),
+                                                      rows.column(ROW_ERROR_COLUMN).to_pylist()), self.done)
+                    rows = rows.filter(pa.array(~finished))
+                if rows.num_rows:
+                    yield rows
+
+    def _with_ids(self, table: pa.Table, relpath: str, repeated: dict[int, str] | None = None) -> pa.Table:
         numbers = table.column("_row_number").to_pylist()
         errors = table.column(ROW_ERROR_COLUMN).to_pylist()
         data = table.drop_columns(["_row_number", ROW_ERROR_COLUMN])
@@ -295,6 +482,9 @@ class ReadShards:
             ids = [stable_id(relpath, n) if v is None else str(v) for v, n in zip(raw_ids, numbers)]
             errors = [e or (f"id column '{self.id_column}' is null" if v is None else None)
                       for e, v in zip(errors, raw_ids)]
+            repeated = repeated or {}
+            errors = [e or (f"{DUPLICATE_ID_ERROR}'{i}' at {relpath} row {n} (first at {repeated[n]})"
+                            if n in repeated else None) for e, i, n in zip(errors, ids, numbers)]
         else:
             ids = [stable_id(relpath, n) for n in numbers]
         packed = pa.StructArray.from_arrays([c.combine_chunks() for c in data.columns], names=data.column_names) \
@@ -304,6 +494,11 @@ class ReadShards:
             INPUT_COLUMN: packed,
             ROW_ERROR_COLUMN: pa.array(errors, pa.string()),
         })
+
+
+def _field(batch: dict, name: str, i: int, default):
+    column = batch.get(name)
+    return default if column is None else column[i]
 
 
 def shard_task_rows(tasks: list[ShardTask]) -> list[dict]:

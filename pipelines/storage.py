@@ -57,6 +57,34 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def location(path: str) -> str:
+    """A path comparable with others: s3://bucket/key, or an absolute local path; no glob part, no '/' at the end."""
+    cut = min((path.find(c) for c in "*?[" if c in path), default=-1)
+    if cut >= 0:
+        path = path[:cut].rsplit("/", 1)[0]
+    if is_s3(path):
+        return "s3://" + path.split("://", 1)[1].rstrip("/")
+    return os.path.abspath(os.path.expanduser(path)).rstrip("/") or "/"
+
+
+def is_within(child: str, parent: str) -> bool:
+    """Whether location `child` is `parent` or lies under it."""
+    child, parent = location(child), location(parent)
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def read_json(uri: str, action: str = "read"):
+    """The JSON document at `uri`, or None when there is none."""
+    import json
+
+    fs, inner = filesystem_for(uri)
+    with storage_errors(uri, action):
+        if not fs.exists(inner):
+            return None
+        with fs.open(inner, "rb") as handle:
+            return json.loads(handle.read())
+
+
 def bucket_and_key(path: str) -> tuple[str, str]:
     inner = path.split("://", 1)[1] if "://" in path else path
     bucket, _, key = inner.partition("/")

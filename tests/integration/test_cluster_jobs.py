@@ -147,3 +147,19 @@ def test_wrong_token_and_unreachable_address_fail_with_one_line(cluster, tmp_pat
                    env=cluster["env"])
     assert proc.returncode != 0 and "cannot reach the Ray Jobs API at http://127.0.0.1:" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_plan_with_an_address_is_capped_by_the_clusters_capacity(cluster, tmp_path: Path):
+    """`plan --address` asks the cluster what it holds (two 1-GPU nodes) and caps `replicas: auto` there;
+    a wrong token fails in one line."""
+    job = _job(tmp_path, rows=2000, replicas="auto", deadline="4m")
+    args = ("--set", "sampling.max_tokens=1024", "--address", cluster["address"])
+    planned = json.loads(run_cli("plan", str(job), "--json", *args, env=cluster["env"], check=True).stdout)
+    assert planned["cluster"]["nodes"] == 2 and planned["cluster"]["gpus"] == 2.0
+    assert planned["cluster"]["replica_capacity"] == 2 and planned["replicas"] == 2
+    assert any(n.startswith("capped at 2 replica(s): what the cluster at") for n in planned["notes"])
+    dry = run_cli("submit", str(job), "--dry-run", *args, env=cluster["env"], check=True).stdout
+    assert "replicas           2" in dry and "holds 2 replica(s) of this shape" in dry
+    proc = run_cli("plan", str(job), *args, env={**cluster["env"], "RAY_AUTH_TOKEN": "not-the-token"})
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert "rejected the token" in proc.stderr

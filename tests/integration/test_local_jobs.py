@@ -28,7 +28,7 @@ def test_local_jsonl_job_one_row_per_input_with_errors_isolated(tmp_path: Path, 
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     job = write_job(tmp_path / "job.yaml", name="local-jsonl", model={"source": demo_model},
                     input={"path": str(data)}, sampling={"max_tokens": 24},
-                    output={"path": str(tmp_path / "out")})
+                    output={"path": str(tmp_path / "out"), "max_error_rate": 0.5})
 
     proc = run_cli("--log-format", "json", "submit", str(job), "--run-id", "r1",
                    "--set", "model.engine.max_model_len=512", check=True)
@@ -52,7 +52,13 @@ def test_local_jsonl_job_one_row_per_input_with_errors_isolated(tmp_path: Path, 
     assert bad_json and "input line 9" in bad_json[0].error
 
     assert manifest["status"] == "succeeded_with_errors"
-    assert manifest["rows"] == {"in": 9, "out": 9, "ok": 6, "error": 3}
+    assert manifest["rows"] == {"in": 9, "out": 9, "ok": 6, "error": 3, "duplicate_ids": 0}
+    error_lines = (tmp_path / "out" / "r1" / "errors" / "errors.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(json.loads(line)["id"] for line in error_lines) == sorted(r.id for r in rows if r.error)
+    assert manifest["errors"]["rows"] == 3 and manifest["errors"]["path"] == "errors/errors.jsonl"
+    assert {k["kind"] for k in manifest["errors"]["kinds"]} == {
+        "prompt column is null", "input line not a JSON object",
+        "prompt is tokens; model.engine.max_model_len is"}
     assert manifest["tokens"]["generated"] == sum(r.num_generated_tokens or 0 for r in rows)
     assert manifest["model"]["fingerprint"].startswith("sha256:")
     assert manifest["versions"]["vllm"] and manifest["versions"]["ray"] == "2.60.0"
@@ -82,7 +88,7 @@ def test_chat_messages_job_uses_the_models_chat_template(tmp_path: Path, demo_mo
     job = write_job(tmp_path / "job.yaml", name="chat", model={"source": demo_model},
                     input={"path": str(data), "messages_column": "messages", "id_column": "conv",
                            "system_prompt": "You are terse."},
-                    sampling={"max_tokens": 16}, output={"path": str(tmp_path / "out")})
+                    sampling={"max_tokens": 16}, output={"path": str(tmp_path / "out"), "max_error_rate": 0.25})
 
     run_cli("submit", str(job), "--run-id", "chat-1", check=True)
 

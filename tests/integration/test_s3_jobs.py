@@ -59,7 +59,7 @@ def test_s3_prefix_of_parquet_shards_with_template_and_s3_model(tmp_path: Path, 
         assert row.question_id == row.id and row.topic == source["topic"]
         assert f"Topic: {source['topic']}. {source['question']}" in row.prompt
     assert manifest["status"] == "succeeded"
-    assert manifest["rows"] == {"in": 9, "out": 9, "ok": 9, "error": 0}
+    assert manifest["rows"] == {"in": 9, "out": 9, "ok": 9, "error": 0, "duplicate_ids": 0}
     assert [f["path"] for f in manifest["input"]["files"]] == [
         f"s3://inputs/batch/part-{i}.parquet" for i in range(3)]
     assert manifest["model"]["source"] == "s3://models/smollm2"

@@ -26,7 +26,7 @@ def scored_job(tmp_path: Path, demo_model: str, *, judge: bool, sampling: dict) 
     spec["input"]["path"] = str(EXAMPLES / "scored.jsonl")
     spec["sampling"].update(sampling)
     spec["scoring"] = [s for s in spec["scoring"] if judge or s["kind"] != "judge"] + [PYTHON_SCORER]
-    spec["output"]["path"] = str(tmp_path / "out")
+    spec["output"] = {"path": str(tmp_path / "out"), "max_error_rate": 0.5}  # the python scorer refuses one row
     path = tmp_path / f"scored-{'judge' if judge else 'plain'}.yaml"
     path.write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
@@ -118,7 +118,7 @@ def test_multiple_choice_scoring_picks_the_likely_answer(tmp_path, demo_model):
     spec = yaml.safe_load((EXAMPLES / "multiple_choice.yaml").read_text(encoding="utf-8"))
     spec["model"]["source"] = demo_model
     spec["input"]["path"] = str(EXAMPLES / "multiple_choice.jsonl")
-    spec["output"]["path"] = str(tmp_path / "out")
+    spec["output"] = {"path": str(tmp_path / "out"), "max_error_rate": 0.5}  # the python scorer refuses one row
     job = tmp_path / "mc.yaml"
     job.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
 

@@ -13,6 +13,10 @@ def test_profile_plan_run_and_feedback(tmp_path: Path, demo_model: str):
     env = {"LLMBATCH_PROFILE_STORE": str(tmp_path / "profiles")}
     profiled = run_cli("profile", DEMO_MODEL, "--samples", "16", "--max-tokens", "32", env=env, check=True)
     assert "output tok/s" in profiled.stdout and "samples            16 ok of 16" in profiled.stdout
+    assert "prefill tok/s" in profiled.stdout and "decode tok/s" in profiled.stdout
+    stored = json.loads(next((tmp_path / "profiles").glob("*.json")).read_text())
+    assert len(stored["measurements"]) == 1 and len(stored["prefill"]) == 1 and stored["predictions"] == []
+    assert stored["prefill"][0]["rows"] == 16 and stored["prefill"][0]["prefill_tokens_per_second"] > 0
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
 
     data = tmp_path / "prompts.jsonl"
@@ -25,6 +29,7 @@ def test_profile_plan_run_and_feedback(tmp_path: Path, demo_model: str):
 
     planned = json.loads(run_cli("plan", str(job), "--json", env=env, check=True).stdout)
     assert planned["profile"]["used"] is True and planned["profile"]["measurements"] == 1
+    assert planned["profile"]["prefill_tokens_per_second"] > 0 and planned["profile"]["decode_tokens_per_second"] > 0
     assert planned["rows"] == 24 and planned["input_tokens_method"] == "counted every row (24)"
     assert planned["input_tokens"] > 24 * 5
     assert 0 < planned["output_tokens"] <= 24 * 32

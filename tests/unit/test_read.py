@@ -261,11 +261,14 @@ def test_jsonl_non_ascii_and_crlf_lines(tmp_path):
     assert [r["prompt"] for r in read_all(f, "jsonl")] == ["你好 😀", "مرحبا"]
 
 
-def test_jsonl_not_utf8_is_an_error_naming_the_line(tmp_path):
+def test_jsonl_line_not_utf8_is_an_error_row_naming_the_line(tmp_path):
+    """Only the line with bad bytes fails; the rows around it are read, a BOM at the start is dropped."""
     f = tmp_path / "a.jsonl"
-    f.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n')
-    with pytest.raises(ValueError, match="not UTF-8 near line"):
-        read_all(f, "jsonl")
+    f.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n{"prompt": "c"}\n')
+    rows = read_all(f, "jsonl")
+    assert [r.get("prompt") for r in rows] == ["a", None, "c"]
+    assert rows[1]["_row_error"] == "input line 2: not UTF-8 (byte 12: invalid start byte)"
+    assert [r["_row_number"] for r in rows] == [0, 1, 2] and rows[0]["_row_error"] is None
 
 
 def test_iter_shard_unknown_format_is_a_value_error(tmp_path):
@@ -383,7 +386,7 @@ def test_unify_input_schema_incompatible_types_is_a_user_error():
     s1 = pa.schema([("prompt", pa.string())])
     s2 = pa.schema([("prompt", pa.list_(pa.int64()))])
     scans = [ShardScan("a", 1, s1.serialize().to_pybytes()), ShardScan("b", 1, s2.serialize().to_pybytes())]
-    with pytest.raises(UserError, match="cannot be combined"):
+    with pytest.raises(UserError, match="column 'prompt' is string in a but list<item: int64> in b"):
         unify_input_schema(scans)
 
 
@@ -433,7 +436,8 @@ def test_plan_of_all_empty_shards_is_empty():
 
 def test_shard_task_rows_are_plain_dicts():
     rows = shard_task_rows([ShardTask("/d/a", "a", "csv", 2)])
-    assert rows == [{"uri": "/d/a", "relpath": "a", "format": "csv", "take": 2}]
+    assert rows == [{"uri": "/d/a", "relpath": "a", "format": "csv", "take": 2, "duplicates": "{}", "start": 0,
+                     "seek_row": 0, "seek_line": 0, "seek_byte": 0}]
 
 
 # ---- conform -------------------------------------------------------------------------------------
@@ -546,3 +550,92 @@ def test_listing_then_reading_gives_ids_relative_to_the_input_root(tmp_path):
     out = _run(stage, {k: [r[k] for r in rows] for k in ("uri", "relpath", "format", "take")})
     assert out.column("id").to_pylist() == ["sub/p.jsonl#0"]
     assert os.path.isabs(files[0].uri)
+
+
+def test_repeated_ids_across_shards_are_marked_after_their_first_occurrence(tmp_path):
+    """The first row with an id (in path, then row order) is kept; later rows with it become error rows
+    naming where it was first seen; null ids are not duplicates of each other; take limits what is looked at."""
+    from pipelines.read import id_hashes, mark_duplicate_ids
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"key": "k1", "prompt": "x"}, {"key": None, "prompt": "y"},
+                                           {"key": "k1", "prompt": "z"}, {"key": None, "prompt": "w"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"key": "k2", "prompt": "p"}, {"key": "k1", "prompt": "q"},
+                                           {"key": "k2", "prompt": "r"}])
+    schema = pa.schema([("key", pa.string()), ("prompt", pa.string())])
+    tasks = [ShardTask(str(a), "a.jsonl", "jsonl", None), ShardTask(str(b), "b.jsonl", "jsonl", 2)]
+    hashes = [id_hashes(t.uri, t.format, schema, "key", t.take) for t in tasks]
+    assert [len(h) for h in hashes] == [4, 2] and hashes[0][1] == 0
+    marked, count = mark_duplicate_ids(tasks, hashes)
+    assert count == 2
+    assert json.loads(marked[0].duplicates) == {"2": "a.jsonl row 0"}
+    assert json.loads(marked[1].duplicates) == {"1": "a.jsonl row 0"}
+    stage = ReadShards(schema.serialize().to_pybytes(), "key")
+    rows = shard_task_rows(marked)
+    out = _run(stage, {k: [r[k] for r in rows] for k in rows[0]})
+    assert out.column("id").to_pylist() == ["k1", "a.jsonl#1", "k1", "a.jsonl#3", "k2", "k1"]
+    assert out.column("_row_error").to_pylist() == [
+        None, "id column 'key' is null", "duplicate id 'k1' at a.jsonl row 2 (first at a.jsonl row 0)",
+        "id column 'key' is null", None, "duplicate id 'k1' at b.jsonl row 1 (first at a.jsonl row 0)"]
+    assert mark_duplicate_ids([], []) == ([], 0)
+
+
+def test_shards_whose_column_types_cannot_combine_are_named():
+    def scan(uri, schema):
+        return ShardScan(uri, 1, schema.serialize().to_pybytes())
+
+    a = scan("s3://b/a.parquet", pa.schema([("prompt", pa.string()), ("n", pa.int64())]))
+    b = scan("s3://b/b.parquet", pa.schema([("prompt", pa.string()), ("n", pa.float64())]))
+    c = scan("s3://b/c.parquet", pa.schema([("prompt", pa.string()), ("n", pa.list_(pa.int64()))]))
+    assert unify_input_schema([a, b]).field("n").type == pa.float64()
+    with pytest.raises(UserError) as info:
+        unify_input_schema([a, b, c])
+    assert str(info.value) == ("input.path: column 'n' is int64 in s3://b/a.parquet but list<item: int64> in "
+                               "s3://b/c.parquet; make the shards agree (or cast the column when writing them)")
+
+
+def test_large_shards_split_into_row_ranges_that_read_exactly_their_rows(tmp_path, monkeypatch):
+    """jsonl ranges start from the nearest seek point the scan recorded, parquet ranges from their row group;
+    each range yields exactly its rows with their shard row numbers; csv shards stay whole."""
+    from pipelines.read import split_tasks
+
+    monkeypatch.setattr(read, "SEEK_EVERY", 4)
+    lines = [json.dumps({"k": f"k{i}", "prompt": f"p{i}"}) for i in range(23)]
+    lines.insert(5, "")            # a blank line: line numbers and row numbers part ways
+    lines[9] = "broken"            # row 8 (line 10, k8's) does not parse
+    j = touch(tmp_path / "a.jsonl", "\n".join(lines) + "\n")
+    p = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"k": [f"b{i}" for i in range(10)], "prompt": ["x"] * 10}), p, row_group_size=3)
+    c = touch(tmp_path / "c.csv", "k,prompt\n" + "".join(f"c{i},y\n" for i in range(10)))
+    scans = {str(f): scan_shard(str(f), fmt) for f, fmt in ((j, "jsonl"), (p, "parquet"), (c, "csv"))}
+    assert scans[str(j)].rows == 23 and [sp.row for sp in scans[str(j)].seek_points] == [0, 4, 8, 12, 16, 20]
+    tasks = [ShardTask(str(j), "a.jsonl", "jsonl", None, json.dumps({"9": "a.jsonl row 1"})),
+             ShardTask(str(p), "b.parquet", "parquet", 8), ShardTask(str(c), "c.csv", "csv", None)]
+    ranges = split_tasks(tasks, 5, {u: s.rows for u, s in scans.items()},
+                         {u: s.seek_points for u, s in scans.items()})
+    assert [(t.relpath, t.start, t.take, t.seek_row) for t in ranges] == [
+        ("a.jsonl", 0, 5, 0), ("a.jsonl", 5, 5, 4), ("a.jsonl", 10, 5, 8), ("a.jsonl", 15, 5, 12),
+        ("a.jsonl", 20, 3, 20), ("b.parquet", 0, 5, 0), ("b.parquet", 5, 3, 0), ("c.csv", 0, None, 0)]
+    assert json.loads(ranges[1].duplicates) == {"9": "a.jsonl row 1"} and ranges[0].duplicates == "{}"
+    schema = pa.schema([("k", pa.string()), ("prompt", pa.string())])
+    stage = ReadShards(schema.serialize().to_pybytes(), "k")
+    rows = shard_task_rows(ranges)
+    out = pa.concat_tables(list(stage({key: [r[key] for r in rows] for key in rows[0]}))).to_pylist()
+    ids = [r["id"] for r in out]
+    assert ids == [f"k{i}" for i in range(8)] + ["a.jsonl#8"] + [f"k{i}" for i in range(9, 23)] + \
+        [f"b{i}" for i in range(8)] + [f"c{i}" for i in range(10)]
+    errors = {r["id"]: r["_row_error"] for r in out if r["_row_error"]}
+    assert errors["a.jsonl#8"].startswith("input line 10: not a JSON object")
+    assert errors["k9"] == "duplicate id 'k9' at a.jsonl row 9 (first at a.jsonl row 1)"
+
+
+def test_a_value_of_the_wrong_type_is_a_row_error_not_an_unreadable_shard(tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "ok", "n": 1}, {"prompt": 42, "n": 2},
+                                           {"prompt": ["a"], "n": "three"}, {"prompt": None, "n": 4}])
+    scan = scan_shard(str(f), "jsonl")
+    assert scan.error is None and scan.rows == 4
+    assert schema_of(scan) == pa.schema([("prompt", pa.string()), ("n", pa.int64())])
+    rows = read_all(f, "jsonl", schema_of(scan))
+    assert [r["prompt"] for r in rows] == ["ok", None, None, None]
+    assert [r["_row_error"] for r in rows] == [None, "column 'prompt' holds int, expected text",
+                                               "column 'prompt' holds list, expected text", None]
+    assert rows[2]["n"] is None

@@ -95,3 +95,27 @@ def test_model_max_len_is_none_without_a_usable_config(tmp_path):
     assert model_max_len(tmp_path, None) is None
     write_config(tmp_path, {"hidden_size": 64})
     assert model_max_len(tmp_path, None) is None
+
+
+def test_error_kinds_drop_the_rows_own_details():
+    from pipelines.error_rows import error_kind
+
+    assert error_kind("duplicate id 'k1' at a.jsonl row 2 (first at a.jsonl row 0)") == "duplicate id"
+    assert error_kind("prompt column 'prompt' is null") == "prompt column is null"
+    assert error_kind("input line 9: not a JSON object (Expecting value)") == "input line not a JSON object"
+
+
+def test_output_inside_input_and_input_inside_the_run_are_refused(tmp_path):
+    from jobs.run import overlap_problems
+    from jobs.spec import validate_spec
+
+    def spec(inp, out):
+        return validate_spec({"name": "a", "model": {"source": "m"}, "input": {"path": inp}, "output": {"path": out}})
+
+    assert overlap_problems(spec(str(tmp_path / "data"), str(tmp_path / "data" / "out")))[0].startswith(
+        f"output.path: {tmp_path / 'data' / 'out'} is inside input.path")
+    assert overlap_problems(spec("s3://b/in/*.jsonl", "s3://b/in/out"))
+    assert overlap_problems(spec("s3://b/in", "s3://b/input")) == []
+    assert overlap_problems(spec(str(tmp_path / "out" / "r1" / "p.jsonl"), str(tmp_path / "out")),
+                            str(tmp_path / "out" / "r1"))[0].startswith("input.path:")
+    assert overlap_problems(spec(str(tmp_path / "out" / "r1"), str(tmp_path / "out")), str(tmp_path / "out" / "r2")) == []

@@ -119,3 +119,53 @@ def test_profiles_accumulate_measurements_and_prediction_errors(tmp_path, monkey
     assert profiles.prediction_errors(profiles.load(key))[0]["error"] == pytest.approx(0.1)
     assert profiles.measurement_from_manifest(_manifest("c", 0.0, 5, 10, 1.0, 1.0), "run:c") is None
     assert math.isclose(rates.requests_per_second, 60 / 40)
+
+
+def test_a_prefill_measurement_splits_busy_time_into_prefill_and_decode(tmp_path, monkeypatch):
+    """With prefill measured alone, work is input/prefill + output/decode; for the profiled job's own shape it
+    adds up to the measured busy time, and longer prompts cost more than the output-only estimate."""
+    monkeypatch.setenv("LLMBATCH_PROFILE_STORE", str(tmp_path / "store"))
+    key = "k"
+    generation = profiles.measurement_from_manifest(_manifest("a", 10.0, 20, 1000, 60.0, 45.0), "profile:a")
+    stored = profiles.record(key, {"model_source": "m"}, generation)
+    assert profiles.rates(stored).prefill_tokens_per_second is None
+    assert profiles.rates(stored).replica_seconds(600, 1000) == pytest.approx(10.0)
+    one_token = {**_manifest("p", 2.0, 20, 20, 5.0, 40.0), "spec": {"sampling": {"max_tokens": 1}}}
+    prefill = profiles.prefill_from_manifest(one_token, "profile-prefill:p")
+    assert prefill["prefill_tokens_per_second"] == 300.0  # 600 prompt tokens in 2 s
+    stored = profiles.record(key, {"model_source": "m"}, None, prefill=prefill)
+    rates = profiles.rates(stored)
+    assert rates.measurements == 1 and rates.prefill_tokens_per_second == 300.0
+    assert rates.decode_tokens_per_second == pytest.approx(1000 / 8.0)  # 10 s busy minus 2 s of prefill
+    assert rates.replica_seconds(600, 1000) == pytest.approx(10.0)
+    assert rates.replica_seconds(6000, 1000) == pytest.approx(20.0 + 8.0)
+    assert profiles.prefill_from_manifest(_manifest("z", 0.0, 5, 5, 1.0, 1.0), "x") is None
+
+
+def _plan(replicas: int, tp: int = 1, accelerator_name: str = "A10G"):
+    from jobs.plan import Plan
+
+    return Plan(model="m", accelerator=accelerator_name, engine={}, rows=100, input_tokens=1000,
+                input_tokens_method="counted", output_tokens=10000, tensor_parallel_size=tp, fit="fits",
+                replicas=replicas, devices_total=replicas * tp, wall_seconds=0, device_hours=0, cost_usd=0,
+                hourly_usd=1.0, profile={"used": False}, work_seconds=3600.0, startup_seconds=60.0)
+
+
+def test_a_plan_is_capped_by_what_the_cluster_holds():
+    from jobs.plan import fit_to_cluster
+
+    base = {"name": "a", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"}}
+    auto = validate_spec({**base, "resources": {"replicas": "auto", "deadline": "10m"}})
+    nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 4.0}]
+    fitted = fit_to_cluster(_plan(12), auto, "http://head:8265", nodes)
+    assert fitted.replicas == 3 and fitted.devices_total == 3
+    assert fitted.wall_seconds == pytest.approx(60 + 3600 / 3, abs=1)
+    assert fitted.cluster["replica_capacity"] == 3 and fitted.cluster["nodes_that_can_host"] == 2
+    assert "capped at 3 replica(s): what the cluster at http://head:8265 holds at once (planned 12)" in fitted.notes
+    two_gpus = fit_to_cluster(_plan(12, tp=2), auto, "http://head:8265", nodes)
+    assert two_gpus.replicas == 1  # only the first node holds a 2-GPU replica
+    fixed = validate_spec({**base, "resources": {"replicas": 5}})
+    refused = fit_to_cluster(_plan(5), fixed, "http://head:8265", nodes)
+    assert refused.replicas == 5 and "the run would be refused" in refused.notes[-1]
+    assert fit_to_cluster(_plan(1, tp=4), auto, "http://h", nodes).cluster["replica_capacity"] == 0
+    assert fit_to_cluster(_plan(2, accelerator_name="CPU"), auto, "http://h", nodes).replicas == 2

@@ -1,0 +1,102 @@
+"""Resuming a run that did not commit: keep the parts it finished, skip their rows, never write a row twice.
+
+A row is known by its key: its id, or for a row whose id repeats an earlier row's, its error text (which
+names its own place in the input). The keys of finished rows travel to the read stage as sorted 64-bit
+hashes; rows whose key is there are not read again.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.manifest import output_parts
+from pipelines.read import DUPLICATE_ID_ERROR, stable_hash
+from pipelines.storage import filesystem_for, is_s3, join, read_json, storage_errors
+
+ATTEMPT_NAME = "_attempt.json"
+# Settings a resumed run may change: they decide how fast rows are made, not what a row holds.
+FREE_TO_CHANGE = ("resources",)
+
+
+def row_key(row_id: str, error: str | None) -> str:
+    return error if error and error.startswith(DUPLICATE_ID_ERROR) else row_id
+
+
+def row_key_hashes(ids: list[str], errors: list[str | None]) -> np.ndarray:
+    return np.array([stable_hash(row_key(i, e)) for i, e in zip(ids, errors)], dtype=np.int64)
+
+
+def is_done(hashes: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Which of `hashes` are in the sorted array `done`."""
+    if not len(done):
+        return np.zeros(len(hashes), dtype=bool)
+    at = np.searchsorted(done, hashes).clip(max=len(done) - 1)
+    return done[at] == hashes
+
+
+@dataclass
+class FinishedWork:
+    done: np.ndarray                       # sorted key hashes of rows already written
+    rows: int = 0
+    parts_kept: int = 0
+    parts_removed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows_skipped": self.rows, "parts_kept": self.parts_kept, "parts_removed": self.parts_removed}
+
+
+def finished_work(uri: str) -> FinishedWork:
+    """The rows an earlier attempt wrote under `uri`; parts cut short by the crash are deleted."""
+    fs, inner = filesystem_for(uri)
+    hashes: list[np.ndarray] = []
+    work = FinishedWork(done=np.array([], dtype=np.int64))
+    with storage_errors(uri, "read the earlier attempt at"):
+        for part in output_parts(fs, inner) if fs.exists(inner) else []:
+            try:
+                with fs.open(part, "rb") as handle:
+                    table = pq.ParquetFile(handle).read(columns=["id", "error"])
+            except (pa.ArrowInvalid, OSError, EOFError):
+                fs.rm_file(part)
+                work.parts_removed.append(part[len(inner):].lstrip("/"))
+                continue
+            hashes.append(row_key_hashes(table.column("id").to_pylist(), table.column("error").to_pylist()))
+            work.rows += table.num_rows
+            work.parts_kept += 1
+    if hashes:
+        work.done = np.sort(np.concatenate(hashes))
+    return work
+
+
+def write_attempt(run_uri: str, attempt: dict[str, Any]) -> None:
+    """Record what this run computes (resolved spec, input files), so a resume can tell whether the job
+    still means the same rows."""
+    uri = join(run_uri, ATTEMPT_NAME)
+    fs, inner = filesystem_for(uri)
+    with storage_errors(uri, "write"):
+        if not is_s3(uri):  # on S3 a key needs no folder, and makedirs would create a missing bucket
+            fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(inner, json.dumps(attempt, indent=2, default=str).encode())
+
+
+def read_attempt(run_uri: str) -> dict[str, Any] | None:
+    return read_json(join(run_uri, ATTEMPT_NAME))
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """YAML paths whose values differ, except those that only change speed."""
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        path = f"{prefix}{key}"
+        if path in FREE_TO_CHANGE:
+            continue
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed.extend(changed_settings(a, b, path + "."))
+        elif a != b:
+            changed.append(path)
+    return changed

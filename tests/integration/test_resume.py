@@ -1,0 +1,94 @@
+"""Never lose or redo work: a driver killed mid-run is resumed with `--resume`; rows it wrote are kept and
+not computed again, no row is lost or written twice; a committed run is replaced only with --overwrite."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from support import CLI, REPO, read_output, run_cli, write_job
+
+ROWS = 40
+
+
+def _parts(run: Path) -> list[Path]:
+    return [p for p in run.glob("*.parquet")]
+
+
+def _rows_written(run: Path) -> int:
+    total = 0
+    for part in _parts(run):
+        try:
+            total += pq.ParquetFile(part).metadata.num_rows
+        except Exception:
+            pass  # being written
+    return total
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the CLI and everything it started in its session (Ray, workers, vLLM engine processes)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+
+
+def test_driver_killed_mid_run_then_resume_keeps_finished_rows(tmp_path: Path, demo_model: str):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"qid": f"q{i:03d}", "prompt": f"Write a short story about the number {i}."})
+                            + "\n" for i in range(ROWS)), encoding="utf-8")
+    job = write_job(tmp_path / "job.yaml", name="resumable", model={"source": demo_model},
+                    input={"path": str(data), "id_column": "qid"}, sampling={"max_tokens": 48},
+                    output={"path": str(tmp_path / "out"), "rows_per_part": 8}, resources={"batch_size": 4})
+    run = tmp_path / "out" / "kill-1"
+
+    proc = subprocess.Popen([CLI, "submit", str(job), "--run-id", "kill-1"], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while _rows_written(run) < 8 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        written_at_kill = _rows_written(run)
+    finally:
+        _kill_session(proc)
+    assert 8 <= written_at_kill < ROWS
+    assert not (run / "_manifest.json").exists()  # a run that died never claims success
+
+    refused = run_cli("submit", str(job), "--resume", "kill-1", "--set", "sampling.max_tokens=32")
+    assert refused.returncode == 2 and "the job changed since the earlier attempt (sampling.max_tokens)" \
+        in refused.stderr
+
+    proc = run_cli("--log-format", "json", "submit", str(job), "--resume", "kill-1", check=True)
+    rows, manifest = read_output(str(run))
+    assert len(rows) == ROWS and sorted(r.id for r in rows) == [f"q{i:03d}" for i in range(ROWS)]
+    assert all(r.error is None and r.generated_text for r in rows)
+    assert manifest["status"] == "succeeded" and manifest["rows"]["out"] == ROWS
+    resumed = manifest["resumed"]
+    assert resumed["rows_skipped"] >= written_at_kill and resumed["parts_kept"] >= 1
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    started = next(e for e in events if e.get("event") == "run_started")
+    assert started["rows"] == ROWS - resumed["rows_skipped"]    # only the rest was computed
+    done = [e for e in events if e.get("event") == "progress"]
+    assert all(e["rows_done"] <= ROWS - resumed["rows_skipped"] for e in done)
+
+    again = run_cli("submit", str(job), "--run-id", "kill-1")
+    assert again.returncode == 2 and "already holds a committed run" in again.stderr and "--overwrite" in again.stderr
+    nothing = run_cli("submit", str(job), "--resume", "kill-1")
+    assert nothing.returncode == 2 and "already committed, so there is nothing to resume" in nothing.stderr
+    missing = run_cli("submit", str(job), "--resume", "never-ran")
+    assert missing.returncode == 2 and "no earlier attempt at" in missing.stderr

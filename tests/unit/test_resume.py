@@ -1,0 +1,58 @@
+"""Resume bookkeeping: finished rows found in an attempt's parts, cut-short parts removed, rows skipped."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.read import ReadShards
+from pipelines.resume import changed_settings, finished_work, is_done, row_key, row_key_hashes
+
+
+def _part(path, ids, errors):
+    pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "error": pa.array(errors, pa.string()),
+                             "generated_text": pa.array(["x"] * len(ids), pa.string())}), path)
+
+
+def test_finished_work_counts_written_rows_and_deletes_parts_cut_short(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _part(run / "a.parquet", ["r0", "r1"], [None, "prompt is empty"])
+    _part(run / "b.parquet", ["k", "k"], [None, "duplicate id 'k' at a.jsonl row 5 (first at a.jsonl row 2)"])
+    (run / "c.parquet").write_bytes(b"PAR1 cut short")
+    (run / "_staging").mkdir()
+    _part(run / "_staging" / "s.parquet", ["z"], [None])
+    work = finished_work(str(run))
+    assert work.rows == 4 and work.parts_kept == 2 and work.parts_removed == ["c.parquet"]
+    assert not (run / "c.parquet").exists() and (run / "_staging" / "s.parquet").exists()
+    keys = row_key_hashes(["r1", "k", "k", "k", "r9"],
+                          [None, None, "duplicate id 'k' at a.jsonl row 5 (first at a.jsonl row 2)",
+                           "duplicate id 'k' at a.jsonl row 7 (first at a.jsonl row 2)", None])
+    assert is_done(keys, work.done).tolist() == [True, True, True, False, False]
+    assert is_done(keys, np.array([], dtype=np.int64)).tolist() == [False] * 5
+    assert finished_work(str(tmp_path / "none")).rows == 0
+    assert row_key("x", "prompt is empty") == "x"
+
+
+def test_read_stage_skips_rows_an_earlier_attempt_wrote(tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)), encoding="utf-8")
+    schema = pa.schema([("prompt", pa.string())])
+    done = np.sort(row_key_hashes(["a.jsonl#1", "a.jsonl#3"], [None, "x"]))
+    stage = ReadShards(schema.serialize().to_pybytes(), None, done)
+    batch = {"uri": [str(data)], "relpath": ["a.jsonl"], "format": ["jsonl"], "take": [None], "duplicates": ["{}"]}
+    out = pa.concat_tables(list(stage(batch)))
+    assert out.column("id").to_pylist() == ["a.jsonl#0", "a.jsonl#2", "a.jsonl#4"]
+    everything = np.sort(row_key_hashes([f"a.jsonl#{i}" for i in range(5)], [None] * 5))
+    assert list(ReadShards(schema.serialize().to_pybytes(), None, everything)(batch)) == []
+
+
+def test_only_settings_that_change_speed_may_change_on_resume():
+    before = {"name": "a", "sampling": {"max_tokens": 64, "seed": 1}, "resources": {"replicas": 1},
+              "input": {"path": "p", "limit": None}}
+    now = {"name": "a", "sampling": {"max_tokens": 32, "seed": 1}, "resources": {"replicas": 4},
+           "input": {"path": "p", "limit": 10}}
+    assert changed_settings(before, now) == ["input.limit", "sampling.max_tokens"]
+    assert changed_settings(before, {**before, "resources": {"replicas": "auto"}}) == []
