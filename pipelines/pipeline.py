@@ -74,7 +74,7 @@ def scan_inputs(files: list[InputFile], limit: int | None, required_columns: lis
         hashes = ray.get([_id_hashes_remote.remote(t, schema_bytes, id_column, rows_per_file[t.uri]) for t in tasks])
         tasks, duplicates = mark_duplicate_ids(tasks, hashes)
     if rows_per_task:
-        tasks = split_tasks(tasks, rows_per_task, rows_per_file, {s.uri: s.seek_points for s in scans})
+        tasks = split_tasks(tasks, rows_per_task, {s.uri: s for s in scans})
     return InputPlan(files, rows_per_file, schema, tasks, duplicates)
 
 

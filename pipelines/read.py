@@ -119,13 +119,14 @@ class SeekPoint:
     byte: int = 0
 
 
-def iter_shard(uri: str, fmt: str, schema: pa.Schema | None = None, *, start: int = 0,
+def iter_shard(uri: str, fmt: str, schema: pa.Schema | None = None, *, start: int = 0, stop: int | None = None,
                seek: SeekPoint | None = None, seek_points: list[SeekPoint] | None = None) -> Iterator[pa.Table]:
     """Stream a shard as tables of at most READ_CHUNK_ROWS rows, each row with its 0-based row number.
 
     Rows that cannot be parsed (a jsonl line that is not a JSON object) come through with
     `_row_error` set, so that every input row has an output row. Reading starts near row `start`
-    (parquet: its row group; jsonl: `seek`), so earlier rows may come too; callers skip them.
+    (parquet: its row group; jsonl: `seek`), so earlier rows may come too; callers skip them. A jsonl
+    shard is not parsed past row `stop`; other formats may yield rows past it.
     `seek_points`, for jsonl, collects a SeekPoint every SEEK_EVERY rows.
     """
     fs, inner = filesystem_for(uri)
@@ -133,7 +134,7 @@ def iter_shard(uri: str, fmt: str, schema: pa.Schema | None = None, *, start: in
         if fmt == "parquet":
             yield from _iter_parquet(handle, schema, start)
         elif fmt == "jsonl":
-            yield from _iter_jsonl(handle, schema, seek or SeekPoint(), seek_points)
+            yield from _iter_jsonl(handle, schema, seek or SeekPoint(), seek_points, stop)
         elif fmt == "csv":
             yield from _iter_csv(handle, schema)
         else:
@@ -165,7 +166,7 @@ def _iter_parquet(handle, schema: pa.Schema | None, first_wanted: int = 0) -> It
 
 
 def _iter_jsonl(handle, schema: pa.Schema | None, seek: SeekPoint,
-                seek_points: list[SeekPoint] | None = None) -> Iterator[pa.Table]:
+                seek_points: list[SeekPoint] | None = None, stop: int | None = None) -> Iterator[pa.Table]:
     rows: list[dict] = []
     errors: list[str | None] = []
     start = seek.row
@@ -178,6 +179,8 @@ def _iter_jsonl(handle, schema: pa.Schema | None, seek: SeekPoint,
         if not raw.strip():
             continue
         row_number = start + len(rows)
+        if stop is not None and row_number >= stop:
+            break
         if seek_points is not None and row_number % SEEK_EVERY == 0:
             seek_points.append(SeekPoint(row_number, line_no - 1, at))
         try:
@@ -301,6 +304,7 @@ class ShardScan:
     schema: bytes  # serialized pa.Schema
     error: str | None = None
     seek_points: tuple[SeekPoint, ...] = ()  # jsonl: where every SEEK_EVERY-th row starts
+    row_groups: tuple[int, ...] = ()          # parquet: rows in each row group
 
 
 def scan_shard(uri: str, fmt: str) -> ShardScan:
@@ -310,7 +314,9 @@ def scan_shard(uri: str, fmt: str) -> ShardScan:
             fs, inner = filesystem_for(uri)
             with fs.open(inner, "rb") as handle:
                 meta = pq.ParquetFile(handle)
-                return ShardScan(uri, meta.metadata.num_rows, meta.schema_arrow.serialize().to_pybytes())
+                groups = tuple(meta.metadata.row_group(i).num_rows for i in range(meta.metadata.num_row_groups))
+                return ShardScan(uri, meta.metadata.num_rows, meta.schema_arrow.serialize().to_pybytes(),
+                                 row_groups=groups)
         rows, schemas, points = 0, [], []
         for table in iter_shard(uri, fmt, seek_points=points if fmt == "jsonl" else None):
             rows += table.num_rows
@@ -372,7 +378,7 @@ def plan_shard_tasks(files: list[InputFile], rows_per_file: dict[str, int], limi
 def id_hashes(uri: str, fmt: str, schema: pa.Schema, id_column: str, take: int | None) -> np.ndarray:
     """A stable 64-bit hash of each row's id (as the read stage will spell it); 0 for a null id."""
     hashes: list[int] = []
-    for table in iter_shard(uri, fmt, schema):
+    for table in iter_shard(uri, fmt, schema, stop=take):
         for value in table.column(id_column).to_pylist():
             hashes.append(0 if value is None else stable_hash(str(value)))
         if take is not None and len(hashes) >= take:
@@ -404,25 +410,42 @@ def mark_duplicate_ids(tasks: list[ShardTask], hashes: list[np.ndarray]) -> tupl
     return out, int(repeated.sum())
 
 
-def split_tasks(tasks: list[ShardTask], rows_per_task: int, rows_per_file: dict[str, int],
-                seek_points: dict[str, tuple[SeekPoint, ...]]) -> list[ShardTask]:
-    """Cut each shard's task into ranges of `rows_per_task` rows, so that a large shard spreads over every
-    engine replica and its rows are written (and resumed) a range at a time. CSV shards stay whole."""
+def split_tasks(tasks: list[ShardTask], rows_per_task: int, scans: dict[str, "ShardScan"]) -> list[ShardTask]:
+    """Cut each shard's task into ranges of about `rows_per_task` rows, so that a large shard spreads over
+    every engine replica and its rows are written (and resumed) a range at a time. A jsonl range starts at
+    the seek point before it; a parquet range is whole row groups (a row group is decoded from its start);
+    CSV shards stay whole."""
     out: list[ShardTask] = []
     for task in tasks:
-        total = task.take if task.take is not None else rows_per_file[task.uri]
+        scan = scans[task.uri]
+        total = task.take if task.take is not None else scan.rows
         if task.format == "csv" or total <= rows_per_task:
             out.append(task)
             continue
         repeated = {int(k): v for k, v in json.loads(task.duplicates).items()}
-        points = seek_points.get(task.uri, ())
-        for start in range(0, total, rows_per_task):
-            take = min(rows_per_task, total - start)
-            seek = max((p for p in points if p.row <= start), key=lambda p: p.row, default=SeekPoint())
+        for start, take in _ranges(task.format, total, rows_per_task, scan.row_groups):
+            seek = max((p for p in scan.seek_points if p.row <= start), key=lambda p: p.row, default=SeekPoint())
             mine = {str(n): where for n, where in repeated.items() if start <= n < start + take}
             out.append(replace(task, start=start, take=take, duplicates=json.dumps(mine) if mine else "{}",
                                seek_row=seek.row, seek_line=seek.line, seek_byte=seek.byte))
     return out
+
+
+def _ranges(fmt: str, total: int, rows_per_task: int, row_groups: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(start, rows) of each range; parquet ranges end on row-group boundaries."""
+    if fmt != "parquet":
+        return [(start, min(rows_per_task, total - start)) for start in range(0, total, rows_per_task)]
+    ranges, start, size = [], 0, 0
+    for group in row_groups:
+        size += group
+        if size >= rows_per_task or start + size >= total:
+            ranges.append((start, min(size, total - start)))
+            start, size = start + size, 0
+        if start >= total:
+            break
+    if start < total and size:
+        ranges.append((start, total - start))
+    return ranges
 
 
 # ---- the Ray Data stage ------------------------------------------------------------------------
@@ -450,7 +473,8 @@ class ReadShards:
             seek = SeekPoint(int(_field(batch, "seek_row", i, 0)), int(_field(batch, "seek_line", i, 0)),
                              int(_field(batch, "seek_byte", i, 0)))
             emitted = 0
-            for table in iter_shard(uri, fmt, self.schema, start=start, seek=seek):
+            stop = start + take if take is not None else None
+            for table in iter_shard(uri, fmt, self.schema, start=start, stop=stop, seek=seek):
                 if take is not None and emitted >= take:
                     break
                 if not table.num_rows:

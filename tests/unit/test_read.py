@@ -594,7 +594,7 @@ def test_shards_whose_column_types_cannot_combine_are_named():
 
 
 def test_large_shards_split_into_row_ranges_that_read_exactly_their_rows(tmp_path, monkeypatch):
-    """jsonl ranges start from the nearest seek point the scan recorded, parquet ranges from their row group;
+    """jsonl ranges start from the nearest seek point the scan recorded, parquet ranges are whole row groups;
     each range yields exactly its rows with their shard row numbers; csv shards stay whole."""
     from pipelines.read import split_tasks
 
@@ -610,11 +610,11 @@ def test_large_shards_split_into_row_ranges_that_read_exactly_their_rows(tmp_pat
     assert scans[str(j)].rows == 23 and [sp.row for sp in scans[str(j)].seek_points] == [0, 4, 8, 12, 16, 20]
     tasks = [ShardTask(str(j), "a.jsonl", "jsonl", None, json.dumps({"9": "a.jsonl row 1"})),
              ShardTask(str(p), "b.parquet", "parquet", 8), ShardTask(str(c), "c.csv", "csv", None)]
-    ranges = split_tasks(tasks, 5, {u: s.rows for u, s in scans.items()},
-                         {u: s.seek_points for u, s in scans.items()})
+    assert scans[str(p)].row_groups == (3, 3, 3, 1)
+    ranges = split_tasks(tasks, 5, scans)
     assert [(t.relpath, t.start, t.take, t.seek_row) for t in ranges] == [
         ("a.jsonl", 0, 5, 0), ("a.jsonl", 5, 5, 4), ("a.jsonl", 10, 5, 8), ("a.jsonl", 15, 5, 12),
-        ("a.jsonl", 20, 3, 20), ("b.parquet", 0, 5, 0), ("b.parquet", 5, 3, 0), ("c.csv", 0, None, 0)]
+        ("a.jsonl", 20, 3, 20), ("b.parquet", 0, 6, 0), ("b.parquet", 6, 2, 0), ("c.csv", 0, None, 0)]
     assert json.loads(ranges[1].duplicates) == {"9": "a.jsonl row 1"} and ranges[0].duplicates == "{}"
     schema = pa.schema([("k", pa.string()), ("prompt", pa.string())])
     stage = ReadShards(schema.serialize().to_pybytes(), "k")
@@ -639,3 +639,16 @@ def test_a_value_of_the_wrong_type_is_a_row_error_not_an_unreadable_shard(tmp_pa
     assert [r["_row_error"] for r in rows] == [None, "column 'prompt' holds int, expected text",
                                                "column 'prompt' holds list, expected text", None]
     assert rows[2]["n"] is None
+
+
+def test_a_jsonl_range_is_not_parsed_past_its_end(tmp_path, monkeypatch):
+    from pipelines.read import SeekPoint
+
+    monkeypatch.setattr(read, "SEEK_EVERY", 8)
+    f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}"} for i in range(50)])
+    points: list = []
+    list(iter_shard(str(f), "jsonl", seek_points=points))
+    assert points[0] == SeekPoint(0, 0, 0) and [p.row for p in points] == [0, 8, 16, 24, 32, 40, 48]
+    rows = [r for t in iter_shard(str(f), "jsonl", start=18, stop=21, seek=points[2]) for r in t.to_pylist()]
+    assert [r["_row_number"] for r in rows] == [16, 17, 18, 19, 20]
+    assert rows[-1]["prompt"] == "p20"
