@@ -28,6 +28,15 @@ def cluster_address(option: str | None) -> str | None:
     return address.rstrip("/")
 
 
+def planning_address(option: str | None) -> str | None:
+    """The cluster a plan is fitted to: `--address`, else RAY_ADDRESS when it is a dashboard URL
+    (a Ray node's own RAY_ADDRESS, such as 'auto' or a GCS address, does not make a plan ask a cluster)."""
+    if option:
+        return cluster_address(option)
+    env = os.environ.get("RAY_ADDRESS") or ""
+    return cluster_address(env) if env.startswith(("http://", "https://")) else None
+
+
 def token_source() -> str | None:
     """Where Ray would read a token from: RAY_AUTH_TOKEN, else ~/.ray/auth_token. Never the token itself."""
     if os.environ.get(TOKEN_ENV):

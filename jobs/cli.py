@@ -105,7 +105,9 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     if dry_run:
         from jobs.plan import plan_for, render_plan
 
-        click.echo(render_plan(plan_for(spec, None, cluster_address(address), log=structlog.get_logger())))
+        from cluster.jobs_api import planning_address
+
+        click.echo(render_plan(plan_for(spec, None, planning_address(address), log=structlog.get_logger())))
         return
     if resume_id:
         if run_id and run_id != resume_id:
@@ -117,7 +119,8 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     target = None if on_cluster else cluster_address(address)
     if target is not None and resume_id:
         raise UserError("--resume: resuming runs on a cluster is not supported yet (the Jobs API keeps one "
-                        "submission per run id); resume it locally against the same output.path")
+                        "submission per run id); once the cluster run has stopped (llmbatch status RUN_ID), "
+                        "resume it here without --address or RAY_ADDRESS, against the same output.path")
     if target is None:
         result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=show_worker_logs or on_cluster,
                          on_cluster=on_cluster, overwrite=overwrite, resume=bool(resume_id))
@@ -144,18 +147,18 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
                                     "default: resources.accelerator_type, A10G for gpu, else CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--address", help="Fit the plan to this Ray cluster's capacity (its dashboard, http://HEAD:8265; "
-                                "default: RAY_ADDRESS, else no cluster check).")
+                                "default: RAY_ADDRESS when it is such a URL, else no cluster check).")
 def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, as_json: bool,
          address: str | None) -> None:
     """Estimate replicas, GPUs, wall time, GPU-hours and cost from measured throughput."""
     import json
 
-    from cluster.jobs_api import cluster_address
+    from cluster.jobs_api import planning_address
     from jobs.plan import plan_for, render_plan
     from jobs.spec import load_spec
 
     spec = load_spec(job_file, list(overrides))
-    result = plan_for(spec, accelerator, cluster_address(address), log=structlog.get_logger())
+    result = plan_for(spec, accelerator, planning_address(address), log=structlog.get_logger())
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
 
 

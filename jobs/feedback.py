@@ -49,7 +49,7 @@ def record_run(manifest: dict[str, Any], fingerprint: str, device: Accelerator, 
     else:
         measurement, prefill = profiles.measurement_from_manifest(manifest, label), None
     prediction = None
-    if plan is not None and prefill is None:
+    if plan is not None and source != PREFILL_SOURCE:
         prediction = {"run_id": manifest["run_id"], "predicted_wall_seconds": plan.wall_seconds,
                       "measured_wall_seconds": manifest.get("generation_seconds", manifest["wall_seconds"]), "rows": manifest["rows"]["in"],
                       "replicas": plan.replicas}

@@ -247,10 +247,10 @@ def fit_to_cluster(plan: Plan, spec: JobSpec, address: str, nodes: list[dict[str
     shape = replica_shape("cpu" if plan.accelerator == "CPU" else "gpu", plan.tensor_parallel_size)
     hosts = [n for n in nodes if can_host(shape, n, spec.resources.accelerator_type)]
     totals: dict[str, float] = {}
-    for node in hosts:
+    for node in nodes:  # as `submit` counts them
         for key, amount in node.items():
             totals[key] = totals.get(key, 0.0) + amount
-    capacity = replica_capacity(shape, totals)
+    capacity = replica_capacity(shape, totals) if hosts else 0
     info = {"address": address, "nodes": len(nodes), "nodes_that_can_host": len(hosts),
             "cpus": totals.get("CPU", 0.0), "gpus": totals.get("GPU", 0.0), "replica_capacity": capacity}
     notes = list(plan.notes)
@@ -263,9 +263,13 @@ def fit_to_cluster(plan: Plan, spec: JobSpec, address: str, nodes: list[dict[str
             fitted = plan.for_replicas(capacity)
             notes.append(f"capped at {capacity} replica(s): what the cluster at {address} holds at once "
                          f"(planned {plan.replicas})")
+        elif spec.resources.replica_range[0] > capacity:
+            notes.append(f"resources.replicas needs at least {spec.resources.replica_range[0]}, more than the "
+                         f"cluster at {address} holds at once ({capacity}); the run would be refused")
         else:
-            notes.append(f"resources.replicas {plan.replicas} is more than the cluster at {address} holds at "
-                         f"once ({capacity}); the run would be refused")
+            fitted = plan.for_replicas(capacity)
+            notes.append(f"the pool grows to {capacity} replica(s) here, what the cluster at {address} holds at once "
+                         f"(resources.replicas allows {plan.replicas})")
     return replace(fitted, notes=notes, cluster=info)
 
 

@@ -96,11 +96,28 @@ def check_resumable(run_uri: str, run_id: str, spec: dict[str, Any]) -> dict[str
     return earlier
 
 
+def input_could_list(input_path: str, output_path: str) -> bool:
+    """Whether listing the input (file, directory, glob or prefix) could ever find files under the output."""
+    from pipelines.storage import filesystem_for, is_within, location
+
+    if any(ch in input_path for ch in "*?["):
+        # a glob without ** matches one level only; output files always sit a level below output.path
+        return "**" in input_path and is_within(output_path, input_path)
+    if is_within(output_path, input_path):
+        return True
+    fs, inner = filesystem_for(input_path)
+    try:
+        is_prefix = not fs.exists(inner)
+    except Exception:  # storage errors are reported when the input is listed
+        return False
+    return is_prefix and location(output_path).startswith(location(input_path))
+
+
 def overlap_problems(spec: JobSpec, run_uri: str | None = None) -> list[str]:
     """A run must never read its own output, nor write (or clear) where its input lies."""
     from pipelines.storage import is_within
 
-    if is_within(spec.output.path, spec.input.path):
+    if input_could_list(spec.input.path, spec.output.path):
         return [f"output.path: {spec.output.path} is inside input.path {spec.input.path}; later runs would read "
                 "earlier runs' output as input. Write output elsewhere"]
     if run_uri is not None and is_within(spec.input.path, run_uri):
@@ -173,14 +190,11 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         if not overwrite:
             raise UserError(f"{run_uri} already holds a committed run; choose another --run-id, "
                             "or pass --overwrite to replace it")
-        remove_run(run_uri)
-        log.warning("committed_run_replaced", output=run_uri)
+        replace_committed = True
+    else:
+        replace_committed = False
     attempt = {"spec": spec.model_dump(mode="json")}
     earlier = check_resumable(run_uri, run_id, attempt["spec"]) if resume else None
-    if not resume:
-        stale = clear_uncommitted(run_uri)
-        if stale:
-            log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
     files = list_input_files(spec.input.path, spec.input.format)
     log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
     attempt["input_files"] = [[f.uri, f.size] for f in files]
@@ -252,11 +266,20 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     target = staging_uri(run_uri, 0) if judges else run_uri
     finished = None
     if resume:
-        if judges:
-            clear_uncommitted(run_uri, keep_staging=True)  # judge passes run again over every row
+        if judges:  # judge passes run again over every row; the first pass resumes
+            clear_uncommitted(run_uri, keep_staging=True)
+            for number in range(1, len(judges) + 1):
+                remove_tree(staging_uri(run_uri, number))
         finished = finished_work(target)
         log.info("resuming", rows_skipped=finished.rows, parts_kept=finished.parts_kept,
                  parts_removed=len(finished.parts_removed), output=run_uri)
+    if replace_committed:  # only now that the job has passed every check
+        remove_run(run_uri)
+        log.warning("committed_run_replaced", output=run_uri)
+    elif not resume:
+        stale = clear_uncommitted(run_uri)
+        if stale:
+            log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
     remove_tree(join(run_uri, ERRORS_DIR))
     write_attempt(run_uri, attempt)
     counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
@@ -325,6 +348,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     write_summary(run_uri, summary)
     manifest["summary"] = SUMMARY_NAME
     write_manifest(run_uri, manifest)
+    if judges:
+        remove_staging(join(run_uri, STAGING_DIR))
     if device is not None and spec.task == "generate" and not (finished and finished.rows):
         # score runs generate nothing to measure; a resumed run's totals mix two attempts
         record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
@@ -413,12 +438,11 @@ def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inpu
         counter = ProgressCounter.options(name=f"{progress_actor_name(run_id)}-judge-{name}").remote(run_id)
         ds = build_judge_pass(read_output_parts(source), scorer, judge_plan, inputs, context, judge_max_len, counter)
         _execute(ds, target, counter, inputs.rows, started, log.bind(judge=name))
-        remove_staging(source)
+        if source != first_pass:  # the first pass stays until the manifest is written: a resume starts from it
+            remove_staging(source)
         stats[name] = {"wall_seconds": round(time.time() - started, 3), "replicas": judge_plan.replicas[1],
                        "devices": judge_plan.replicas[1] * judge_plan.engine_kwargs["tensor_parallel_size"],
                        "model": judge_plan.model_path}
-    if judges:
-        remove_staging(join(run_uri, STAGING_DIR))
     return stats
 
 

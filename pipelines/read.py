@@ -1,6 +1,7 @@
 """Read stage: list input shards, scan them cheaply, and stream rows with a stable id."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -232,17 +233,48 @@ def _rows_to_table(rows: list[dict], schema: pa.Schema | None, errors: list[str 
 
 
 def _first_value_schema(rows: list[dict]) -> pa.Schema:
-    """Each column typed by its first non-null value (text when it has none)."""
-    types: dict[str, pa.DataType | None] = {}
+    """Each column typed by what most of its non-null values are; text when text is as common as any other
+    kind (or the column has no values)."""
+    kinds: dict[str, dict[type, list]] = {}
     for row in rows:
         for name, value in row.items():
-            if types.get(name) is None and value is not None:
-                try:
-                    types[name] = pa.array([value]).type
-                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-                    types[name] = pa.string()
-            types.setdefault(name, None)
-    return pa.schema([(name, t if t is not None else pa.string()) for name, t in types.items()])
+            by_kind = kinds.setdefault(name, {})
+            if value is not None:
+                by_kind.setdefault(type(value), []).append(value)
+    fields = []
+    for name, by_kind in kinds.items():
+        counts = {kind: len(values) for kind, values in by_kind.items()}
+        if not counts or counts.get(str, 0) >= max(counts.values()):
+            fields.append((name, pa.string()))
+            continue
+        kind = max(counts, key=counts.get)
+        try:
+            fields.append((name, pa.array(by_kind[kind]).type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            fields.append((name, pa.string()))
+    return pa.schema(fields)
+
+
+def merge_chunk_schemas(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for a shard's chunks; a column whose chunks disagree beyond promotion becomes text
+    (its odd values then become row errors when read)."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    fields: dict[str, pa.DataType] = {}
+    for schema in schemas:
+        for field in schema:
+            if field.name not in fields:
+                fields[field.name] = field.type
+                continue
+            try:
+                fields[field.name] = pa.unify_schemas(
+                    [pa.schema([(field.name, fields[field.name])]), pa.schema([field])],
+                    promote_options="permissive").field(0).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                fields[field.name] = pa.string()
+    return pa.schema(list(fields.items()))
 
 
 def _fits(value, type_: pa.DataType) -> bool:
@@ -323,7 +355,7 @@ def scan_shard(uri: str, fmt: str) -> ShardScan:
             data = table.drop_columns(["_row_number", ROW_ERROR_COLUMN])
             if data.num_columns:
                 schemas.append(data.schema)
-        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+        schema = merge_chunk_schemas(schemas) if schemas else pa.schema([])
         return ShardScan(uri, rows, schema.serialize().to_pybytes(), seek_points=tuple(points))
     except Exception as exc:  # reported per shard; the driver turns it into one clear error
         return ShardScan(uri, 0, b"", f"{type(exc).__name__}: {exc}")
@@ -423,9 +455,13 @@ def split_tasks(tasks: list[ShardTask], rows_per_task: int, scans: dict[str, "Sh
             out.append(task)
             continue
         repeated = {int(k): v for k, v in json.loads(task.duplicates).items()}
+        repeated_rows = sorted(repeated)
+        point_rows = [p.row for p in scan.seek_points]  # ascending
         for start, take in _ranges(task.format, total, rows_per_task, scan.row_groups):
-            seek = max((p for p in scan.seek_points if p.row <= start), key=lambda p: p.row, default=SeekPoint())
-            mine = {str(n): where for n, where in repeated.items() if start <= n < start + take}
+            at = bisect.bisect_right(point_rows, start) - 1
+            seek = scan.seek_points[at] if at >= 0 else SeekPoint()
+            mine = {str(n): repeated[n] for n in repeated_rows[bisect.bisect_left(repeated_rows, start):
+                                                               bisect.bisect_left(repeated_rows, start + take)]}
             out.append(replace(task, start=start, take=take, duplicates=json.dumps(mine) if mine else "{}",
                                seek_row=seek.row, seek_line=seek.line, seek_byte=seek.byte))
     return out
@@ -507,8 +543,9 @@ class ReadShards:
             errors = [e or (f"id column '{self.id_column}' is null" if v is None else None)
                       for e, v in zip(errors, raw_ids)]
             repeated = repeated or {}
-            errors = [e or (f"{DUPLICATE_ID_ERROR}'{i}' at {relpath} row {n} (first at {repeated[n]})"
-                            if n in repeated else None) for e, i, n in zip(errors, ids, numbers)]
+            # a repeated id comes first whatever else is wrong with the row: resume keys such rows by this text
+            errors = [f"{DUPLICATE_ID_ERROR}'{i}' at {relpath} row {n} (first at {repeated[n]})"
+                      + (f"; {e}" if e else "") if n in repeated else e for e, i, n in zip(errors, ids, numbers)]
         else:
             ids = [stable_id(relpath, n) for n in numbers]
         packed = pa.StructArray.from_arrays([c.combine_chunks() for c in data.columns], names=data.column_names) \

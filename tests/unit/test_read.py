@@ -652,3 +652,29 @@ def test_a_jsonl_range_is_not_parsed_past_its_end(tmp_path, monkeypatch):
     rows = [r for t in iter_shard(str(f), "jsonl", start=18, stop=21, seek=points[2]) for r in t.to_pylist()]
     assert [r["_row_number"] for r in rows] == [16, 17, 18, 19, 20]
     assert rows[-1]["prompt"] == "p20"
+
+
+def test_a_repeated_id_is_named_first_even_when_the_row_has_another_error(tmp_path):
+    from pipelines.read import id_hashes, mark_duplicate_ids
+
+    f = write_jsonl(tmp_path / "a.jsonl", [{"qid": "a", "prompt": "x"}, {"qid": "b", "prompt": "y"},
+                                           {"qid": "a", "prompt": 5}])
+    schema = schema_of(scan_shard(str(f), "jsonl"))
+    assert schema.field("prompt").type == pa.string()
+    tasks, count = mark_duplicate_ids([ShardTask(str(f), "a.jsonl", "jsonl", None)],
+                                      [id_hashes(str(f), "jsonl", schema, "qid", None)])
+    rows = shard_task_rows(tasks)
+    out = _run(ReadShards(schema.serialize().to_pybytes(), "qid"), {k: [r[k] for r in rows] for k in rows[0]})
+    assert out.column("_row_error").to_pylist()[2] == \
+        "duplicate id 'a' at a.jsonl row 2 (first at a.jsonl row 0); column 'prompt' holds int, expected text"
+
+
+def test_column_types_follow_most_values_and_clashing_chunks_become_text(tmp_path, monkeypatch):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": 5}] + [{"prompt": f"p{i}"} for i in range(4)])
+    assert schema_of(scan_shard(str(f), "jsonl")).field("prompt").type == pa.string()
+    monkeypatch.setattr(read, "READ_CHUNK_ROWS", 2)
+    g = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": 1}, {"prompt": 2}])
+    scan = scan_shard(str(g), "jsonl")
+    assert scan.error is None and schema_of(scan).field("prompt").type == pa.string()
+    errors = [r["_row_error"] for r in read_all(g, "jsonl", schema_of(scan))]
+    assert errors == [None, None, "column 'prompt' holds int, expected text", "column 'prompt' holds int, expected text"]

@@ -114,8 +114,12 @@ def test_output_inside_input_and_input_inside_the_run_are_refused(tmp_path):
 
     assert overlap_problems(spec(str(tmp_path / "data"), str(tmp_path / "data" / "out")))[0].startswith(
         f"output.path: {tmp_path / 'data' / 'out'} is inside input.path")
-    assert overlap_problems(spec("s3://b/in/*.jsonl", "s3://b/in/out"))
-    assert overlap_problems(spec("s3://b/in", "s3://b/input")) == []
+    assert overlap_problems(spec("s3://b/in/**/*.jsonl", "s3://b/in/out"))
+    assert overlap_problems(spec("s3://b/in/*.jsonl", "s3://b/in/out")) == []  # one level: never the run's parts
+    assert overlap_problems(spec("*.jsonl", "out")) == []
+    (tmp_path / "data").mkdir()
+    assert overlap_problems(spec(str(tmp_path / "data"), str(tmp_path / "data_out"))) == []  # a directory
+    assert overlap_problems(spec(str(tmp_path / "prompts"), str(tmp_path / "prompts_out")))  # a prefix
     assert overlap_problems(spec(str(tmp_path / "out" / "r1" / "p.jsonl"), str(tmp_path / "out")),
                             str(tmp_path / "out" / "r1"))[0].startswith("input.path:")
     assert overlap_problems(spec(str(tmp_path / "out" / "r1"), str(tmp_path / "out")), str(tmp_path / "out" / "r2")) == []

@@ -167,5 +167,7 @@ def test_a_plan_is_capped_by_what_the_cluster_holds():
     fixed = validate_spec({**base, "resources": {"replicas": 5}})
     refused = fit_to_cluster(_plan(5), fixed, "http://head:8265", nodes)
     assert refused.replicas == 5 and "the run would be refused" in refused.notes[-1]
+    ranged = fit_to_cluster(_plan(8), validate_spec({**base, "resources": {"replicas": [1, 8]}}), "http://h", nodes)
+    assert ranged.replicas == 3 and "the pool grows to 3 replica(s) here" in ranged.notes[-1]
     assert fit_to_cluster(_plan(1, tp=4), auto, "http://h", nodes).cluster["replica_capacity"] == 0
     assert fit_to_cluster(_plan(2, accelerator_name="CPU"), auto, "http://h", nodes).replicas == 2
