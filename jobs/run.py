@@ -38,7 +38,7 @@ from pipelines.resume import ATTEMPT_NAME, changed_settings, finished_work, read
 from pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
 from pipelines.scorers import check_scorers, load_function
 from pipelines.render import RenderSettings, template_fields
-from pipelines.storage import join
+from pipelines.storage import check_bucket, join
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROGRESS_EVERY_SECONDS = 10.0
@@ -183,6 +183,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     overlap = overlap_problems(spec, run_uri)
     if overlap:
         raise UserError(overlap[0], lines=overlap)
+    check_bucket(spec.output.path, "output.path")
     if manifest_exists(run_uri):
         if resume:
             raise UserError(f"--resume {run_id}: {run_uri} is already committed, so there is nothing to resume; "

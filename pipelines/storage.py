@@ -73,6 +73,19 @@ def is_within(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
+def check_bucket(path: str, field: str) -> None:
+    """For an s3:// path, fail early (naming the YAML field) when its bucket does not exist."""
+    if not is_s3(path):
+        return
+    bucket, _ = bucket_and_key(path)
+    fs, _ = filesystem_for(path)
+    with storage_errors(path, "reach"):
+        exists = fs.exists(bucket)
+    if not exists:
+        endpoint = s3_endpoint()
+        raise UserError(f"{field}: bucket '{bucket}' does not exist" + (f" at {endpoint}" if endpoint else ""))
+
+
 def read_json(uri: str, action: str = "read"):
     """The JSON document at `uri`, or None when there is none."""
     import json
@@ -106,7 +119,7 @@ def describe_storage_error(exc: BaseException, path: str, action: str) -> str:
     inner = path.split("://", 1)[-1]
     lowered = text.replace(path, "").replace(inner, "").lower()
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "the specified bucket does not exist" in lowered:
-        return f"cannot {action} {path}: {where} does not exist" + (f" at {endpoint}" if endpoint else "")
+        return f"cannot {action} {path}: bucket '{bucket}' does not exist" + (f" at {endpoint}" if endpoint else "")
     if "nocredentials" in lowered or "unable to locate credentials" in lowered:
         return (f"cannot {action} {path}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "AWS_PROFILE, or an instance role")

@@ -103,7 +103,7 @@ def test_join_allows_dots_inside_names():
 def test_no_such_bucket_names_the_bucket():
     msg = describe_storage_error(client_error("NoSuchBucket", "The specified bucket does not exist"),
                                  PATH, "list input")
-    assert msg == f"cannot list input {PATH}: bucket 'my-bucket', key 'data/prompts.jsonl' does not exist"
+    assert msg == f"cannot list input {PATH}: bucket 'my-bucket' does not exist"
 
 
 def test_no_such_bucket_mentions_the_endpoint_when_set(monkeypatch):
