@@ -19,7 +19,13 @@ KINDS_SHOWN = 10
 
 def error_kind(message: str) -> str:
     """What kind of error a message is, without the row's own details (quoted values, numbers, asides)."""
-    text = re.sub(r" at \S+ row \d+|\([^)]*\)|'[^']*'|\S*\d\S*", " ", message.splitlines()[0] if message else "")
+    text = message.splitlines()[0] if message else ""
+    while True:  # asides, innermost first: they may nest
+        shorter = re.sub(r"\([^()]*\)", " ", text)
+        if shorter == text:
+            break
+        text = shorter
+    text = re.sub(r" at \S+ row \d+|'[^']*'|\S*\d\S*", " ", text)
     return " ".join(text.split())[:80] or "error"
 
 

@@ -103,6 +103,8 @@ def test_error_kinds_drop_the_rows_own_details():
     assert error_kind("duplicate id 'k1' at a.jsonl row 2 (first at a.jsonl row 0)") == "duplicate id"
     assert error_kind("prompt column 'prompt' is null") == "prompt column is null"
     assert error_kind("input line 9: not a JSON object (Expecting value)") == "input line not a JSON object"
+    assert error_kind("input line 9: not a JSON object (Expecting property name: line 1 column 2 (char 1))") == \
+        "input line not a JSON object"
 
 
 def test_output_inside_input_and_input_inside_the_run_are_refused(tmp_path):
