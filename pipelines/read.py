@@ -15,7 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from jobs.errors import UserError
-from pipelines.storage import bucket_and_key, filesystem_for, full_uri, is_s3, s3_endpoint, storage_errors
+from pipelines.storage import check_bucket, filesystem_for, full_uri, is_s3, storage_errors
 
 FORMAT_BY_EXTENSION = {
     ".parquet": "parquet", ".pq": "parquet",
@@ -76,7 +76,7 @@ def list_input_files(path: str, fmt: str = "auto") -> list[InputFile]:
             if not matches and not is_s3(path):
                 raise UserError(f"input.path: {path} does not exist")
             if not matches and is_s3(path):
-                _check_bucket(fs, path)
+                check_bucket(path, "input.path")
         files = []
         for match in sorted(set(matches)):
             name = match.rsplit("/", 1)[-1]
@@ -93,15 +93,6 @@ def list_input_files(path: str, fmt: str = "auto") -> list[InputFile]:
     if not files:
         raise UserError(f"input.path: no input files (.parquet, .jsonl, .csv) found at {path}")
     return files
-
-
-def _check_bucket(fs, path: str) -> None:
-    bucket, _ = bucket_and_key(path)
-    try:
-        fs.ls(bucket)
-    except FileNotFoundError:
-        raise UserError(f"input.path: bucket '{bucket}' does not exist"
-                        + (f" at {s3_endpoint()}" if s3_endpoint() else "")) from None
 
 
 def _format_of(path: str, fmt: str) -> str | None:
