@@ -34,6 +34,7 @@ from pipelines.manifest import (
     tally_output, write_manifest,
 )
 from pipelines.read import list_input_files
+from pipelines.result_cache import CachePlan, cache_plan, is_deterministic, write_entries, write_key_file
 from pipelines.resume import ATTEMPT_NAME, changed_settings, finished_work, read_attempt, write_attempt
 from pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
 from pipelines.scorers import check_scorers, load_function
@@ -120,6 +121,9 @@ def overlap_problems(spec: JobSpec, run_uri: str | None = None) -> list[str]:
     if input_could_list(spec.input.path, spec.output.path):
         return [f"output.path: {spec.output.path} is inside input.path {spec.input.path}; later runs would read "
                 "earlier runs' output as input. Write output elsewhere"]
+    if spec.cache is not None and input_could_list(spec.input.path, spec.cache.path):
+        return [f"cache.path: {spec.cache.path} is inside input.path {spec.input.path}; runs would read cache "
+                "entries as input. Keep the cache elsewhere"]
     if run_uri is not None and is_within(spec.input.path, run_uri):
         return [f"input.path: {spec.input.path} is inside this run's output folder {run_uri}, which the run "
                 "clears and rewrites; use another --run-id or move the input"]
@@ -184,6 +188,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     if overlap:
         raise UserError(overlap[0], lines=overlap)
     check_bucket(spec.output.path, "output.path")
+    if spec.cache is not None:
+        check_bucket(spec.cache.path, "cache.path")
     if manifest_exists(run_uri):
         if resume:
             raise UserError(f"--resume {run_id}: {run_uri} is already committed, so there is nothing to resume; "
@@ -237,21 +243,24 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec), spec.input.id_column,
                          rows_per_task=spec.resources.batch_size)
     log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names, duplicate_ids=inputs.duplicate_ids)
+    engine_kwargs = engine_kwargs_for(spec.model.engine, accelerator, max_len,
+                                      math.ceil(max_replicas / max(1, len(hosts))))
+    sampling = spec.sampling
+    sampling_settings = scoring_params() if spec.task == "score" else sampling_params(
+        sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.stop,
+        sampling.logprobs)
+    cache = result_cache_for(spec, fingerprint, engine_kwargs, sampling_settings, log)
     context = OutputContext(run_id, spec.model.source, max_len, task=spec.task, logprobs=spec.sampling.logprobs,
-                            scorers=tuple(s.model_dump(mode="json") for s in spec.scoring))
+                            scorers=tuple(s.model_dump(mode="json") for s in spec.scoring),
+                            cache_uri=cache.uri if cache else None)
     problems = check_scorers(list(context.scorers), output_schema_for(inputs, context).names, inputs.schema.names)
     if problems:
         raise UserError(problems[0], lines=problems)
 
-    engine_kwargs = engine_kwargs_for(spec.model.engine, accelerator, max_len,
-                                      math.ceil(max_replicas / max(1, len(hosts))))
-    sampling = spec.sampling
     plan = EnginePlan(
         model_path=str(model_path),
         engine_kwargs=engine_kwargs,
-        sampling_params=scoring_params() if spec.task == "score" else sampling_params(
-            sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.stop,
-            sampling.logprobs),
+        sampling_params=sampling_settings,
         replicas=(min_replicas, max_replicas),
         batch_size=spec.resources.batch_size,
         bundle_per_replica=shape.bundle,
@@ -296,11 +305,16 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
 
     replicas = ray.get(counter.snapshot.remote())["replicas"]
     judge_stats = _judge_passes(judges, target, run_uri, run_id, inputs, context, spec.model.source, log)
+    cache_stats = write_entries(run_uri, cache, run_id) if cache else None
+    if cache_stats:
+        log.info("cache_updated", hits=cache_stats["hits"], entries_written=cache_stats["entries_written"],
+                 cache=cache.uri)
+    reused = bool(finished and finished.rows) or bool(cache_stats and cache_stats["hits"])
     wall = time.time() - started
     first_batch = min((r["first_batch_at"] for r in replicas if r.get("first_batch_at")), default=None)
     tally = tally_output(run_uri)
-    # a resumed run generated only the rows it did not find written
-    generated_now = sum(r.get("generated_tokens", 0) for r in replicas) if finished else tally.generated_tokens
+    # a resumed or cached run generated only the rows it did not find written or cached
+    generated_now = sum(r.get("generated_tokens", 0) for r in replicas) if reused else tally.generated_tokens
     error_rows = write_error_rows(run_uri) if tally.errors else None
     status = "succeeded" if tally.errors == 0 else "succeeded_with_errors"
     problems = []
@@ -336,6 +350,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
                  "duplicate_ids": inputs.duplicate_ids},
         "errors": error_rows,
         "resumed": finished.to_dict() if finished else None,
+        "cache": cache_manifest(spec, cache, cache_stats, inputs.rows),
         "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
         "wall_seconds": round(wall, 3),
         "startup_seconds": round(first_batch - started, 3) if first_batch else None,
@@ -351,8 +366,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     write_manifest(run_uri, manifest)
     if judges:
         remove_staging(join(run_uri, STAGING_DIR))
-    if device is not None and spec.task == "generate" and not (finished and finished.rows):
-        # score runs generate nothing to measure; a resumed run's totals mix two attempts
+    if device is not None and spec.task == "generate" and not reused:
+        # score runs generate nothing to measure; a resumed or cached run's totals mix earlier work in
         record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
     log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
              wall_seconds=round(wall, 1))
@@ -360,6 +375,33 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     if status == "failed":
         raise JobFailed("; ".join(problems))
     return result
+
+
+def result_cache_for(spec: JobSpec, fingerprint: str, engine_kwargs: dict[str, Any],
+                     sampling_settings: dict[str, Any], log) -> CachePlan | None:
+    """The cache namespace this run reads and adds to; none without `cache`, or when sampling is not repeatable."""
+    if spec.cache is None:
+        return None
+    if not is_deterministic(sampling_settings):
+        log.warning("cache_not_used", reason="sampling.temperature > 0 without sampling.seed: a result is not "
+                    "repeatable, so none is reused or stored; set sampling.seed to cache sampled results")
+        return None
+    cache = cache_plan(spec.cache.path, fingerprint, engine_kwargs, sampling_settings)
+    write_key_file(cache, spec.model.source)
+    log.info("cache_opened", cache=cache.uri)
+    return cache
+
+
+def cache_manifest(spec: JobSpec, cache: CachePlan | None, stats: dict[str, int] | None,
+                   rows: int) -> dict[str, Any] | None:
+    if spec.cache is None:
+        return None
+    if cache is None:
+        return {"path": spec.cache.path, "used": False, "reason": "sampling is not repeatable (temperature > 0, no seed)"}
+    hits = stats["hits"] if stats else 0
+    return {"path": spec.cache.path, "used": True, "namespace": cache.namespace, "hits": hits,
+            "hit_rate": round(hits / rows, 4) if rows else 0.0,
+            "entries_written": stats["entries_written"] if stats else 0}
 
 
 def run_cost(generation_seconds: float, devices: int, device, judges: dict[str, Any]) -> dict[str, Any] | None:

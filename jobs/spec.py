@@ -90,6 +90,13 @@ class OutputSpec(_Section):
                                                        "a crashed run resumes from the parts it wrote.")
 
 
+class CacheSpec(_Section):
+    path: str = Field(..., min_length=1,
+                      description="Local directory or s3:// prefix of the result cache; runs of any job may share it. "
+                                  "A row whose model, dtype, max_model_len, sampling settings and rendered prompt "
+                                  "were generated before takes that result instead of running the engine.")
+
+
 NORMALIZATIONS = ("strip", "lowercase", "whitespace", "punctuation", "articles")
 Normalization = Literal["strip", "lowercase", "whitespace", "punctuation", "articles"]
 SCORER_NAME = r"^[a-z][a-z0-9_]*$"
@@ -294,6 +301,8 @@ class JobSpec(_Section):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How to generate.")
     scoring: list[Scorer] = Field(default_factory=list, description="Scorers; each adds a score_<name> column.")
     output: OutputSpec = Field(..., description="Where results go.")
+    cache: Optional[CacheSpec] = Field(
+        None, description="Reuse results across runs (greedy or seeded sampling only); null = no cache.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Replicas and batching.")
 
     @field_validator("scoring")
@@ -317,6 +326,8 @@ class JobSpec(_Section):
             raise ValueError(f"input.{given[0]}: only used with task: score")
         if self.task == "score" and self.sampling.logprobs is not None:
             raise ValueError("sampling.logprobs: task: score generates nothing to keep top logprobs of")
+        if self.task == "score" and self.cache is not None:
+            raise ValueError("cache: task: score results are not cached; remove the cache section")
         if self.task == "score" and self.input.messages_column is not None:
             raise ValueError("input.messages_column: task: score continues a text prompt; "
                              "use input.prompt_column or input.template")

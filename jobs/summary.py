@@ -20,6 +20,14 @@ def render_summary(manifest: dict[str, Any], summary: dict[str, Any] | None = No
         f"  output       {manifest['output']['path']}",
         f"  manifest     {manifest['output']['path'].rstrip('/')}/_manifest.json",
     ]
+    cache = manifest.get("cache")
+    if cache:
+        shown = (f"{cache['hits']} of {rows['in']} rows reused ({cache['hit_rate']:.1%}), "
+                 f"{cache['entries_written']} added") if cache.get("used") else f"not used: {cache['reason']}"
+        lines.insert(-3, f"  cache        {shown}")
+    resumed = manifest.get("resumed")
+    if resumed:
+        lines.insert(-3, f"  resumed      {resumed['rows_skipped']} rows kept from the earlier attempt")
     cost = (manifest.get("cost") or {}).get("usd")
     if cost is not None:
         lines.insert(-2, f"  cost         ${cost:.4f}  ({manifest['cost']['devices']} x {manifest['cost']['device']} "

@@ -9,6 +9,7 @@ from typing import Any
 
 from pipelines.read import ROW_ERROR_COLUMN
 from pipelines.render import PROMPT_COLUMN
+from pipelines.result_cache import HIT_COLUMN, HIT_MARKER
 
 RENDERED_PROMPT = "_rendered_prompt"
 INFERENCE_ERROR = "__inference_error__"  # ray.data.llm's per-row error column
@@ -51,7 +52,7 @@ def scoring_params() -> dict[str, Any]:
 def build_infer_stage(plan: EnginePlan):
     """A callable Dataset -> Dataset that runs every row with a prompt through the engines.
 
-    Rows that already carry an error skip the engine (ray.data.llm passes them through);
+    Rows that already carry an error, and result cache hits, skip the engine (ray.data.llm passes them through);
     rows the engine fails on come back with `__inference_error__` set instead of failing the job.
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -77,7 +78,7 @@ def build_infer_stage(plan: EnginePlan):
         return {
             "sampling_params": dict(params),
             RENDERED_PROMPT: row.get(PROMPT_COLUMN),
-            INFERENCE_ERROR: row.get(ROW_ERROR_COLUMN) or "",
+            INFERENCE_ERROR: row.get(ROW_ERROR_COLUMN) or (HIT_MARKER if row.get(HIT_COLUMN) else ""),
         }
 
     # The processor's own map steps are light; at Ray's default of one CPU each they would hold back

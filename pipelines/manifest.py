@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from array import array
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.storage import filesystem_for, join, storage_errors
+from pipelines.storage import filesystem_for, join, storage_errors, write_whole
 
 MANIFEST_NAME = "_manifest.json"
 STAGING_DIR = "_staging"  # parts of a pass that a later pass (a judge) rewrites; never part of the output
@@ -114,14 +113,7 @@ def write_manifest(run_uri: str, manifest: dict[str, Any]) -> str:
     fs, inner = filesystem_for(uri)
     body = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
     with storage_errors(uri, "write manifest"):
-        if getattr(fs, "local_file", False):
-            os.makedirs(os.path.dirname(inner), exist_ok=True)
-            tmp = inner + ".tmp"
-            with open(tmp, "wb") as handle:
-                handle.write(body)
-            os.replace(tmp, inner)
-        else:
-            fs.pipe_file(inner, body)
+        write_whole(fs, inner, body)
     return uri
 
 

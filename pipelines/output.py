@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 from pipelines.infer import CHOICE_RESULTS_COLUMN, INFERENCE_ERROR, RENDERED_PROMPT
 from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
 from pipelines.render import CHOICES_COLUMN, TOKENS_COLUMN
+from pipelines.result_cache import CACHED_COLUMN, HIT_COLUMN, cached_result
 from pipelines.score import cumulative_logprob, finish_reason, mean_logprob, perplexity, top_logprobs
 
 
@@ -16,14 +17,19 @@ from pipelines.score import cumulative_logprob, finish_reason, mean_logprob, per
 def to_output_row(row: dict[str, Any], *, input_columns: dict[str, str], model: str, run_id: str,
                   max_tokens: int, max_model_len: int | None, task: str = "generate",
                   logprobs: int | None = None) -> dict[str, Any]:
-    error = row.get(INFERENCE_ERROR) or row.get(ROW_ERROR_COLUMN) or None
+    cached = cached_result(row)
+    error = None if cached is not None else row.get(INFERENCE_ERROR) or row.get(ROW_ERROR_COLUMN) or None
     inputs = row.get(INPUT_COLUMN) or {}
     out: dict[str, Any] = {"id": row[ID_COLUMN]}
     for name, column in input_columns.items():
         out[column] = inputs.get(name)
     tokens = row.get(TOKENS_COLUMN)
     out["prompt"] = row.get(RENDERED_PROMPT)
-    if error:
+    if HIT_COLUMN in row:  # the job has a result cache
+        out[CACHED_COLUMN] = cached is not None
+    if cached is not None:
+        out.update(cached, error=None)
+    elif error:
         out.update(generated_text=None, finish_reason=None,
                    num_input_tokens=len(tokens) if tokens is not None else None,
                    num_generated_tokens=None, cumulative_logprob=None, mean_logprob=None, perplexity=None,

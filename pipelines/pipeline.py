@@ -17,6 +17,7 @@ from pipelines.read import (
     shard_task_rows, split_tasks, unify_input_schema,
 )
 from pipelines.render import RenderSettings, RenderStage
+from pipelines.result_cache import CacheLookupStage
 from pipelines.schema import output_names_for_inputs, output_schema, task_fields
 from pipelines.scorers import ENGINE_KINDS, ScoreStage, score_fields
 from pipelines.storage import filesystem_for, is_s3, join, storage_errors
@@ -86,9 +87,10 @@ class OutputContext:
     task: str = "generate"
     logprobs: int | None = None                        # sampling.logprobs: keep the top K per position
     scorers: tuple[dict[str, Any], ...] = ()            # scoring section, as plain dicts
+    cache_uri: str | None = None                        # result cache namespace: look rows up before the engine
 
     def extra_fields(self) -> list[pa.Field]:
-        return task_fields(self.task, bool(self.logprobs)) + score_fields(list(self.scorers))
+        return task_fields(self.task, bool(self.logprobs), self.cache_uri is not None) + score_fields(list(self.scorers))
 
 
 def output_schema_for(inputs: "InputPlan", output: OutputContext) -> pa.Schema:
@@ -106,6 +108,10 @@ def build_dataset(inputs: InputPlan, id_column: str | None, render: RenderSettin
                         batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
     ds = ds.map_batches(RenderStage, fn_constructor_args=(engine.model_path, render), batch_size=engine.batch_size,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
+    if output.cache_uri is not None:
+        ds = ds.map_batches(CacheLookupStage, fn_constructor_args=(output.cache_uri,), batch_size=engine.batch_size,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+                            num_cpus=CPU_STAGE_CPUS)
     ds = build_infer_stage(engine)(ds)
     ds = ds.map(to_output_row, fn_kwargs=dict(
         input_columns=columns, model=output.model_label, run_id=output.run_id,

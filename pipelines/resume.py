@@ -20,7 +20,7 @@ from pipelines.storage import filesystem_for, is_s3, join, read_json, storage_er
 
 ATTEMPT_NAME = "_attempt.json"
 # Settings a resumed run may change: they decide how fast rows are made, not what a row holds.
-FREE_TO_CHANGE = ("resources",)
+FREE_TO_CHANGE = ("resources", "cache")
 
 
 def row_key(row_id: str, error: str | None) -> str:

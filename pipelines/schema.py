@@ -30,6 +30,7 @@ CHOICE_FIELDS = [
     pa.field("choice_logprobs", pa.list_(pa.float64())),
     pa.field("choice_num_tokens", pa.list_(pa.int64())),
 ]
+CACHED_FIELD = pa.field("cached", pa.bool_())  # with a result cache: the result was taken from it
 RESERVED = {"id", TOP_LOGPROBS_FIELD.name} | {f.name for f in RESULT_FIELDS + CHOICE_FIELDS}
 INPUT_PREFIX = "input_"
 
@@ -51,11 +52,11 @@ def output_names_for_inputs(input_names: list[str], extra_names: list[str] = ())
     return mapping
 
 
-def task_fields(task: str, top_logprobs: bool) -> list[pa.Field]:
+def task_fields(task: str, top_logprobs: bool, cached: bool = False) -> list[pa.Field]:
     """Columns a task adds after the common result columns."""
     if task == "score":
         return list(CHOICE_FIELDS)
-    return [TOP_LOGPROBS_FIELD] if top_logprobs else []
+    return ([TOP_LOGPROBS_FIELD] if top_logprobs else []) + ([CACHED_FIELD] if cached else [])
 
 
 def output_schema(input_schema: pa.Schema, extra_fields: list[pa.Field] = ()) -> pa.Schema:
@@ -89,6 +90,7 @@ class OutputRow(BaseModel):
     choice_logprobs: Optional[list[float]] = Field(
         None, description="task: score - summed logprob of each completion given the prompt.")
     choice_num_tokens: Optional[list[int]] = Field(None, description="task: score - tokens in each completion.")
+    cached: Optional[bool] = Field(None, description="With a result cache: true when the result came from it.")
     error: Optional[str] = Field(None, description="Why this row has no result; null on success.")
     model: str = Field(..., description="model.source of the job.")
     run_id: str = Field(..., description="The run that wrote this row.")

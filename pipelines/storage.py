@@ -43,6 +43,20 @@ def filesystem_for(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def write_whole(fs: fsspec.AbstractFileSystem, inner: str, body: bytes) -> None:
+    """Write a file in one step (a rename locally, a single PUT on S3): a reader never sees half of it."""
+    if getattr(fs, "local_file", False):
+        import uuid
+
+        os.makedirs(os.path.dirname(inner), exist_ok=True)
+        tmp = f"{inner}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(body)
+        os.replace(tmp, inner)
+    else:
+        fs.pipe_file(inner, body)
+
+
 def full_uri(path: str, inner: str) -> str:
     """Put the scheme of `path` back on a filesystem-internal path."""
     return f"s3://{inner}" if is_s3(path) else inner

@@ -143,7 +143,7 @@ def test_unknown_top_level_key_lists_sections():
     raw = minimal_raw()
     raw["xyzzy"] = True
     assert spec_error_lines(raw) == [
-        "xyzzy: unknown key (known keys: name, task, model, input, sampling, scoring, output, resources)"
+        "xyzzy: unknown key (known keys: name, task, model, input, sampling, scoring, output, cache, resources)"
     ]
 
 

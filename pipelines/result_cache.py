@@ -1,0 +1,176 @@
+"""Result cache across runs: a generation is reused when the same model, the same output-shaping settings
+and the same rendered prompt come again.
+
+Layout: `{cache.path}/{namespace}/` holds one folder per (model fingerprint, dtype, max_model_len, sampling
+params); inside it `_key.json` says what the namespace stands for, and each run that computed new rows adds
+parquet files of entries (`key` = sha256 of the rendered prompt, then the row's result columns).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import structlog
+
+from pipelines.manifest import output_parts
+from pipelines.read import ROW_ERROR_COLUMN, stable_hash
+from pipelines.render import PROMPT_COLUMN
+from pipelines.storage import filesystem_for, join, storage_errors, write_whole
+
+CACHE_FORMAT = 1
+KEY_FILE = "_key.json"
+HIT_COLUMN = "_cached_result"   # a hit's result columns as JSON; null for a miss
+CACHED_COLUMN = "cached"        # output column: the row's result came from the cache
+# ray.data.llm passes a row whose error is set straight through its engine stage; a hit travels that way.
+HIT_MARKER = "__cached__"
+RESULT_COLUMNS = ("generated_text", "finish_reason", "num_input_tokens", "num_generated_tokens",
+                  "cumulative_logprob", "mean_logprob", "perplexity")
+TOP_LOGPROBS = "top_logprobs"
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    uri: str                       # the namespace folder
+    namespace: str
+    key_fields: dict[str, Any]     # what the namespace stands for
+
+
+def is_deterministic(sampling_params: dict[str, Any]) -> bool:
+    """Greedy or seeded sampling gives the same output for the same prompt, so a result can stand for it."""
+    return float(sampling_params.get("temperature") or 0.0) == 0.0 or sampling_params.get("seed") is not None
+
+
+def cache_plan(cache_path: str, fingerprint: str, engine_kwargs: dict[str, Any],
+               sampling_params: dict[str, Any]) -> CachePlan:
+    key_fields = {
+        "format": CACHE_FORMAT,
+        "model_fingerprint": fingerprint,
+        "dtype": engine_kwargs.get("dtype"),
+        "max_model_len": engine_kwargs.get("max_model_len"),
+        "sampling": dict(sorted(sampling_params.items())),
+    }
+    namespace = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
+    return CachePlan(join(cache_path, namespace), namespace, key_fields)
+
+
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
+class CacheIndex:
+    """Entries of one namespace: sorted 64-bit key hashes beside a columnar table of results."""
+
+    def __init__(self, table: pa.Table):
+        keys = table.column("key").to_pylist() if table.num_rows else []
+        hashes = np.array([stable_hash(k) for k in keys], dtype=np.int64)
+        order = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[order]
+        self.table = table.take(pa.array(order)) if table.num_rows else table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if not len(self.hashes):
+            return None
+        wanted = stable_hash(key)
+        at = int(np.searchsorted(self.hashes, wanted))
+        while at < len(self.hashes) and self.hashes[at] == wanted:
+            row = self.table.slice(at, 1).to_pylist()[0]
+            if row["key"] == key:
+                return {k: v for k, v in row.items() if k != "key"}
+            at += 1
+        return None
+
+
+def load_index(uri: str, log=None) -> CacheIndex:
+    """Read every entry file of a namespace; a file that cannot be read (cut short by a crash) is skipped."""
+    log = log or structlog.get_logger()
+    fs, inner = filesystem_for(uri)
+    tables = []
+    with storage_errors(uri, "read the result cache at"):
+        files = sorted(p for p in fs.find(inner) if p.endswith(".parquet")) if fs.exists(inner) else []
+        for path in files:
+            try:
+                with fs.open(path, "rb") as handle:
+                    tables.append(pq.read_table(handle))
+            except (pa.ArrowInvalid, OSError, EOFError) as exc:
+                log.warning("cache_file_skipped", file=path, error=str(exc)[:200])
+    if not tables:
+        return CacheIndex(pa.table({"key": pa.array([], pa.string())}))
+    return CacheIndex(pa.concat_tables(tables, promote_options="permissive"))
+
+
+class CacheLookupStage:
+    """Ray Data stage (actor): loads a namespace's entries once; a row whose rendered prompt is there gets
+    the cached result in `_cached_result` and skips the engine.
+
+    Needs columns `prompt` (as rendered) and `_row_error`.
+    """
+
+    required_columns = (PROMPT_COLUMN, ROW_ERROR_COLUMN)
+
+    def __init__(self, uri: str):
+        self.index = load_index(uri)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        missing = [c for c in self.required_columns if c not in batch.column_names]
+        if missing:
+            raise KeyError(f"CacheLookupStage: missing input column(s) {missing}")
+        prompts = batch.column(PROMPT_COLUMN).to_pylist()
+        errors = batch.column(ROW_ERROR_COLUMN).to_pylist()
+        hits = []
+        for prompt, error in zip(prompts, errors):
+            result = self.index.get(prompt_key(prompt)) if prompt is not None and error is None else None
+            hits.append(json.dumps(result) if result is not None else None)
+        return batch.append_column(HIT_COLUMN, pa.array(hits, pa.string()))
+
+
+def cached_result(row: dict[str, Any]) -> dict[str, Any] | None:
+    hit = row.get(HIT_COLUMN)
+    return json.loads(hit) if hit else None
+
+
+def write_key_file(plan: CachePlan, model_source: str) -> None:
+    uri = join(plan.uri, KEY_FILE)
+    fs, inner = filesystem_for(uri)
+    with storage_errors(uri, "write the result cache at"):
+        if not fs.exists(inner):
+            write_whole(fs, inner, json.dumps({**plan.key_fields, "model_source": model_source}, indent=2).encode())
+
+
+def write_entries(run_uri: str, plan: CachePlan, run_id: str) -> dict[str, int]:
+    """Add the rows this run generated (not those it took from the cache) to the namespace, one entry file
+    per output part; returns {hits, entries_written}. Streams part by part."""
+    fs, inner = filesystem_for(run_uri)
+    cache_fs, cache_inner = filesystem_for(plan.uri)
+    hits = written = 0
+    with storage_errors(run_uri, "read back output for the result cache from"):
+        parts = output_parts(fs, inner)
+    for number, part in enumerate(parts):
+        with storage_errors(run_uri, "read back output for the result cache from"), fs.open(part, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            names = [n for n in (PROMPT_COLUMN, CACHED_COLUMN, TOP_LOGPROBS, *RESULT_COLUMNS)
+                     if n in parquet.schema_arrow.names]
+            table = parquet.read(columns=names)
+        cached = table.column(CACHED_COLUMN).fill_null(False)
+        hits += pc.sum(cached.cast(pa.int64())).as_py() or 0
+        fresh = table.filter(pc.and_(pc.invert(cached), pc.is_valid(table.column("generated_text"))))
+        if not fresh.num_rows:
+            continue
+        keys = pa.array([prompt_key(p) for p in fresh.column(PROMPT_COLUMN).to_pylist()], pa.string())
+        entries = fresh.drop_columns([PROMPT_COLUMN, CACHED_COLUMN]).add_column(0, "key", keys)
+        target = f"{cache_inner}/{run_id}-{number:05d}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(entries, sink)
+        with storage_errors(plan.uri, "write the result cache at"):
+            write_whole(cache_fs, target, sink.getvalue().to_pybytes())
+        written += entries.num_rows
+    return {"hits": int(hits), "entries_written": written}
+

@@ -1,0 +1,156 @@
+"""Result cache: what a namespace stands for, looking rows up, and adding a run's rows (no Ray)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.errors import SpecError
+from jobs.spec import validate_spec
+from jobs.summary import render_summary
+from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT, sampling_params
+from pipelines.output import to_output_row
+from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
+from pipelines.result_cache import (
+    HIT_COLUMN, KEY_FILE, CacheLookupStage, cache_plan, is_deterministic, load_index, prompt_key, write_entries,
+    write_key_file,
+)
+from pipelines.schema import OutputRow, output_schema
+
+ENGINE = {"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.5, "enable_prefix_caching": True}
+GREEDY = sampling_params(32, 0.0, 1.0, None, None, [])
+
+
+def result(text: str, tokens: int = 3) -> dict:
+    return {"generated_text": text, "finish_reason": "stop", "num_input_tokens": 7, "num_generated_tokens": tokens,
+            "cumulative_logprob": -1.5, "mean_logprob": -0.5, "perplexity": 1.6487}
+
+
+def write_part(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = output_schema(pa.schema([]), [pa.field("cached", pa.bool_())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def output_row(i: int, prompt: str, cached: bool, text: str | None = "ok", error: str | None = None) -> dict:
+    row = {"id": f"r{i}", "prompt": prompt, **(result(text) if text is not None else {}), "cached": cached,
+           "error": error, "model": "m", "run_id": "run-1"}
+    if text is None:
+        row["generated_text"] = None
+    return row
+
+
+def test_namespace_changes_with_every_setting_that_shapes_the_output():
+    base = cache_plan("/c", "sha256:aa", ENGINE, GREEDY).namespace
+    assert cache_plan("/c", "sha256:aa", {**ENGINE, "gpu_memory_utilization": 0.9}, GREEDY).namespace == base
+    assert cache_plan("/c", "sha256:aa", {**ENGINE, "enable_prefix_caching": False}, GREEDY).namespace == base
+    others = [
+        cache_plan("/c", "sha256:bb", ENGINE, GREEDY),
+        cache_plan("/c", "sha256:aa", {**ENGINE, "dtype": "bfloat16"}, GREEDY),
+        cache_plan("/c", "sha256:aa", {**ENGINE, "max_model_len": 1024}, GREEDY),
+        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(16, 0.0, 1.0, None, None, [])),
+        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(32, 0.0, 1.0, None, None, ["\n"])),
+        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(32, 0.7, 1.0, None, 1, [])),
+        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(32, 0.7, 1.0, None, 2, [])),
+        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(32, 0.0, 1.0, None, None, [], logprobs=3)),
+    ]
+    assert len({p.namespace for p in others} | {base}) == len(others) + 1
+    assert cache_plan("/c", "sha256:aa", ENGINE, GREEDY).uri == f"/c/{base}"
+
+
+def test_only_greedy_or_seeded_sampling_is_cached():
+    assert is_deterministic(GREEDY)
+    assert is_deterministic(sampling_params(32, 0.8, 0.9, None, 7, []))
+    assert not is_deterministic(sampling_params(32, 0.8, 0.9, None, None, []))
+
+
+def test_lookup_stage_marks_hits_and_leaves_misses_and_error_rows(tmp_path: Path):
+    plan = cache_plan(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    run = tmp_path / "run"
+    write_part(run / "part-0.parquet", [output_row(0, "known prompt", False, "Paris"),
+                                        output_row(1, "failed prompt", False, None, "engine error")])
+    assert write_entries(str(run), plan, "run-1") == {"hits": 0, "entries_written": 1}
+    stage = CacheLookupStage(plan.uri)
+    batch = pa.table({"prompt": ["known prompt", "new prompt", "failed prompt", None],
+                      ROW_ERROR_COLUMN: pa.array([None, None, None, "prompt column 'prompt' is null"], pa.string())})
+    hits = stage(batch).column(HIT_COLUMN).to_pylist()
+    assert json.loads(hits[0])["generated_text"] == "Paris"
+    assert hits[1:] == [None, None, None]
+
+
+def test_a_hit_becomes_a_finished_output_row_without_the_engine():
+    columns = {"topic": "topic"}
+    base = {ID_COLUMN: "r1", INPUT_COLUMN: {"topic": "x"}, ROW_ERROR_COLUMN: None, RENDERED_PROMPT: "p",
+            "tokenized_prompt": [1, 2, 3]}
+    hit = to_output_row({**base, HIT_COLUMN: json.dumps(result("cached text")), INFERENCE_ERROR: "__cached__"},
+                        input_columns=columns, model="m", run_id="run-2", max_tokens=32, max_model_len=512)
+    assert hit["cached"] is True and hit["error"] is None and hit["generated_text"] == "cached text"
+    assert hit["num_generated_tokens"] == 3 and hit["run_id"] == "run-2" and hit["prompt"] == "p"
+    OutputRow.model_validate(hit)
+    miss = to_output_row({**base, HIT_COLUMN: None, INFERENCE_ERROR: "", "generated_text": "fresh",
+                          "num_input_tokens": 3, "num_generated_tokens": 1},
+                         input_columns=columns, model="m", run_id="run-2", max_tokens=32, max_model_len=512)
+    assert miss["cached"] is False and miss["generated_text"] == "fresh"
+
+
+def test_write_entries_adds_only_rows_generated_by_this_run(tmp_path: Path):
+    plan = cache_plan(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    run = tmp_path / "run"
+    write_part(run / "a" / "part-0.parquet", [output_row(0, "p0", True), output_row(1, "p1", False),
+                                              output_row(2, "p2", False, None, "prompt is empty")])
+    write_part(run / "a" / "part-1.parquet", [output_row(3, "p3", False),
+                                              output_row(4, "p4", False, "kept", "score_x: no reference")])
+    write_part(run / "_staging" / "pass-0" / "part-9.parquet", [output_row(9, "p9", False)])
+    assert write_entries(str(run), plan, "run-1") == {"hits": 1, "entries_written": 3}
+    index = load_index(plan.uri)
+    assert len(index) == 3
+    assert index.get(prompt_key("p1"))["generated_text"] == "ok"
+    assert index.get(prompt_key("p4"))["generated_text"] == "kept"
+    assert index.get(prompt_key("p0")) is None and index.get(prompt_key("p2")) is None
+    assert index.get(prompt_key("p9")) is None
+
+
+def test_a_cache_file_cut_short_is_skipped(tmp_path: Path):
+    plan = cache_plan(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    run = tmp_path / "run"
+    write_part(run / "part-0.parquet", [output_row(0, "p0", False)])
+    write_entries(str(run), plan, "run-1")
+    Path(plan.uri, "broken.parquet").write_bytes(b"PAR1 not really")
+    assert load_index(plan.uri).get(prompt_key("p0"))["generated_text"] == "ok"
+
+
+def test_key_file_says_what_the_namespace_stands_for(tmp_path: Path):
+    plan = cache_plan(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    write_key_file(plan, "smollm2-135m-instruct")
+    key = json.loads(Path(plan.uri, KEY_FILE).read_text())
+    assert key["model_fingerprint"] == "sha256:aa" and key["model_source"] == "smollm2-135m-instruct"
+    assert key["sampling"]["max_tokens"] == 32 and key["dtype"] == "float32"
+
+
+def test_cache_section_is_refused_for_score_tasks():
+    raw = yaml.safe_load("""
+name: mc
+task: score
+model: {source: smollm2-135m-instruct}
+input: {path: data/x.jsonl, choices_column: choices}
+output: {path: out/x}
+cache: {path: cache}
+""")
+    with pytest.raises(SpecError) as err:
+        validate_spec(raw)
+    assert any("cache: task: score results are not cached" in line for line in err.value.lines)
+    raw.pop("task"), raw["input"].pop("choices_column")
+    assert validate_spec(raw).cache.path == "cache"
+
+
+def test_final_screen_counts_cache_hits():
+    manifest = {"run_id": "r", "status": "succeeded", "rows": {"in": 10, "ok": 10, "error": 0},
+                "tokens": {"input": 1, "generated": 2}, "wall_seconds": 1.0, "output_tokens_per_second": 2.0,
+                "engine": {"replicas": 1, "accelerator": "cpu"}, "model": {"source": "m"},
+                "output": {"path": "out/r"},
+                "cache": {"used": True, "hits": 9, "hit_rate": 0.9, "entries_written": 1}}
+    assert "cache        9 of 10 rows reused (90.0%), 1 added" in render_summary(manifest)
