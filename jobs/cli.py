@@ -355,6 +355,24 @@ def models_inspect(source: str, as_json: bool) -> None:
     click.echo(json.dumps(found.to_dict(), indent=2) if as_json else render_inspection(found))
 
 
+@models.command("convert")
+@click.argument("source")
+@click.option("--to", "target", type=click.Choice(["gptj"]), required=True,
+              help="Layout to write: gptj (from CodeGen, which vLLM does not run).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="New directory for the converted checkpoint.")
+def models_convert(source: str, target: str, out_dir: str) -> None:
+    """Rewrite a checkpoint in a layout vLLM runs natively (CodeGen -> GPT-J, exactly)."""
+    from pathlib import Path
+
+    from cluster.convert_codegen import convert_codegen
+    from cluster.model_inspect import locate_checkpoint
+
+    _, path = locate_checkpoint(source)
+    out = convert_codegen(path, Path(out_dir).expanduser().resolve(), log=structlog.get_logger())
+    click.echo(f"wrote {out} ({target}, from {path}); use it as model.source: {out}")
+
+
 @main.command("spec")
 def spec_cmd() -> None:
     """Print every job-file field with its default and meaning."""
