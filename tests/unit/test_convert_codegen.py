@@ -89,7 +89,7 @@ def test_qkv_split_follows_codegens_q_v_k_order_per_slice():
     h = 8
     fused = torch.arange(3 * h, dtype=torch.float32).repeat_interleave(h).reshape(3 * h, h)  # row i is all i
     q, k, v = split_qkv(fused, h)
-    # 4 slices of 6 rows: rows [2m*3/... ] -> slice m holds q rows 6m..6m+1, v rows 6m+2..6m+3, k rows 6m+4..6m+5
+    # 4 slices of 6 rows: slice m holds q in rows 6m..6m+1, v in 6m+2..6m+3, k in 6m+4..6m+5
     assert q[:, 0].tolist() == [0, 1, 6, 7, 12, 13, 18, 19]
     assert v[:, 0].tolist() == [2, 3, 8, 9, 14, 15, 20, 21]
     assert k[:, 0].tolist() == [4, 5, 10, 11, 16, 17, 22, 23]
