@@ -49,9 +49,10 @@ def facts_from_config(config: dict[str, Any]) -> ModelFacts:
     kv_heads = int(_first(text, "num_key_value_heads", "multi_query_group_num", default=heads))
     if text.get("multi_query") and "num_key_value_heads" not in text:
         kv_heads = 1
-    head_dim = int(_first(text, "head_dim", "kv_channels", default=hidden // heads))
+    head_dim = int(_first(text, "head_dim", "kv_channels", "d_kv", default=hidden // heads))
     vocab = int(_first(text, "vocab_size", "padded_vocab_size"))
-    inter = int(_first(text, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", default=4 * hidden))
+    inter = int(_first(text, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff",
+                       default=4 * hidden))
     experts = int(_first(text, "num_local_experts", "num_experts", "n_routed_experts", default=1))
     tied = bool(text.get("tie_word_embeddings", model_type in ("opt", "gpt2", "bloom", "gpt_bigcode")))
     max_context = _first(text, "max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")

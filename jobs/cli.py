@@ -297,7 +297,7 @@ def compare(run_paths: tuple[str, ...], out_dir: str, quality: str | None) -> No
 
 @main.group()
 def models() -> None:
-    """Prepare and list models in the local model cache."""
+    """Prepare, list, inspect and convert models; the open model families llmbatch runs."""
 
 
 @models.command("prepare")
@@ -328,6 +328,49 @@ def models_list() -> None:
     missing = [name for name in CATALOG if name not in {m.source for m in cached}]
     for name in missing:
         click.echo(f"not prepared yet: {name} (llmbatch models prepare {name})")
+
+
+@models.command("families")
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+def models_families(as_json: bool) -> None:
+    """Show the model families llmbatch knows: how each runs, its architectures, seed models and caveats."""
+    import json
+
+    from cluster.families import load_catalog, render_families
+
+    catalog = load_catalog()
+    click.echo(json.dumps(catalog.model_dump(mode="json"), indent=2) if as_json else render_families(catalog))
+
+
+@models.command("inspect")
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def models_inspect(source: str, as_json: bool) -> None:
+    """Say which family a checkpoint is, how it will run and what would stop it (reads config.json only)."""
+    import json
+
+    from cluster.model_inspect import inspect_source, render_inspection
+
+    found = inspect_source(source)
+    click.echo(json.dumps(found.to_dict(), indent=2) if as_json else render_inspection(found))
+
+
+@models.command("convert")
+@click.argument("source")
+@click.option("--to", "target", type=click.Choice(["gptj"]), required=True,
+              help="Layout to write: gptj (from CodeGen, which vLLM does not run).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="New directory for the converted checkpoint.")
+def models_convert(source: str, target: str, out_dir: str) -> None:
+    """Rewrite a checkpoint in a layout vLLM runs natively (CodeGen -> GPT-J, exactly)."""
+    from pathlib import Path
+
+    from cluster.convert_codegen import convert_codegen
+    from cluster.model_inspect import locate_checkpoint
+
+    _, path = locate_checkpoint(source)
+    out = convert_codegen(path, Path(out_dir).expanduser().resolve(), log=structlog.get_logger())
+    click.echo(f"wrote {out} ({target}, from {path}); use it as model.source: {out}")
 
 
 @main.command("spec")
