@@ -11,6 +11,7 @@ from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
 from pipelines.render import CHOICES_COLUMN, TOKENS_COLUMN
 from pipelines.result_cache import CACHED_COLUMN, HIT_COLUMN, cached_result
 from pipelines.score import cumulative_logprob, finish_reason, mean_logprob, perplexity, top_logprobs
+from pipelines.seq2seq import TOKEN_LOGPROBS_COLUMN
 
 
 
@@ -39,7 +40,10 @@ def to_output_row(row: dict[str, Any], *, input_columns: dict[str, str], model: 
     else:
         n_in = int(row.get("num_input_tokens") or 0)
         n_gen = int(row.get("num_generated_tokens") or 0)
-        cumulative = cumulative_logprob(row.get("generated_tokens"), row.get("logprobs"))
+        if row.get(TOKEN_LOGPROBS_COLUMN) is not None:  # the seq2seq engine: each generated token's logprob
+            cumulative = sum(max(float(v), -1e9) for v in row[TOKEN_LOGPROBS_COLUMN])
+        else:
+            cumulative = cumulative_logprob(row.get("generated_tokens"), row.get("logprobs"))
         out.update(
             generated_text=row.get("generated_text") or "",
             finish_reason=finish_reason(n_in, n_gen, max_tokens, max_model_len),
@@ -51,10 +55,21 @@ def to_output_row(row: dict[str, Any], *, input_columns: dict[str, str], model: 
             error=None,
         )
         if logprobs:
-            out["top_logprobs"] = top_logprobs(row.get("logprobs"), logprobs)
+            given = row.get("top_logprobs")
+            out["top_logprobs"] = (given if _is_output_top_logprobs(given)
+                                   else top_logprobs(row.get("logprobs"), logprobs))
     out["model"] = model
     out["run_id"] = run_id
     return out
+
+
+def _is_output_top_logprobs(value: Any) -> bool:
+    """An engine that already returns top_logprobs in output form: positions of [{token, logprob}]."""
+    if not isinstance(value, (list, tuple)):
+        return False
+    return all(isinstance(position, (list, tuple))
+               and all(isinstance(e, dict) and "token" in e and "logprob" in e for e in position)
+               for position in value)
 
 
 def _scored_choices(row: dict[str, Any], num_prompt_tokens: int | None) -> dict[str, Any]:
