@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python bench/bench_vs_vllm.py
 	$(BIN)/python bench/bench_sizing.py
 	$(BIN)/python bench/bench_resume.py
+	$(BIN)/python bench/bench_cache.py
 
 clean:
 	rm -rf $(VENV) out *.egg-info

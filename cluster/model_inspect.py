@@ -13,9 +13,8 @@ from cluster.model_store import ModelRef, check_source, classify_source, is_chec
 from jobs.errors import UserError
 
 # Ways of running a family that llmbatch has an engine for today.
-ENGINES_AVAILABLE = {"vllm", "vllm-transformers", "converted"}
-MISSING_ENGINE = {"seq2seq": "llmbatch has no seq2seq engine (batched Hugging Face generate) yet, and vLLM removed "
-                             "encoder-decoder models: this model cannot run here"}
+ENGINES_AVAILABLE = {"vllm", "vllm-transformers", "converted", "seq2seq"}
+MISSING_ENGINE: dict[str, str] = {}
 
 KIND_TEXT = {"local": "local checkpoint directory", "catalog": "catalog model, prepared in the cache",
              "s3": "s3:// model, copy in the cache", "hub": "hub model, from the local Hugging Face cache"}
@@ -172,3 +171,38 @@ def render_inspection(found: Inspection) -> str:
     if not found.problems:
         lines.append("problems: none found")
     return "\n".join(lines)
+
+
+def engine_for_checkpoint(path: Path, source: str) -> str:
+    """The engine a job runs this checkpoint on: `vllm`, or `seq2seq` for encoder-decoder families.
+    A family that must be converted first, or that nothing here runs, is a user error saying what to do."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "vllm"
+    family = family_for_config(config) if isinstance(config, dict) else None
+    if family is None or family.runs_as in ("vllm", "vllm-transformers"):
+        return "vllm"
+    if family.runs_as == "seq2seq":
+        return "seq2seq"
+    architecture = (config.get("architectures") or ["(none)"])[0]
+    if family.runs_as == "converted":
+        out = path.with_name(f"{path.name}-{family.convert_to}")
+        raise UserError(f"model.source: {source} is {architecture}, which vLLM does not run; convert it once with "
+                        f"`llmbatch models convert {shlex.quote(str(path))} --to {family.convert_to} "
+                        f"--out {shlex.quote(str(out))}` and use that directory as model.source")
+    reason = family.caveats[0] if family.caveats else "no engine here runs it"
+    raise UserError(f"model.source: {source} is of family {family.name}, which llmbatch cannot run: {reason}")
+
+
+def check_remote_code(path: Path, source: str, allowed: bool, where: str = "model") -> None:
+    """A checkpoint whose config points at its own Python classes (auto_map) runs that code: only when allowed."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if auto_map and not allowed:
+        classes = ", ".join(sorted(str(v) if isinstance(v, str) else str(v[0]) for v in auto_map.values()))
+        raise UserError(f"{where}.engine.trust_remote_code: {source} ships its own code ({classes}); set "
+                        f"{where}.engine.trust_remote_code: true to run it, after reading it")

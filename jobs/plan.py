@@ -96,7 +96,8 @@ def count_input_tokens(spec: JobSpec, model_path: Path) -> TokenEstimate:
         total = min(total, spec.input.limit)
     renderer = RenderStage(str(model_path), RenderSettings(
         prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
-        template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=None))
+        template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=None,
+        trust_remote_code=spec.model.engine.trust_remote_code))
     sampled = total > COUNT_ALL_UP_TO
     per_shard = max(1, SAMPLE_ROWS // len(files)) if sampled else None
     counted = tokens = seen = 0

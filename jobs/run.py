@@ -18,6 +18,7 @@ import structlog
 from cluster import model_store
 from cluster.connect import alive_nodes, join_cluster, start_local_ray
 from cluster.diagnose import explain_failure
+from cluster.model_inspect import check_remote_code, engine_for_checkpoint
 from cluster.model_sync import ensure_model_on_nodes
 from cluster.resources import (
     can_host, check_fits, choose_accelerator, default_memory_utilization, replica_capacity, replica_shape,
@@ -138,7 +139,10 @@ def validate_job(spec: JobSpec) -> list[str]:
     except UserError as exc:
         problems.extend(exc.lines)
     try:
-        model_store.check_source(spec.model.source)
+        ref = model_store.check_source(spec.model.source)
+        if ref.kind == "local":
+            engine_for_checkpoint(Path(ref.source), spec.model.source)
+            check_remote_code(Path(ref.source), spec.model.source, spec.model.engine.trust_remote_code)
     except UserError as exc:
         problems.extend(exc.lines)
     for number, scorer in enumerate(spec.scoring):
@@ -163,10 +167,11 @@ def model_max_len(model_path: Path, configured: int | None) -> int | None:
     return None
 
 
-def has_chat_template(model_path: Path) -> bool:
+def has_chat_template(model_path: Path, trust_remote_code: bool = False) -> bool:
     from transformers import AutoTokenizer
 
-    return getattr(AutoTokenizer.from_pretrained(str(model_path)), "chat_template", None) is not None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    return getattr(tokenizer, "chat_template", None) is not None
 
 
 def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False,
@@ -210,9 +215,16 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
                         "so its finished rows would not match; submit under a new --run-id")
 
     model_path = model_store.resolve_local(spec.model.source, log=log)
+    engine_name = engine_for_checkpoint(model_path, spec.model.source)
+    check_remote_code(model_path, spec.model.source, spec.model.engine.trust_remote_code)
+    if engine_name == "seq2seq" and spec.task == "score":
+        raise UserError("task: score runs on vLLM's prompt logprobs; this encoder-decoder model runs on the "
+                        "seq2seq engine, which generates only")
+    if engine_name == "seq2seq" and spec.model.engine.tensor_parallel_size > 1:
+        raise UserError("model.engine.tensor_parallel_size: the seq2seq engine runs a replica on one device; set 1")
     fingerprint = model_store.fingerprint(model_path)
     max_len = model_max_len(model_path, spec.model.engine.max_model_len)
-    if spec.input.messages_column and not has_chat_template(model_path):
+    if spec.input.messages_column and not has_chat_template(model_path, spec.model.engine.trust_remote_code):
         raise UserError(f"input.messages_column: the model at {model_path} has no chat template; "
                         "use prompt_column (or template) instead")
 
@@ -266,11 +278,13 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         bundle_per_replica=shape.bundle,
         accelerator_type=spec.resources.accelerator_type,
         progress_actor=progress_actor_name(run_id),
+        engine=engine_name,
     )
     render = RenderSettings(
         prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
         template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=max_len,
         task=spec.task, completion_column=spec.input.completion_column, choices_column=spec.input.choices_column,
+        trust_remote_code=spec.model.engine.trust_remote_code,
     )
     judges = judge_plans(spec, accelerator, cluster, nodes, (min_replicas, max_replicas), on_cluster, log)
     target = staging_uri(run_uri, 0) if judges else run_uri
@@ -426,6 +440,8 @@ def engine_kwargs_for(engine, accelerator: str, max_len: int | None, replicas_pe
     }
     if max_len is not None:
         kwargs["max_model_len"] = max_len
+    if engine.trust_remote_code:
+        kwargs["trust_remote_code"] = True
     if accelerator == "cpu":
         kwargs["enforce_eager"] = True  # graph capture costs minutes on CPU and buys little
     return kwargs
@@ -441,6 +457,10 @@ def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job
         model = scorer.model or spec.model
         where = f"scoring.{spec.scoring.index(scorer)}"
         model_path = model_store.resolve_local(model.source, log=log)
+        check_remote_code(model_path, model.source, model.engine.trust_remote_code, where=f"{where}.model")
+        if engine_for_checkpoint(model_path, model.source) != "vllm":
+            raise UserError(f"{where}.model: a judge answers through vLLM's structured outputs; "
+                            f"{model.source} is an encoder-decoder model, which runs on the seq2seq engine")
         max_len = model_max_len(model_path, model.engine.max_model_len)
         shape = replica_shape(accelerator, model.engine.tensor_parallel_size)
         low, high = (scorer.replicas, scorer.replicas) if scorer.replicas else job_replicas

@@ -29,6 +29,7 @@ class EnginePlan:
     bundle_per_replica: dict[str, float]
     accelerator_type: str | None = None
     progress_actor: str | None = None  # named ProgressCounter each replica reports its batches to
+    engine: str = "vllm"               # vllm | seq2seq (encoder-decoder families, batched HF generate)
 
 
 def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: int | None,
@@ -55,6 +56,8 @@ def build_infer_stage(plan: EnginePlan):
     Rows that already carry an error, and result cache hits, skip the engine (ray.data.llm passes them through);
     rows the engine fails on come back with `__inference_error__` set instead of failing the job.
     """
+    if plan.engine == "seq2seq":
+        return _seq2seq_stage(plan)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(
@@ -93,6 +96,28 @@ def build_infer_stage(plan: EnginePlan):
     stage.__dict__["fn"] = _llmbatch_engine_udf()
     stage.fn_constructor_kwargs["progress_actor"] = plan.progress_actor
     return processor
+
+
+def _seq2seq_stage(plan: EnginePlan):
+    """Encoder-decoder models, which vLLM no longer runs: batched Hugging Face generate on an actor pool
+    with the same resources, rows in and columns out as the vLLM stage."""
+    import ray
+
+    from pipelines.seq2seq import Seq2SeqEngineStage
+
+    bundle = plan.bundle_per_replica
+    remote_args: dict[str, Any] = {"num_cpus": bundle.get("CPU", 1), "num_gpus": bundle.get("GPU", 0)}
+    if plan.accelerator_type:
+        remote_args["accelerator_type"] = plan.accelerator_type
+
+    def apply(ds):
+        return ds.map_batches(
+            Seq2SeqEngineStage, fn_constructor_args=(plan.model_path, plan.engine_kwargs, plan.sampling_params,
+                                                     plan.progress_actor),
+            batch_size=plan.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=plan.replicas[0], max_size=plan.replicas[1]), **remote_args)
+
+    return apply
 
 
 def _llmbatch_engine_udf():

@@ -48,10 +48,10 @@ class JudgeRenderStage:
     """
 
     def __init__(self, model_path: str, scorer: dict[str, Any], input_columns: dict[str, str],
-                 max_model_len: int | None):
+                 max_model_len: int | None, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.scorer = scorer
         self.renamed = {output: name for name, output in input_columns.items() if output != name}
         self.max_model_len = max_model_len

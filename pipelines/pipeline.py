@@ -132,7 +132,8 @@ def build_judge_pass(ds: ray.data.Dataset, scorer: dict[str, Any], judge: Engine
                      output: OutputContext, judge_max_len: int | None, counter=None) -> ray.data.Dataset:
     """A second pass over finished output rows: the judge model grades each one into score_<name>."""
     columns = output_names_for_inputs(inputs.schema.names, [f.name for f in output.extra_fields()])
-    ds = ds.map_batches(JudgeRenderStage, fn_constructor_args=(judge.model_path, scorer, columns, judge_max_len),
+    ds = ds.map_batches(JudgeRenderStage, fn_constructor_args=(judge.model_path, scorer, columns, judge_max_len,
+                                                               bool(judge.engine_kwargs.get("trust_remote_code"))),
                         batch_size=judge.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
     ds = build_infer_stage(judge)(ds)
@@ -175,11 +176,14 @@ def write_dataset(ds: ray.data.Dataset, run_uri: str, rows_per_part: int | None 
     """Write parquet parts as rows finish; a part is written once it holds `rows_per_part` rows (the last
     one may be smaller), so a crash loses at most the parts not yet written."""
     fs, inner = filesystem_for(run_uri)
+    # At Ray's default of a whole CPU a write task waits until the engines give theirs back, so on a small
+    # machine no part would be written before the last row is generated.
+    light = {"num_cpus": CPU_STAGE_CPUS}
     with storage_errors(run_uri, "write output to"):
         if is_s3(run_uri):
             import pyarrow.fs as pafs
 
             ds.write_parquet(inner, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
-                             min_rows_per_file=rows_per_part)
+                             min_rows_per_file=rows_per_part, ray_remote_args=light)
         else:
-            ds.write_parquet(inner, min_rows_per_file=rows_per_part)
+            ds.write_parquet(inner, min_rows_per_file=rows_per_part, ray_remote_args=light)

@@ -30,6 +30,7 @@ class RenderSettings:
     task: str = "generate"                 # score: plain text prompt, plus completions to score
     completion_column: str | None = None
     choices_column: str | None = None
+    trust_remote_code: bool = False        # model.engine.trust_remote_code
 
 
 def template_fields(template: str) -> list[str]:
@@ -112,7 +113,7 @@ class RenderStage:
     def __init__(self, model_path: str, settings: RenderSettings):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=settings.trust_remote_code)
         self.settings = settings
         self.chat = getattr(self.tokenizer, "chat_template", None) is not None
 

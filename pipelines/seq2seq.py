@@ -68,9 +68,10 @@ class Seq2SeqEngineStage:
         self.top_k_logprobs = int(self.params.get("logprobs") or 0)
         self.stop = [s for s in (self.params.get("stop") or []) if s]
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        remote = bool(engine_kwargs.get("trust_remote_code"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=remote)
         dtype = torch_dtype(engine_kwargs.get("dtype"), self.device.type == "cuda")
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=remote).to(self.device).eval()
         generation = self.model.generation_config
         eos = generation.eos_token_id if generation.eos_token_id is not None else self.model.config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))

@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flaky_s3 import FlakyS3Proxy
 from support import DEMO_MODEL, read_output, run_cli, write_job
 
 TOPICS = ["geography", "science", "cooking", "history"]
@@ -17,10 +18,11 @@ def _upload_dir(fs, local: Path, prefix: str) -> None:
             fs.put_file(str(path), f"{prefix}/{path.relative_to(local)}")
 
 
-def test_s3_prefix_of_parquet_shards_with_template_and_s3_model(tmp_path: Path, s3, demo_model: str,
-                                                                monkeypatch):
+def test_s3_prefix_of_parquet_shards_with_template_and_s3_model(tmp_path: Path, s3, s3_server: str,
+                                                                demo_model: str, monkeypatch):
     """Three parquet shards under an s3:// prefix, a template over two columns, the model itself read from
-    an s3:// prefix (copied once into the node's cache), results and manifest written back to S3."""
+    an s3:// prefix (copied once into the node's cache), results and manifest written back to S3; the run
+    talks to S3 through an endpoint that answers every fourth request with 503 SlowDown, and retries."""
     s3.mkdir("inputs")
     s3.mkdir("models")
     s3.mkdir("results")
@@ -48,7 +50,9 @@ def test_s3_prefix_of_parquet_shards_with_template_and_s3_model(tmp_path: Path, 
                     input={"path": "s3://inputs/batch/", "id_column": "question_id",
                            "template": "Topic: {topic}. {question}"},
                     sampling={"max_tokens": 12}, output={"path": "s3://results/nightly"})
-    run_cli("submit", str(job), "--run-id", "s3-run", check=True)
+    with FlakyS3Proxy(s3_server, fail_every=4) as flaky:
+        run_cli("submit", str(job), "--run-id", "s3-run", env={"AWS_ENDPOINT_URL_S3": flaky.url}, check=True)
+    assert flaky.failures >= 10 and flaky.requests >= 4 * flaky.failures
 
     rows, manifest = read_output("s3://results/nightly/s3-run", s3)
     assert len(rows) == len(expected) == 9

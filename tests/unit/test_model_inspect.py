@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cluster.model_inspect import inspect_source
+from cluster.model_inspect import check_remote_code, engine_for_checkpoint, inspect_source
 from jobs.cli import main
 from jobs.errors import UserError
 
@@ -81,11 +81,23 @@ def test_codegen_is_flagged_with_the_exact_convert_command(tmp_path):
                               f"{path} --to gptj --out {tmp_path / 'codegen-gptj'}"]
 
 
-def test_mt5_needs_an_engine_llmbatch_does_not_have_yet_and_reads_d_kv(tmp_path):
-    found = inspect_source(str(checkpoint(tmp_path, "mt5")))
+def test_mt5_runs_on_the_seq2seq_engine_and_reads_d_kv(tmp_path):
+    path = checkpoint(tmp_path, "mt5")
+    found = inspect_source(str(path))
     assert found.facts.head_dim == 32
     assert found.to_dict()["facts"]["parameters"] is None  # not counted for encoder-decoder models
-    assert len(found.problems) == 1 and "no seq2seq engine" in found.problems[0]
+    assert found.problems == []
+    assert engine_for_checkpoint(path, str(path)) == "seq2seq"
+
+
+def test_engine_for_checkpoint_picks_vllm_and_refuses_what_must_be_converted(tmp_path):
+    llama = checkpoint(tmp_path, "llama")
+    assert engine_for_checkpoint(llama, "tiny-llama") == "vllm"
+    codegen = checkpoint(tmp_path, "codegen")
+    with pytest.raises(UserError) as err:
+        engine_for_checkpoint(codegen, "my-codegen")
+    assert str(err.value).startswith("model.source: my-codegen is CodeGenForCausalLM, which vLLM does not run")
+    assert f"llmbatch models convert {codegen} --to gptj --out {codegen}-gptj" in str(err.value)
 
 
 def test_an_unknown_architecture_is_tried_as_is(tmp_path):
@@ -222,3 +234,22 @@ def test_cli_inspect_a_prepared_catalog_model_reads_it_from_the_cache(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert (data["kind"], data["family"], data["facts"]["head_dim"]) == ("catalog", "llama", 64)
+
+
+def test_a_checkpoint_with_its_own_code_runs_only_when_the_job_allows_it(tmp_path):
+    path = checkpoint(tmp_path, "chatglm", auto_map={"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                                                      "AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]})
+    with pytest.raises(UserError) as err:
+        check_remote_code(path, "glm-6b", allowed=False)
+    assert str(err.value).startswith("model.engine.trust_remote_code: glm-6b ships its own code "
+                                     "(configuration_chatglm.ChatGLMConfig, tokenization_chatglm.ChatGLMTokenizer)")
+    check_remote_code(path, "glm-6b", allowed=True)
+    check_remote_code(checkpoint(tmp_path, "llama"), "tiny", allowed=False)
+
+
+def test_trust_remote_code_reaches_the_engine_only_when_set():
+    from jobs.run import engine_kwargs_for
+    from jobs.spec import EngineSpec
+
+    assert "trust_remote_code" not in engine_kwargs_for(EngineSpec(), "cpu", 256, 1)
+    assert engine_kwargs_for(EngineSpec(trust_remote_code=True), "cpu", 256, 1)["trust_remote_code"] is True

@@ -154,3 +154,39 @@ def test_final_screen_counts_cache_hits():
                 "output": {"path": "out/r"},
                 "cache": {"used": True, "hits": 9, "hit_rate": 0.9, "entries_written": 1}}
     assert "cache        9 of 10 rows reused (90.0%), 1 added" in render_summary(manifest)
+
+
+def test_a_cache_inside_the_input_is_refused(tmp_path: Path):
+    from jobs.run import overlap_problems
+
+    (tmp_path / "data").mkdir()
+    raw = {"name": "a", "model": {"source": "m"}, "input": {"path": str(tmp_path / "data")},
+           "output": {"path": str(tmp_path / "out")}, "cache": {"path": str(tmp_path / "data" / "cache")}}
+    assert overlap_problems(validate_spec(raw))[0].startswith(f"cache.path: {tmp_path / 'data' / 'cache'} is inside")
+    raw["cache"]["path"] = str(tmp_path / "cache")
+    assert overlap_problems(validate_spec(raw)) == []
+
+
+def test_unseeded_sampling_opens_no_cache_and_the_manifest_says_why(tmp_path: Path):
+    from structlog.testing import capture_logs
+
+    from jobs.run import cache_manifest, result_cache_for
+
+    raw = {"name": "a", "model": {"source": "m"}, "input": {"path": "in.jsonl"}, "output": {"path": "out"},
+           "cache": {"path": str(tmp_path / "cache")}}
+    spec = validate_spec(raw)
+    with capture_logs() as logs:
+        assert result_cache_for(spec, "sha256:aa", ENGINE, sampling_params(8, 0.7, 1.0, None, None, []),
+                                structlog_logger()) is None
+    assert logs[0]["event"] == "cache_not_used" and "sampling.seed" in logs[0]["reason"]
+    assert cache_manifest(spec, None, None, 10) == {
+        "path": str(tmp_path / "cache"), "used": False, "reason": "sampling is not repeatable (temperature > 0, no seed)"}
+    seeded = result_cache_for(spec, "sha256:aa", ENGINE, sampling_params(8, 0.7, 1.0, None, 3, []), structlog_logger())
+    assert seeded is not None and Path(seeded.uri, KEY_FILE).is_file()
+    assert cache_manifest(spec, seeded, {"hits": 4, "entries_written": 6}, 10)["hit_rate"] == 0.4
+
+
+def structlog_logger():
+    import structlog
+
+    return structlog.get_logger()
