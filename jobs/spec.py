@@ -485,6 +485,9 @@ def spec_reference() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 out.append(f"{pad + name + ':':<31} # {field.description}")
                 walk(ann, indent + 1)
+            elif _optional_section(ann) is not None:  # a section that is off unless given (cache)
+                out.append(f"{pad + name + ':':<31} # {field.description} Fields:")
+                walk(_optional_section(ann), indent + 1)
             elif model is JobSpec and name == "scoring":
                 out.append(f"{pad + name + ':':<31} # {field.description} Each item is one of:")
                 for kind, scorer in SCORER_KINDS.items():
@@ -503,6 +506,16 @@ def spec_reference() -> str:
 
     walk(JobSpec, 0)
     return "\n".join(out)
+
+
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """The section model of an `Optional[Section]` field, else None."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
 
 
 def _yaml_scalar(value: Any) -> str:

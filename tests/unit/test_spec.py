@@ -370,15 +370,22 @@ def test_spec_reference_lists_every_field_with_default_and_description():
     assert any(line.startswith("  stop: [] ") for line in lines)
     # one line per field and per section
     def count(model):
+        from typing import Optional
+
         from pydantic import BaseModel
+
+        from jobs.spec import CacheSpec
         n = 0
         for field in model.model_fields.values():
             n += 1
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 n += count(field.annotation)
+            elif field.annotation is Optional[CacheSpec]:
+                n += count(CacheSpec)
         return n
     from jobs.spec import SCORER_KINDS
 
+    assert any(line.startswith("  path: (required)") and "result cache" in line for line in lines)
     assert len(lines) == count(JobSpec) + sum(len(kind.model_fields) for kind in SCORER_KINDS.values())
     assert any(line.startswith("  - kind: judge ") for line in lines)
 
