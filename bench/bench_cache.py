@@ -35,6 +35,11 @@ def inferred(manifest: dict) -> int:
     return sum(r["rows"] for r in manifest["replicas"])
 
 
+def engine_busy(manifest: dict) -> float:
+    """Seconds from a replica's first finished batch to its last (start-up excluded), summed over replicas."""
+    return sum((r["last_batch_at"] or 0) - (r["first_batch_at"] or 0) for r in manifest["replicas"])
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="llmbatch-cache-"))
     prompts = [json.loads(line)["prompt"] for line in (REPO / "jobs/data/calibration.jsonl").read_text().splitlines()]
@@ -52,11 +57,11 @@ def main() -> None:
     warm = submit(job, "rerun")
     for name, m in (("cold run", cold), ("rerun, 10% changed", warm)):
         cost = (m.get("cost") or {}).get("usd")
-        print(f"  {name:<20} wall {m['wall_seconds']:7.1f} s  generation {m['generation_seconds']:7.1f} s  "
-              f"inferred {inferred(m):4d} rows  cache hits {m['cache']['hits']:4d}"
+        print(f"  {name:<20} wall {m['wall_seconds']:7.1f} s  start-up {m['startup_seconds'] or 0:6.1f} s  "
+              f"engine busy {engine_busy(m):6.1f} s  inferred {inferred(m):4d} rows  cache hits {m['cache']['hits']:4d}"
               + (f"  cost ${cost:.5f}" if cost is not None else ""))
-    print(f"  rerun / cold: wall x{warm['wall_seconds'] / cold['wall_seconds']:.2f}, generation "
-          f"x{warm['generation_seconds'] / cold['generation_seconds']:.2f}, rows inferred "
+    print(f"  rerun / cold: wall x{warm['wall_seconds'] / cold['wall_seconds']:.2f}, engine busy "
+          f"x{engine_busy(warm) / max(1e-9, engine_busy(cold)):.2f}, rows inferred "
           f"x{inferred(warm) / inferred(cold):.2f}")
 
 

@@ -306,6 +306,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
             log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
     remove_tree(join(run_uri, ERRORS_DIR))
     write_attempt(run_uri, attempt)
+    if cache is not None:
+        write_key_file(cache, spec.model.source)
+        log.info("cache_opened", cache=cache.uri)
     counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
     ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter,
                        done=finished.done if finished else None)
@@ -400,10 +403,7 @@ def result_cache_for(spec: JobSpec, fingerprint: str, engine_kwargs: dict[str, A
         log.warning("cache_not_used", reason="sampling.temperature > 0 without sampling.seed: a result is not "
                     "repeatable, so none is reused or stored; set sampling.seed to cache sampled results")
         return None
-    cache = cache_plan(spec.cache.path, fingerprint, engine_kwargs, sampling_settings)
-    write_key_file(cache, spec.model.source)
-    log.info("cache_opened", cache=cache.uri)
-    return cache
+    return cache_plan(spec.cache.path, fingerprint, engine_kwargs, sampling_settings)
 
 
 def cache_manifest(spec: JobSpec, cache: CachePlan | None, stats: dict[str, int] | None,
