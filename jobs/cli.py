@@ -80,16 +80,20 @@ ADDRESS_HELP = "Ray Jobs API address of a cluster, e.g. http://HEAD:8265 (defaul
 
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--run-id", help="Name of this run (default: <job>-<UTC time>-<random>); output goes under output.path/RUN_ID.")
+@click.option("--run-id", help="Name of this run (default: <job>-<UTC time>-<random>); output goes under output.path/RUN_ID. "
+              "An earlier attempt at RUN_ID that never committed is continued if the job and its input files "
+              "are unchanged, and started over if not.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a job-file field, e.g. --set sampling.max_tokens=64 (repeatable).")
 @click.option("--address", help=ADDRESS_HELP + " Without one, the job runs on an embedded local Ray.")
 @click.option("--wait", is_flag=True, help="With --address: stream the run's logs and exit with its outcome.")
 @click.option("--show-worker-logs", is_flag=True, help="Stream Ray worker and vLLM engine logs to the terminal.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (replicas, time, cost; fitted to the --address cluster when given) and run nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace a committed run already at output.path/RUN_ID.")
+@click.option("--overwrite", is_flag=True, help="Replace a committed run already at output.path/RUN_ID, or start an uncommitted one over "
+              "instead of continuing it.")
 @click.option("--resume", "resume_id", metavar="RUN_ID",
-              help="Continue a crashed or cancelled run: rows it already wrote are kept, not computed again.")
+              help="Continue a crashed or cancelled run: rows it already wrote are kept, not computed again. "
+              "Unlike a plain resubmission, it refuses when the job or its input changed.")
 @click.option("--on-cluster", is_flag=True, hidden=True)
 def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], address: str | None, wait: bool,
            show_worker_logs: bool, dry_run: bool, overwrite: bool, resume_id: str | None, on_cluster: bool) -> None:
@@ -117,10 +121,6 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
         run_id = resume_id
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     target = None if on_cluster else cluster_address(address)
-    if target is not None and resume_id:
-        raise UserError("--resume: resuming runs on a cluster is not supported yet (the Jobs API keeps one "
-                        "submission per run id); once the cluster run has stopped (llmbatch status RUN_ID), "
-                        "resume it here without --address or RAY_ADDRESS, against the same output.path")
     if target is None:
         result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=show_worker_logs or on_cluster,
                          on_cluster=on_cluster, overwrite=overwrite, resume=bool(resume_id))
@@ -128,12 +128,13 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
         return
     from jobs.remote import submit_to_cluster, wait_for
 
-    submission = submit_to_cluster(spec, run_id, target, overwrite=overwrite)
-    click.echo(f"submitted {run_id} to {target}; output: {submission.run_uri}")
+    submission = submit_to_cluster(spec, run_id, target, overwrite=overwrite, resume=bool(resume_id))
+    attempt = "" if submission.submission_id == run_id else f" as {submission.submission_id}"
+    click.echo(f"submitted {run_id}{attempt} to {target}; output: {submission.run_uri}")
     if not wait:
         click.echo(f"follow it with: llmbatch logs {run_id} --follow --address {target}")
         return
-    status = wait_for(target, run_id, lambda chunk: click.echo(chunk, nl=False))
+    status = wait_for(target, run_id, lambda chunk: click.echo(chunk, nl=False), submission.submission_id)
     click.echo(f"run {run_id}: {status}")
     if status != "SUCCEEDED":
         raise JobFailed(f"run {run_id} ended {status}; see llmbatch logs {run_id} --address {target}")

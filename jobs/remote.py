@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -28,11 +29,25 @@ class Submission:
     run_id: str
     address: str
     run_uri: str
+    submission_id: str
 
 
-def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bool = False) -> Submission:
-    """Send the job to the cluster: the project code and the resolved job file travel in the runtime env."""
+def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bool = False,
+                      resume: bool = False) -> Submission:
+    """Send the job to the cluster: the project code and the resolved job file travel in the runtime env.
+
+    The first attempt at a run id is submitted under the run id itself; a later one (a resume, or a rerun
+    that continues an uncommitted attempt) under `RUN_ID.attempt-N`, since the Jobs API keeps every
+    submission id once used. Status, logs and cancel follow the newest attempt."""
     run_uri = join(spec.output.path, run_id)
+    earlier = attempts(address, run_id)
+    if earlier and _status(earlier[-1]) not in TERMINAL:
+        raise UserError(f"run {run_id} is still {_status(earlier[-1])} on the cluster (submission "
+                        f"{earlier[-1].submission_id}); wait for it to end, or stop it with "
+                        f"llmbatch cancel {run_id} --address {address}")
+    if resume and not earlier:
+        raise UserError(f"--resume {run_id}: the cluster at {address} has no earlier submission of this run; "
+                        "check the run id (llmbatch list --address ...), or submit without --resume")
     package_root = Path(__file__).resolve().parents[1]
     # No working_dir: Ray may re-extract a job's working_dir under its running driver. The resolved
     # job file travels in the job's environment and reaches the entrypoint on standard input.
@@ -47,34 +62,61 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
     entrypoint = f'printenv {SPEC_ENV} | python -m jobs.cli submit - --run-id {run_id} --on-cluster'
     if overwrite:
         entrypoint += " --overwrite"
+    if resume:
+        entrypoint += f" --resume {run_id}"
+    taken = {info.submission_id for info in earlier}
+    submission_id = next(candidate for candidate in _submission_ids(run_id) if candidate not in taken)
     jobs = client(address)
     with jobs_api_errors(address):
-        jobs.submit_job(entrypoint=entrypoint, submission_id=run_id, runtime_env=runtime_env, metadata=metadata)
-    return Submission(run_id, address, run_uri)
+        jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                        metadata=metadata)
+    return Submission(run_id, address, run_uri, submission_id)
+
+
+def _submission_ids(run_id: str) -> Iterator[str]:
+    yield run_id
+    for number in itertools.count(2):
+        yield f"{run_id}.attempt-{number}"
+
+
+def _status(info) -> str:
+    return str(info.status.value if hasattr(info.status, "value") else info.status)
+
+
+def attempts(address: str, run_id: str) -> list:
+    """Every submission of `run_id` on the cluster, oldest first."""
+    jobs = client(address)
+    with jobs_api_errors(address):
+        details = jobs.list_jobs()
+    mine = [info for info in details if info.submission_id == run_id
+            or ((info.metadata or {}).get(METADATA_MARK) == "1" and (info.metadata or {}).get("run_id") == run_id)]
+    return sorted(mine, key=lambda info: info.start_time or 0)
 
 
 def job_info(address: str, run_id: str):
-    jobs = client(address)
-    with jobs_api_errors(address):
-        try:
-            return jobs.get_job_info(run_id)
-        except RuntimeError as exc:
-            if "does not exist" in str(exc) or "404" in str(exc):
-                raise UserError(f"no run '{run_id}' on the Ray cluster at {address}") from None
-            raise
+    """The newest submission of `run_id`."""
+    found = attempts(address, run_id)
+    if not found:
+        raise UserError(f"no run '{run_id}' on the Ray cluster at {address}")
+    return found[-1]
 
 
 def describe_status(address: str, run_id: str) -> dict[str, Any]:
-    info = job_info(address, run_id)
+    found = attempts(address, run_id)
+    if not found:
+        raise UserError(f"no run '{run_id}' on the Ray cluster at {address}")
+    info = found[-1]
     status = {
         "run_id": run_id,
-        "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+        "status": _status(info),
         "message": info.message,
         "job": (info.metadata or {}).get("job"),
         "model": (info.metadata or {}).get("model"),
         "output": (info.metadata or {}).get("output"),
         "started": _timestamp(info.start_time),
         "ended": _timestamp(info.end_time),
+        "attempts": len(found),
+        "submission": info.submission_id,
     }
     if status["status"] in TERMINAL and status["output"]:
         status.update(manifest_counts(status["output"]))
@@ -92,17 +134,27 @@ def manifest_counts(run_uri: str) -> dict[str, Any]:
 
 
 def list_runs(address: str) -> list[dict[str, Any]]:
+    """One row per run id: its newest attempt."""
     jobs = client(address)
     with jobs_api_errors(address):
         details = jobs.list_jobs()
-    runs = []
+    newest: dict[str, Any] = {}
+    counts: dict[str, int] = {}
     for info in details:
         meta = info.metadata or {}
         if meta.get(METADATA_MARK) != "1":
             continue
-        status = str(info.status.value if hasattr(info.status, "value") else info.status)
-        row = {"run_id": info.submission_id, "status": status, "job": meta.get("job"), "model": meta.get("model"),
-               "started": _timestamp(info.start_time), "start_ms": info.start_time or 0}
+        run_id = meta.get("run_id") or info.submission_id
+        counts[run_id] = counts.get(run_id, 0) + 1
+        if run_id not in newest or (info.start_time or 0) >= (newest[run_id].start_time or 0):
+            newest[run_id] = info
+    runs = []
+    for run_id, info in newest.items():
+        meta = info.metadata or {}
+        status = _status(info)
+        row = {"run_id": run_id, "status": status, "job": meta.get("job"), "model": meta.get("model"),
+               "started": _timestamp(info.start_time), "start_ms": info.start_time or 0,
+               "attempts": counts[run_id]}
         if status in TERMINAL and meta.get("output"):
             row.update(manifest_counts(meta["output"]))
         runs.append(row)
@@ -110,18 +162,18 @@ def list_runs(address: str) -> list[dict[str, Any]]:
 
 
 def logs(address: str, run_id: str) -> str:
-    job_info(address, run_id)
+    submission = job_info(address, run_id).submission_id
     jobs = client(address)
     with jobs_api_errors(address):
-        return jobs.get_job_logs(run_id)
+        return jobs.get_job_logs(submission)
 
 
-def follow_logs(address: str, run_id: str, emit: Callable[[str], None]) -> None:
-    job_info(address, run_id)
+def follow_logs(address: str, run_id: str, emit: Callable[[str], None], submission: str | None = None) -> None:
+    submission = submission or job_info(address, run_id).submission_id
     jobs = client(address)
 
     async def tail() -> None:
-        async for chunk in jobs.tail_job_logs(run_id):
+        async for chunk in jobs.tail_job_logs(submission):
             emit(chunk)
 
     with jobs_api_errors(address):
@@ -129,26 +181,27 @@ def follow_logs(address: str, run_id: str, emit: Callable[[str], None]) -> None:
 
 
 def cancel(address: str, run_id: str, timeout: float = 120.0) -> str:
-    job_info(address, run_id)
+    submission = job_info(address, run_id).submission_id
     jobs = client(address)
     with jobs_api_errors(address):
-        jobs.stop_job(run_id)
+        jobs.stop_job(submission)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            status = str(jobs.get_job_status(run_id).value)
+            status = str(jobs.get_job_status(submission).value)
             if status in TERMINAL:
                 return status
             time.sleep(1)
     return "STOPPING"
 
 
-def wait_for(address: str, run_id: str, emit: Callable[[str], None]) -> str:
-    """Stream the run's logs until it ends; return its final status."""
-    follow_logs(address, run_id, emit)
+def wait_for(address: str, run_id: str, emit: Callable[[str], None], submission: str | None = None) -> str:
+    """Stream an attempt's logs (default: the newest) until it ends; return its final status."""
+    submission = submission or job_info(address, run_id).submission_id
+    follow_logs(address, run_id, emit, submission)
     jobs = client(address)
     with jobs_api_errors(address):
         for _ in range(60):
-            status = str(jobs.get_job_status(run_id).value)
+            status = str(jobs.get_job_status(submission).value)
             if status in TERMINAL:
                 return status
             time.sleep(1)

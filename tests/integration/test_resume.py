@@ -1,5 +1,6 @@
-"""Never lose or redo work: a driver killed mid-run is resumed with `--resume`; rows it wrote are kept and
-not computed again, no row is lost or written twice; a committed run is replaced only with --overwrite."""
+"""Never lose or redo work: a driver killed mid-run is continued by submitting its run id again; rows it
+wrote are kept and not computed again, no row is lost or written twice; a live run is not touched by a second
+driver; a committed run is replaced only with --overwrite. (`--resume` itself runs in test_cluster_jobs.)"""
 from __future__ import annotations
 
 import json
@@ -60,6 +61,11 @@ def test_driver_killed_mid_run_then_resume_keeps_finished_rows(tmp_path: Path, d
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
+        while not (run / "_lease.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        # the engine is starting: a second driver for the same run id is refused
+        live = run_cli("submit", str(job), "--run-id", "kill-1")
+        assert live.returncode == 2 and "run kill-1 is still running" in live.stderr, live.stderr
         while _rows_written(run) < 8 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -73,18 +79,29 @@ def test_driver_killed_mid_run_then_resume_keeps_finished_rows(tmp_path: Path, d
     assert refused.returncode == 2 and "the job changed since the earlier attempt (sampling.max_tokens)" \
         in refused.stderr
 
-    proc = run_cli("--log-format", "json", "submit", str(job), "--resume", "kill-1", check=True)
+    # a plain resubmission of the same run id (what a scheduled rerun does) continues it
+    proc = run_cli("--log-format", "json", "submit", str(job), "--run-id", "kill-1", check=True)
     rows, manifest = read_output(str(run))
     assert len(rows) == ROWS and sorted(r.id for r in rows) == [f"q{i:03d}" for i in range(ROWS)]
     assert all(r.error is None and r.generated_text for r in rows)
     assert manifest["status"] == "succeeded" and manifest["rows"]["out"] == ROWS
     resumed = manifest["resumed"]
-    assert resumed["rows_skipped"] >= written_at_kill and resumed["parts_kept"] >= 1
+    assert resumed["rows_skipped"] >= written_at_kill and resumed["parts_kept"] >= 1 and resumed["automatic"]
+    assert not (run / "_lease.json").exists()
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     started = next(e for e in events if e.get("event") == "run_started")
     assert started["rows"] == ROWS - resumed["rows_skipped"]    # only the rest was computed
     done = [e for e in events if e.get("event") == "progress"]
     assert all(e["rows_done"] <= ROWS - resumed["rows_skipped"] for e in done)
+
+    # every row written but no manifest (a driver lost just before its commit): the rerun only commits
+    (run / "_manifest.json").unlink()
+    commit = run_cli("--log-format", "json", "submit", str(job), "--run-id", "kill-1", check=True)
+    assert '"event": "nothing_left"' in commit.stderr
+    rows_again, recommitted = read_output(str(run))
+    assert recommitted["resumed"]["rows_skipped"] == ROWS and recommitted["rows"]["out"] == ROWS
+    assert recommitted["replicas"] == []  # no engine was started for it
+    assert sorted((r.id, r.generated_text) for r in rows_again) == sorted((r.id, r.generated_text) for r in rows)
 
     again = run_cli("submit", str(job), "--run-id", "kill-1")
     assert again.returncode == 2 and "already holds a committed run" in again.stderr and "--overwrite" in again.stderr

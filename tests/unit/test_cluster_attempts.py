@@ -1,0 +1,96 @@
+"""A run id submitted again to a cluster becomes a new attempt (the Jobs API keeps every submission id);
+status, logs and cancel follow the newest attempt; a run still going is not submitted twice."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+import jobs.remote as remote
+from jobs.errors import UserError
+from jobs.spec import JobSpec
+
+
+@dataclass
+class FakeJobsApi:
+    """Stands in for ray.job_submission.JobSubmissionClient (unit test only)."""
+    jobs: list = field(default_factory=list)
+    clock: int = 1000
+
+    def add(self, submission_id, status, run_id=None, marked=True):
+        meta = {"llmbatch": "1", "run_id": run_id or submission_id, "job": "j", "model": "m", "output": None}
+        self.clock += 1
+        self.jobs.append(SimpleNamespace(submission_id=submission_id, status=status, metadata=meta if marked else {},
+                                         start_time=self.clock, end_time=None, message=""))
+
+    def list_jobs(self):
+        return list(self.jobs)
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        if any(j.submission_id == submission_id for j in self.jobs):
+            raise RuntimeError(f"Job with submission_id {submission_id} already exists")
+        self.add(submission_id, "PENDING", metadata["run_id"])
+        self.jobs[-1].entrypoint = entrypoint
+
+    def get_job_logs(self, submission_id):
+        return f"logs of {submission_id}"
+
+    def stop_job(self, submission_id):
+        self.stopped = submission_id
+        next(j for j in self.jobs if j.submission_id == submission_id).status = "STOPPED"
+
+    def get_job_status(self, submission_id):
+        return SimpleNamespace(value=next(j for j in self.jobs if j.submission_id == submission_id).status)
+
+
+@pytest.fixture
+def api(monkeypatch):
+    fake = FakeJobsApi()
+    monkeypatch.setattr(remote, "client", lambda address: fake)
+    return fake
+
+
+def _spec(tmp_path) -> JobSpec:
+    return JobSpec.model_validate({"name": "j", "model": {"source": "m"}, "input": {"path": str(tmp_path / "in")},
+                                   "output": {"path": str(tmp_path / "out")}})
+
+
+def test_the_first_submission_is_the_run_id_and_later_ones_are_numbered_attempts(api, tmp_path):
+    spec = _spec(tmp_path)
+    assert remote.submit_to_cluster(spec, "nightly", "http://h:8265").submission_id == "nightly"
+    api.jobs[-1].status = "STOPPED"
+    second = remote.submit_to_cluster(spec, "nightly", "http://h:8265", resume=True)
+    assert second.submission_id == "nightly.attempt-2"
+    assert api.jobs[-1].entrypoint.endswith("--run-id nightly --on-cluster --resume nightly")
+    api.jobs[-1].status = "FAILED"
+    assert remote.submit_to_cluster(spec, "nightly", "http://h:8265").submission_id == "nightly.attempt-3"
+    assert "--resume" not in api.jobs[-1].entrypoint
+
+
+def test_a_run_still_going_on_the_cluster_is_not_submitted_again(api, tmp_path):
+    api.add("nightly", "RUNNING")
+    with pytest.raises(UserError) as refused:
+        remote.submit_to_cluster(_spec(tmp_path), "nightly", "http://h:8265", resume=True)
+    assert "still RUNNING" in str(refused.value) and "llmbatch cancel nightly --address http://h:8265" in str(refused.value)
+    assert len(api.jobs) == 1
+
+
+def test_resume_needs_an_earlier_submission_on_that_cluster(api, tmp_path):
+    with pytest.raises(UserError, match="no earlier submission"):
+        remote.submit_to_cluster(_spec(tmp_path), "ghost", "http://h:8265", resume=True)
+
+
+def test_status_logs_cancel_and_list_follow_the_newest_attempt(api):
+    api.add("nightly", "STOPPED")
+    api.add("other", "SUCCEEDED")
+    api.add("nightly.attempt-2", "RUNNING", run_id="nightly")
+    api.add("unrelated", "SUCCEEDED", marked=False)
+    status = remote.describe_status("http://h:8265", "nightly")
+    assert status["status"] == "RUNNING" and status["attempts"] == 2 and status["submission"] == "nightly.attempt-2"
+    assert remote.logs("http://h:8265", "nightly") == "logs of nightly.attempt-2"
+    assert remote.cancel("http://h:8265", "nightly") == "STOPPED" and api.stopped == "nightly.attempt-2"
+    runs = {r["run_id"]: r for r in remote.list_runs("http://h:8265")}
+    assert set(runs) == {"nightly", "other"} and runs["nightly"]["attempts"] == 2
+    with pytest.raises(UserError, match="no run 'ghost'"):
+        remote.describe_status("http://h:8265", "ghost")
