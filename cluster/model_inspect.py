@@ -173,14 +173,23 @@ def render_inspection(found: Inspection) -> str:
     return "\n".join(lines)
 
 
-def engine_for_checkpoint(path: Path, source: str) -> str:
+def engine_for_checkpoint(path: Path, source: str, *, trust_remote_code: bool = False, where: str = "model") -> str:
     """The engine a job runs this checkpoint on: `vllm`, or `seq2seq` for encoder-decoder families.
-    A family that must be converted first, or that nothing here runs, is a user error saying what to do."""
+    A family that must be converted first, that nothing here runs, or whose own code the job does not allow,
+    is a user error saying what to do."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "vllm"
-    family = family_for_config(config) if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return "vllm"
+    engine = _engine_for_config(config, path, source)
+    _check_remote_code(config, source, trust_remote_code, where)
+    return engine
+
+
+def _engine_for_config(config: dict[str, Any], path: Path, source: str) -> str:
+    family = family_for_config(config)
     if family is None or family.runs_as in ("vllm", "vllm-transformers"):
         return "vllm"
     if family.runs_as == "seq2seq":
@@ -195,13 +204,9 @@ def engine_for_checkpoint(path: Path, source: str) -> str:
     raise UserError(f"model.source: {source} is of family {family.name}, which llmbatch cannot run: {reason}")
 
 
-def check_remote_code(path: Path, source: str, allowed: bool, where: str = "model") -> None:
+def _check_remote_code(config: dict[str, Any], source: str, allowed: bool, where: str) -> None:
     """A checkpoint whose config points at its own Python classes (auto_map) runs that code: only when allowed."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    auto_map = config.get("auto_map")
     if auto_map and not allowed:
         classes = ", ".join(sorted(str(v) if isinstance(v, str) else str(v[0]) for v in auto_map.values()))
         raise UserError(f"{where}.engine.trust_remote_code: {source} ships its own code ({classes}); set "

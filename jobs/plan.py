@@ -64,9 +64,12 @@ class Plan:
 def engine_settings(spec: JobSpec, device: Accelerator, tp: int | None = None) -> dict[str, Any]:
     engine = spec.model.engine
     dtype = engine.dtype if engine.dtype != "auto" else ("float32" if device.name == "CPU" else "auto")
-    return {"dtype": dtype, "max_model_len": engine.max_model_len,
-            "tensor_parallel_size": tp or engine.tensor_parallel_size,
-            "enable_prefix_caching": engine.enable_prefix_caching}
+    settings = {"dtype": dtype, "max_model_len": engine.max_model_len,
+                "tensor_parallel_size": tp or engine.tensor_parallel_size,
+                "enable_prefix_caching": engine.enable_prefix_caching}
+    if engine.enforce_eager is not None:  # it changes step speed on GPU
+        settings["enforce_eager"] = engine.enforce_eager
+    return settings
 
 
 def accelerator_for(spec: JobSpec, name: str | None) -> Accelerator:

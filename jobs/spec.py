@@ -27,6 +27,9 @@ class EngineSpec(_Section):
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="Share of device memory for weights and KV cache; null = a safe default per device.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
+    enforce_eager: Optional[bool] = Field(
+        None, description="Run the model eagerly, without torch.compile or CUDA graphs: a start up to minutes "
+                          "shorter, slower steps; suits short jobs. null = on for CPU, off for GPU.")
     trust_remote_code: bool = Field(
         False, description="Run the Python code a checkpoint ships for its tokenizer or model (auto_map in "
                            "config.json; ChatGLM's real checkpoints need it). Off: such a checkpoint is refused.")

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from support import CLI, DEMO_MODEL, read_output, run_cli, write_job
 
@@ -51,11 +52,13 @@ def cluster(tmp_path_factory, demo_model):
 
 
 def _job(tmp_path: Path, rows: int, **resources) -> Path:
+    """The nodes' GPUs are logical: vLLM's CPU build runs the replicas, where compiling the model (the GPU
+    default) would take minutes, hence enforce_eager."""
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"n": i, "prompt": f"Count from {i} to {i + 3}."}) + "\n"
                             for i in range(rows)), encoding="utf-8")
     return write_job(tmp_path / "job.yaml", name="cluster-job", model={
-        "source": DEMO_MODEL, "engine": {"dtype": "float32", "gpu_memory_utilization": 0.2}},
+        "source": DEMO_MODEL, "engine": {"dtype": "float32", "gpu_memory_utilization": 0.2, "enforce_eager": True}},
         input={"path": str(data)}, sampling={"max_tokens": 8}, output={"path": str(tmp_path / "out")},
         resources={"accelerator": "gpu", "batch_size": 2, **resources})
 
@@ -115,22 +118,39 @@ def test_a_replica_larger_than_any_node_is_refused_before_start(cluster, tmp_pat
     assert not (tmp_path / "out" / "too-big" / "_manifest.json").exists()
 
 
-def test_cancel_stops_a_running_job_without_a_manifest(cluster, tmp_path: Path):
+def test_cancel_stops_a_run_and_resume_on_the_cluster_finishes_it(cluster, tmp_path: Path):
+    """A run cancelled once parts are written commits no manifest; a second submit of it while it runs is
+    refused; `submit --resume --address` continues it as a new attempt that keeps the cancelled one's rows."""
     address, env = cluster["address"], cluster["env"]
-    job = _job(tmp_path, rows=200, replicas=1)
+    rows = 48
+    job = _job(tmp_path, rows=rows, replicas=1)
+    write_job(job, **{**yaml.safe_load(job.read_text()),
+                      "output": {"path": str(tmp_path / "out"), "rows_per_part": 4}})
+    run = tmp_path / "out" / "to-cancel"
     run_cli("submit", str(job), "--address", address, "--run-id", "to-cancel", env=env, check=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if "run_started" in run_cli("logs", "to-cancel", "--address", address, env=env).stdout:
-            break
-        time.sleep(2)
-    else:
-        pytest.fail("the run never started")
+    deadline = time.time() + 420
+    while time.time() < deadline and not list(run.glob("*.parquet")):
+        time.sleep(1)
+    assert list(run.glob("*.parquet")), "no part was written"
+    twice = run_cli("submit", str(job), "--address", address, "--run-id", "to-cancel", env=env)
+    assert twice.returncode == 2 and "run to-cancel is still RUNNING on the cluster" in twice.stderr, twice.stderr
     proc = run_cli("cancel", "to-cancel", "--address", address, env=env, check=True)
     assert "run to-cancel: STOPPED" in proc.stdout
     status = run_cli("status", "to-cancel", "--address", address, env=env, check=True).stdout
     assert "status:      STOPPED" in status
-    assert not (tmp_path / "out" / "to-cancel" / "_manifest.json").exists()
+    assert not (run / "_manifest.json").exists()
+
+    resumed = run_cli("submit", str(job), "--address", address, "--resume", "to-cancel", "--wait", env=env)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "submitted to-cancel as to-cancel.attempt-2" in resumed.stdout
+    out, manifest = read_output(str(run))
+    assert sorted(r.n for r in out) == list(range(rows)) and all(r.error is None for r in out)
+    assert manifest["resumed"]["rows_skipped"] >= 4 and manifest["resumed"]["automatic"] is False
+    assert sum(r["rows"] for r in manifest["replicas"]) == rows - manifest["resumed"]["rows_skipped"]
+    status = run_cli("status", "to-cancel", "--address", address, env=env, check=True).stdout
+    assert "status:      SUCCEEDED" in status and "attempts:    2" in status and f"rows_ok:     {rows}" in status
+    listing = run_cli("list", "--address", address, env=env, check=True).stdout
+    assert len([l for l in listing.splitlines() if l.startswith("to-cancel ")]) == 1
 
 
 def test_wrong_token_and_unreachable_address_fail_with_one_line(cluster, tmp_path: Path):

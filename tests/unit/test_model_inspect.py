@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cluster.model_inspect import check_remote_code, engine_for_checkpoint, inspect_source
+from cluster.model_inspect import engine_for_checkpoint, inspect_source
 from jobs.cli import main
 from jobs.errors import UserError
 
@@ -240,11 +240,13 @@ def test_a_checkpoint_with_its_own_code_runs_only_when_the_job_allows_it(tmp_pat
     path = checkpoint(tmp_path, "chatglm", auto_map={"AutoConfig": "configuration_chatglm.ChatGLMConfig",
                                                       "AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]})
     with pytest.raises(UserError) as err:
-        check_remote_code(path, "glm-6b", allowed=False)
+        engine_for_checkpoint(path, "glm-6b")
     assert str(err.value).startswith("model.engine.trust_remote_code: glm-6b ships its own code "
                                      "(configuration_chatglm.ChatGLMConfig, tokenization_chatglm.ChatGLMTokenizer)")
-    check_remote_code(path, "glm-6b", allowed=True)
-    check_remote_code(checkpoint(tmp_path, "llama"), "tiny", allowed=False)
+    with pytest.raises(UserError, match=r"^judges\[0\]\.model\.engine\.trust_remote_code"):
+        engine_for_checkpoint(path, "glm-6b", where="judges[0].model")
+    assert engine_for_checkpoint(path, "glm-6b", trust_remote_code=True) == "vllm"
+    assert engine_for_checkpoint(checkpoint(tmp_path, "llama"), "tiny") == "vllm"
 
 
 def test_trust_remote_code_reaches_the_engine_only_when_set():

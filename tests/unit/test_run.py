@@ -125,3 +125,13 @@ def test_output_inside_input_and_input_inside_the_run_are_refused(tmp_path):
     assert overlap_problems(spec(str(tmp_path / "out" / "r1" / "p.jsonl"), str(tmp_path / "out")),
                             str(tmp_path / "out" / "r1"))[0].startswith("input.path:")
     assert overlap_problems(spec(str(tmp_path / "out" / "r1"), str(tmp_path / "out")), str(tmp_path / "out" / "r2")) == []
+
+
+def test_eager_mode_defaults_to_the_device_and_can_be_set_either_way():
+    from jobs.run import engine_kwargs_for
+    from jobs.spec import EngineSpec
+
+    assert engine_kwargs_for(EngineSpec(), "cpu", 256, 1)["enforce_eager"] is True
+    assert "enforce_eager" not in engine_kwargs_for(EngineSpec(), "gpu", 256, 1)
+    assert engine_kwargs_for(EngineSpec(enforce_eager=True), "gpu", 256, 1)["enforce_eager"] is True
+    assert "enforce_eager" not in engine_kwargs_for(EngineSpec(enforce_eager=False), "cpu", 256, 1)

@@ -153,11 +153,9 @@ def test_sampled_logprobs_come_from_raw_logits_not_the_warped_scores(t5_path, to
     assert row["token_logprobs"] == pytest.approx(expected, abs=1e-5)
 
 
-# ---- 3. rows that skip generation ----------------------------------------------------------------
-
-def test_error_and_cache_hit_rows_pass_through_without_generation_and_keep_order(t5_path, tokenizer):
-    stage = Seq2SeqEngineStage(str(t5_path), ENGINE, params(max_tokens=5))
-    calls = []
+def count_generate_calls(stage: Seq2SeqEngineStage) -> list[int]:
+    """Wrap the stage's model.generate; the list fills with each call's batch size."""
+    calls: list[int] = []
     original = stage.model.generate
 
     def counting_generate(*args, **kwargs):
@@ -165,6 +163,14 @@ def test_error_and_cache_hit_rows_pass_through_without_generation_and_keep_order
         return original(*args, **kwargs)
 
     stage.model.generate = counting_generate
+    return calls
+
+
+# ---- 3. rows that skip generation ----------------------------------------------------------------
+
+def test_error_and_cache_hit_rows_pass_through_without_generation_and_keep_order(t5_path, tokenizer):
+    stage = Seq2SeqEngineStage(str(t5_path), ENGINE, params(max_tokens=5))
+    calls = count_generate_calls(stage)
     prompts = ["first", "broken", "cached", "last one"]
     hit = json.dumps({"generated_text": "from cache", "finish_reason": "stop"})
     batch = input_batch(tokenizer, prompts, row_errors=[None, "prompt is empty", None, None],
@@ -211,14 +217,7 @@ def test_a_failing_batch_is_retried_row_by_row_and_only_the_bad_row_fails(t5_pat
 def test_small_logits_budget_splits_the_batch_without_changing_results(t5_path, tokenizer):
     stage = Seq2SeqEngineStage(str(t5_path), ENGINE, params(max_tokens=4, logprobs=2))
     whole = stage(input_batch(tokenizer, PROMPTS))
-    calls = []
-    original = stage.model.generate
-
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
-
-    stage.model.generate = counting_generate
+    calls = count_generate_calls(stage)
     stage.logits_budget_bytes = 2 * 4 * VOCAB * 4  # two rows of 4 steps
     assert stage.rows_per_generate() == 2
     split = stage(input_batch(tokenizer, PROMPTS))
