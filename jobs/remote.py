@@ -45,9 +45,6 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
         raise UserError(f"run {run_id} is still {_status(earlier[-1])} on the cluster (submission "
                         f"{earlier[-1].submission_id}); wait for it to end, or stop it with "
                         f"llmbatch cancel {run_id} --address {address}")
-    if resume and not earlier:
-        raise UserError(f"--resume {run_id}: the cluster at {address} has no earlier submission of this run; "
-                        "check the run id (llmbatch list --address ...), or submit without --resume")
     package_root = Path(__file__).resolve().parents[1]
     # No working_dir: Ray may re-extract a job's working_dir under its running driver. The resolved
     # job file travels in the job's environment and reaches the entrypoint on standard input.
@@ -95,7 +92,10 @@ def attempts(address: str, run_id: str) -> list:
 
 def job_info(address: str, run_id: str):
     """The newest submission of `run_id`."""
-    found = attempts(address, run_id)
+    return _newest(attempts(address, run_id), address, run_id)
+
+
+def _newest(found: list, address: str, run_id: str):
     if not found:
         raise UserError(f"no run '{run_id}' on the Ray cluster at {address}")
     return found[-1]
@@ -103,9 +103,7 @@ def job_info(address: str, run_id: str):
 
 def describe_status(address: str, run_id: str) -> dict[str, Any]:
     found = attempts(address, run_id)
-    if not found:
-        raise UserError(f"no run '{run_id}' on the Ray cluster at {address}")
-    info = found[-1]
+    info = _newest(found, address, run_id)
     status = {
         "run_id": run_id,
         "status": _status(info),

@@ -76,9 +76,10 @@ def test_a_run_still_going_on_the_cluster_is_not_submitted_again(api, tmp_path):
     assert len(api.jobs) == 1
 
 
-def test_resume_needs_an_earlier_submission_on_that_cluster(api, tmp_path):
-    with pytest.raises(UserError, match="no earlier submission"):
-        remote.submit_to_cluster(_spec(tmp_path), "ghost", "http://h:8265", resume=True)
+def test_a_run_that_crashed_elsewhere_resumes_under_its_own_id(api, tmp_path):
+    """The attempt record lives with the output, so the cluster's driver decides whether there is one."""
+    assert remote.submit_to_cluster(_spec(tmp_path), "local-1", "http://h:8265", resume=True).submission_id == "local-1"
+    assert api.jobs[-1].entrypoint.endswith("--resume local-1")
 
 
 def test_status_logs_cancel_and_list_follow_the_newest_attempt(api):
