@@ -37,7 +37,9 @@ from pipelines.manifest import (
 )
 from pipelines.read import list_input_files
 from pipelines.result_cache import CachePlan, cache_plan, is_deterministic, write_entries, write_key_file
-from pipelines.resume import ATTEMPT_NAME, changed_settings, finished_work, read_attempt, write_attempt
+from pipelines.resume import (
+    ATTEMPT_NAME, changed_settings, finished_work, input_files_changed, read_attempt, write_attempt,
+)
 from pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
 from pipelines.scorers import check_scorers, load_function
 from pipelines.render import RenderSettings, template_fields
@@ -106,7 +108,7 @@ def resumes_automatically(run_uri: str, attempt: dict[str, Any], log) -> bool:
     if earlier is None:
         return False
     changed = changed_settings(earlier["spec"], attempt["spec"])
-    if earlier.get("input_files") not in (None, attempt["input_files"]):
+    if input_files_changed(earlier, attempt["input_files"]):
         changed.append("input files")
     if changed:
         log.warning("earlier_attempt_restarted", output=run_uri, changed=changed,
@@ -228,7 +230,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     files = list_input_files(spec.input.path, spec.input.format)
     log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
     attempt["input_files"] = [[f.uri, f.size] for f in files]
-    if earlier is not None and earlier.get("input_files") not in (None, attempt["input_files"]):
+    if earlier is not None and input_files_changed(earlier, attempt["input_files"]):
         raise UserError(f"--resume {run_id}: the input files changed since the earlier attempt (names or sizes), "
                         "so its finished rows would not match; submit under a new --run-id")
     automatic = not (resume or overwrite or replace_committed) and resumes_automatically(run_uri, attempt, log)
@@ -332,13 +334,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
             write_key_file(cache, spec.model.source)
             log.info("cache_opened", cache=cache.uri)
         counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
-        ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter,
-                           done=finished.done if finished else None)
-
         to_do = inputs.rows - (finished.rows if finished else 0)
         log.info("run_started", rows=to_do, replicas=max_replicas, accelerator=accelerator,
                  model=spec.model.source, output=run_uri)
         if to_do > 0:
+            ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter,
+                               done=finished.done if finished else None)
             _execute(ds, target, counter, to_do, started, log, spec.output.rows_per_part)
         else:
             log.info("nothing_left", note="every row was written by the earlier attempt; committing it")

@@ -87,6 +87,11 @@ def read_attempt(run_uri: str) -> dict[str, Any] | None:
     return read_json(join(run_uri, ATTEMPT_NAME))
 
 
+def input_files_changed(earlier: dict[str, Any], input_files: list[list[Any]]) -> bool:
+    """Whether the input listing (names and sizes) differs from the earlier attempt's, when it recorded one."""
+    return earlier.get("input_files") not in (None, input_files)
+
+
 def changed_settings(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
     """YAML paths whose values differ, except those that only change speed."""
     changed = []
