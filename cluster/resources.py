@@ -97,3 +97,53 @@ def check_replica_fits_a_node(shape: ReplicaShape, nodes: list[dict[str, float]]
             field = "model.engine.tensor_parallel_size" if key == "GPU" else "resources"
             raise UserError(f"{field}: one replica needs {amount:g} {what} on a single node "
                             f"(tensor_parallel_size={shape.workers_per_replica}); the largest node has {largest:g}")
+
+
+def engine_in_process(accelerator: str, tensor_parallel_size: int) -> bool:
+    """Whether a replica runs vLLM's engine core and worker in its own process.
+
+    On CPU this skips two process starts that each import vLLM (about 30 s here) and lets the engine compute
+    on every core it is given; on GPU vLLM's separate engine-core process overlaps scheduling and output
+    processing with the model's forward passes, which is worth more than its start-up.
+    """
+    return accelerator == "cpu" and tensor_parallel_size == 1
+
+
+def replica_threads(accelerator: str, node_cpus: float, replicas_per_node: int) -> int | None:
+    """Compute threads of each CPU replica: the node's cores shared between the replicas placed on it.
+
+    Ray would set a replica's OMP_NUM_THREADS to its one-CPU request. The pipeline's other steps ask for a
+    quarter CPU each and are mostly idle while the engines generate, so the cores are the engines' to use.
+    """
+    if accelerator != "cpu":
+        return None
+    return max(1, int(node_cpus // max(1, replicas_per_node)))
+
+
+# ray.data.llm keeps this many batches in each engine replica at once (vLLMEngineProcessorConfig's default)
+CONCURRENT_BATCHES = 8
+# vLLM's sequence limit on CPU for offline use (the LLM class's default there)
+CPU_MAX_NUM_SEQS = 256
+# room per sequence for its prompt when the KV cache is sized to the job (prompts are not tokenized yet)
+PROMPT_TOKENS_ALLOWANCE = 512
+
+
+def cpu_kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int | None, max_tokens: int, rows: int,
+                       batch_size: int, memory_share_bytes: float) -> int | None:
+    """A CPU replica's KV cache sized to the rows it can hold at once, or None to keep the memory share.
+
+    vLLM's CPU backend allocates (and touches) its whole KV cache before the first row, about 1.3 s per GiB
+    here: at the default share of half the machine's RAM that is most of the engine's start. A job never has
+    more than batch_size x CONCURRENT_BATCHES rows (and never more than its own rows) in a replica, each at
+    most its prompt plus max_tokens long. A longer prompt than the allowance still runs: vLLM queues
+    sequences until blocks free up.
+    """
+    seq_tokens = max_tokens + PROMPT_TOKENS_ALLOWANCE
+    if max_model_len:
+        seq_tokens = min(seq_tokens, max_model_len)
+    sequences = max(1, min(rows, batch_size * CONCURRENT_BATCHES, CPU_MAX_NUM_SEQS))
+    tokens = max(sequences * seq_tokens, max_model_len or 0)  # vLLM needs room for one longest sequence
+    need = tokens * kv_bytes_per_token
+    if need >= memory_share_bytes:
+        return None
+    return int(need)

@@ -7,6 +7,7 @@ import re
 import secrets
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version as package_version
@@ -18,17 +19,19 @@ import structlog
 from cluster import model_store
 from cluster.connect import alive_nodes, join_cluster, start_local_ray
 from cluster.diagnose import explain_failure
+from cluster.model_facts import facts_for_checkpoint
 from cluster.model_inspect import engine_for_checkpoint
 from cluster.model_sync import ensure_model_on_nodes
 from cluster.resources import (
-    can_host, check_fits, choose_accelerator, default_memory_utilization, replica_capacity, replica_shape,
+    can_host, check_fits, choose_accelerator, cpu_kv_cache_bytes, default_memory_utilization, engine_in_process,
+    replica_capacity, replica_shape, replica_threads,
 )
 from jobs.errors import JobFailed, UserError
 from jobs.feedback import predict, record_run
 from jobs.plan import engine_settings as plan_engine_settings
 from jobs.spec import JobSpec
 from pipelines.error_rows import ERRORS_DIR, write_error_rows
-from pipelines.infer import EnginePlan, sampling_params, scoring_params
+from pipelines.infer import EnginePlan, preload_engine_stage, sampling_params, scoring_params
 from pipelines.judge import judge_sampling_params
 from pipelines.lease import RunLease, check_not_running
 from pipelines.manifest import (
@@ -41,6 +44,7 @@ from pipelines.resume import (
     ATTEMPT_NAME, changed_settings, finished_work, input_files_changed, read_attempt, write_attempt,
 )
 from pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
+from pipelines.timings import run_timings
 from pipelines.scorers import check_scorers, load_function
 from pipelines.render import RenderSettings, template_fields
 from pipelines.storage import check_bucket, join
@@ -205,6 +209,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     log = (log or structlog.get_logger()).bind(job=spec.name, run_id=run_id)
     started = time.time()
+    marks = {"process": _process_started(), "started": started}
     started_at = datetime.now(timezone.utc).isoformat()
     run_uri = join(spec.output.path, run_id)
 
@@ -250,21 +255,25 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         raise UserError(f"input.messages_column: the model at {model_path} has no chat template; "
                         "use prompt_column (or template) instead")
 
+    if engine_name == "vllm":
+        preload_engine_stage()
+    marks["started_ray"] = time.time()
     cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
+    marks["ray_ready"] = time.time()
     accelerator = choose_accelerator(spec.resources.accelerator, cluster)
     shape = replica_shape(accelerator, spec.model.engine.tensor_parallel_size)
     auto = spec.resources.replicas == "auto"
-    device, sizing = predict(spec, accelerator, fingerprint, log, required=auto)
     if auto:
+        device, sizing = predict(spec, accelerator, fingerprint, log, required=True)
         capacity = replica_capacity(shape, cluster)
         min_replicas = max_replicas = max(1, min(sizing.replicas, capacity))
         log.info("replicas_planned", planned=sizing.replicas, capacity=capacity, replicas=min_replicas,
                  notes=sizing.notes or None)
+        prediction = _done((device, sizing))
     else:
         min_replicas, max_replicas = spec.resources.replica_range
-    if sizing is not None:
-        sizing = sizing.for_replicas(max_replicas)
-        log.info("run_predicted", replicas=max_replicas, wall_s=sizing.wall_seconds, cost_usd=sizing.cost_usd)
+        # for a fixed pool the plan is only reported; the engines need not wait for its token count
+        prediction = _in_background(predict, spec, accelerator, fingerprint, log, required=False)
     nodes = alive_nodes()
     check_fits(shape, min_replicas, cluster, list(nodes.values()), spec.resources.accelerator_type)
     hosts = [node for node, res in nodes.items() if can_host(shape, res, spec.resources.accelerator_type)]
@@ -276,9 +285,14 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
 
     inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec), spec.input.id_column,
                          rows_per_task=spec.resources.batch_size)
+    marks["pre_pass_done"] = time.time()
     log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names, duplicate_ids=inputs.duplicate_ids)
-    engine_kwargs = engine_kwargs_for(spec.model.engine, accelerator, max_len,
-                                      math.ceil(max_replicas / max(1, len(hosts))))
+    replicas_per_node = math.ceil(max_replicas / max(1, len(hosts)))
+    engine_kwargs = engine_kwargs_for(spec.model.engine, accelerator, max_len, replicas_per_node)
+    if engine_name == "vllm":
+        engine_kwargs.update(kv_cache_for(
+            engine_kwargs, model_path, accelerator, spec.model.engine, 1 if spec.task == "score" else
+            spec.sampling.max_tokens, inputs.rows, spec.resources.batch_size, smallest_host_memory(nodes, hosts)))
     sampling = spec.sampling
     sampling_settings = scoring_params() if spec.task == "score" else sampling_params(
         sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.stop,
@@ -301,6 +315,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         accelerator_type=spec.resources.accelerator_type,
         progress_actor=progress_actor_name(run_id),
         engine=engine_name,
+        in_process=engine_in_process(accelerator, spec.model.engine.tensor_parallel_size),
+        threads=replica_threads(accelerator, smallest_host_cpus(nodes, hosts), replicas_per_node),
     )
     render = RenderSettings(
         prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
@@ -308,7 +324,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         task=spec.task, completion_column=spec.input.completion_column, choices_column=spec.input.choices_column,
         trust_remote_code=spec.model.engine.trust_remote_code,
     )
-    judges = judge_plans(spec, accelerator, cluster, nodes, (min_replicas, max_replicas), on_cluster, log)
+    judges = judge_plans(spec, accelerator, cluster, nodes, (min_replicas, max_replicas), on_cluster, inputs.rows, log)
     target = staging_uri(run_uri, 0) if judges else run_uri
     finished = None
     if resume:
@@ -340,14 +356,25 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         if to_do > 0:
             ds = build_dataset(inputs, spec.input.id_column, render, plan, context, counter,
                                done=finished.done if finished else None)
+            marks["dataset_started"] = time.time()
             _execute(ds, target, counter, to_do, started, log, spec.output.rows_per_part)
+            marks["dataset_done"] = time.time()
         else:
             log.info("nothing_left", note="every row was written by the earlier attempt; committing it")
         generation_seconds = time.time() - started
         import ray
 
         replicas = ray.get(counter.snapshot.remote())["replicas"]
+        try:
+            device, sizing = prediction.result()
+        except Exception as exc:  # an estimate that failed must not fail the rows it was to estimate
+            log.warning("no_prediction", reason=f"{type(exc).__name__}: {exc}")
+            device, sizing = None, None
+        if sizing is not None:
+            sizing = sizing.for_replicas(max_replicas)
+            log.info("run_predicted", replicas=max_replicas, wall_s=sizing.wall_seconds, cost_usd=sizing.cost_usd)
         judge_stats = _judge_passes(judges, target, run_uri, run_id, inputs, context, spec.model.source, log)
+        marks["judges_done"] = time.time() if judges else None
         cache_stats = write_entries(run_uri, cache, run_id) if cache else None
         if cache_stats:
             log.info("cache_updated", hits=cache_stats["hits"], entries_written=cache_stats["entries_written"],
@@ -372,6 +399,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
                             "in the output")
         if problems:
             status = "failed"
+        marks["commit_done"] = time.time()
+        timings = run_timings(marks, replicas)
         manifest = {
             "schema_version": 1,
             "run_id": run_id,
@@ -397,6 +426,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
             "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
             "wall_seconds": round(wall, 3),
             "startup_seconds": round(first_batch - started, 3) if first_batch else None,
+            "timings": timings,
             "plan": sizing.to_dict() if sizing is not None else None,
             "judges": judge_stats,
             "generation_seconds": round(generation_seconds, 3),
@@ -412,7 +442,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         if device is not None and spec.task == "generate" and not reused:
             # score runs generate nothing to measure; a resumed or cached run's totals mix earlier work in
             record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
-        log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors,
+        log.info("run_finished", status=status, **{f"{k}_s": v for k, v in timings.items() if v is not None}, rows_ok=tally.ok, rows_error=tally.errors,
                  wall_seconds=round(wall, 1))
         result = RunResult(run_id, run_uri, status, manifest, summary)
         if status == "failed":
@@ -457,6 +487,33 @@ def run_cost(generation_seconds: float, devices: int, device, judges: dict[str, 
             "hourly_usd_per_device": device.hourly_usd}
 
 
+def kv_cache_for(engine_kwargs: dict[str, Any], model_path: Path, accelerator: str, engine, max_tokens: int,
+                 rows: int, batch_size: int, host_memory: float | None) -> dict[str, Any]:
+    """On CPU with no memory share set, a KV cache sized to the job (see cpu_kv_cache_bytes) in place of the
+    share: vLLM then neither allocates half the machine's RAM nor warms up before the first row."""
+    if accelerator != "cpu" or engine.gpu_memory_utilization is not None or not host_memory:
+        return {}
+    try:
+        per_token = facts_for_checkpoint(model_path).kv_bytes_per_token(engine_kwargs["dtype"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    size = cpu_kv_cache_bytes(per_token, engine_kwargs.get("max_model_len"), max_tokens, rows, batch_size,
+                              engine_kwargs["gpu_memory_utilization"] * host_memory)
+    if size is None:
+        return {}
+    return {"kv_cache_memory_bytes": size}
+
+
+def smallest_host_memory(nodes: dict[str, dict[str, float]], hosts: list[str]) -> float | None:
+    """Memory Ray may schedule on the smallest node that may host a replica (less than its RAM)."""
+    return min((nodes[node]["memory"] for node in hosts if nodes[node].get("memory")), default=None)
+
+
+def smallest_host_cpus(nodes: dict[str, dict[str, float]], hosts: list[str]) -> float:
+    """CPUs of the smallest node that may host a replica."""
+    return min((nodes[node].get("CPU", 1) for node in hosts), default=1)
+
+
 def engine_kwargs_for(engine, accelerator: str, max_len: int | None, replicas_per_node: int) -> dict[str, Any]:
     """vLLM engine arguments for an engine spec on this accelerator."""
     kwargs: dict[str, Any] = {
@@ -477,7 +534,7 @@ def engine_kwargs_for(engine, accelerator: str, max_len: int | None, replicas_pe
 
 
 def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job_replicas: tuple[int, int],
-                on_cluster: bool, log) -> list[tuple[dict[str, Any], EnginePlan, int | None]]:
+                on_cluster: bool, rows: int, log) -> list[tuple[dict[str, Any], EnginePlan, int | None]]:
     """(scorer, engine plan, max_model_len) for each judge scorer; judge models resolved and checked to fit."""
     plans = []
     for scorer in spec.scoring:
@@ -501,15 +558,21 @@ def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job
         hosts = [n for n, res in nodes.items() if can_host(shape, res, spec.resources.accelerator_type)]
         if on_cluster and model_store.classify_source(model.source).kind != "hub":
             ensure_model_on_nodes(model.source, str(model_path), hosts)
+        per_node = math.ceil(high / max(1, len(hosts)))
+        engine_kwargs = engine_kwargs_for(model.engine, accelerator, max_len, per_node)
+        sampling = judge_sampling_params(scorer.scale)
+        engine_kwargs.update(kv_cache_for(engine_kwargs, model_path, accelerator, model.engine, sampling["max_tokens"],
+                                          rows, spec.resources.batch_size, smallest_host_memory(nodes, hosts)))
         plans.append((scorer.model_dump(mode="json"), EnginePlan(
             model_path=str(model_path),
-            engine_kwargs=engine_kwargs_for(model.engine, accelerator, max_len,
-                                            math.ceil(high / max(1, len(hosts)))),
-            sampling_params=judge_sampling_params(scorer.scale),
+            engine_kwargs=engine_kwargs,
+            sampling_params=sampling,
             replicas=(low, high),
             batch_size=spec.resources.batch_size,
             bundle_per_replica=shape.bundle,
             accelerator_type=spec.resources.accelerator_type,
+            in_process=engine_in_process(accelerator, model.engine.tensor_parallel_size),
+            threads=replica_threads(accelerator, smallest_host_cpus(nodes, hosts), per_node),
         ), max_len))
     return plans
 
@@ -555,6 +618,36 @@ def _execute(ds, target: str, counter, total_rows: int, started: float, log, row
     finally:
         stop.set()
         reporter.join(timeout=5)
+
+
+def _in_background(fn, *args, **kwargs) -> Future:
+    """fn's result, computed in a daemon thread while the caller goes on."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name=getattr(fn, "__name__", "background"), daemon=True).start()
+    return future
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _process_started() -> float | None:
+    """When this process started (the CLI's own imports and the job file's reading come before run_job)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:
+        return None
 
 
 def _version(*distributions: str) -> str | None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.timings import startup_line
+
 
 def render_summary(manifest: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
     rows, tokens = manifest["rows"], manifest["tokens"]
@@ -17,6 +19,7 @@ def render_summary(manifest: dict[str, Any], summary: dict[str, Any] | None = No
         f"  tokens       {tokens['input']} input, {tokens['generated']} generated",
         f"  throughput   {manifest['output_tokens_per_second'] or 0:.1f} output tok/s",
         f"  wall time    {wall:.1f} s",
+        *([f"  time         {line}"] if (line := startup_line(manifest.get("timings") or {})) else []),
         f"  output       {manifest['output']['path']}",
         f"  manifest     {manifest['output']['path'].rstrip('/')}/_manifest.json",
     ]

@@ -30,6 +30,22 @@ class EnginePlan:
     accelerator_type: str | None = None
     progress_actor: str | None = None  # named ProgressCounter each replica reports its batches to
     engine: str = "vllm"               # vllm | seq2seq (encoder-decoder families, batched HF generate)
+    in_process: bool = False           # vLLM's engine core and worker in the replica's own process
+    threads: int | None = None         # compute threads of each replica (OMP_NUM_THREADS); None = Ray's
+
+
+def preload_engine_stage() -> None:
+    """Import ray.data.llm's engine stage (it imports vLLM, torch and transformers: seconds of CPU) in a daemon
+    thread now, so that building the stage later finds it loaded instead of holding the engines back."""
+    import threading
+
+    def load() -> None:
+        try:
+            import ray.llm._internal.batch.stages.vllm_engine_stage  # noqa: F401
+        except Exception:  # building the stage imports it again and reports the error
+            pass
+
+    threading.Thread(target=load, name="preload-engine-stage", daemon=True).start()
 
 
 def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: int | None,
@@ -95,7 +111,22 @@ def build_infer_stage(plan: EnginePlan):
     # it again would ask for a GPU per replica even on CPU.
     stage.__dict__["fn"] = _llmbatch_engine_udf()
     stage.fn_constructor_kwargs["progress_actor"] = plan.progress_actor
+    stage.fn_constructor_kwargs["in_process"] = plan.in_process
+    env_vars = engine_env(plan)
+    if env_vars:
+        stage.map_batches_kwargs["runtime_env"] = {"env_vars": env_vars}
     return processor
+
+
+def engine_env(plan: EnginePlan) -> dict[str, str]:
+    """Environment of each engine replica's process, set before vLLM and torch are imported there."""
+    from pipelines.inprocess_engine import IN_PROCESS_ENV
+
+    env = dict(IN_PROCESS_ENV) if plan.in_process else {}
+    if plan.threads:
+        # Ray sets OMP_NUM_THREADS to the actor's CPU request (1), which would leave the other cores idle
+        env["OMP_NUM_THREADS"] = str(plan.threads)
+    return env
 
 
 def _seq2seq_stage(plan: EnginePlan):
@@ -132,14 +163,37 @@ def _llmbatch_engine_udf():
     from pipelines.score import completion_logprob
 
     class LlmbatchEngineUDF(vLLMEngineStageUDF):
-        def __init__(self, *args, progress_actor: str | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self, *args, progress_actor: str | None = None, in_process: bool = False, **kwargs):
+            constructing_at = time.time()
+            if in_process:
+                self._start_in_process(*args, **kwargs)
+            else:
+                super().__init__(*args, **kwargs)
             context = ray.get_runtime_context()
             self._replica = context.get_actor_id()
             self._node = context.get_node_id()
             self._progress = ray.get_actor(progress_actor) if progress_actor else None
             if self._progress is not None:
-                self._progress.replica_started.remote(self._replica, self._node)
+                self._progress.replica_started.remote(self._replica, self._node, constructing_at, time.time())
+
+        def _start_in_process(self, data_column, expected_input_keys, batch_size, max_concurrent_batches, model,
+                              engine_kwargs, task_type=None, max_pending_requests=None,
+                              dynamic_lora_loading_path=None, should_continue_on_error=False, **_):
+            """vLLMEngineStageUDF's set-up, with the in-process engine in place of AsyncLLM."""
+            from ray.llm._internal.batch.stages.base import StatefulStageUDF
+
+            from pipelines.inprocess_engine import in_process_wrapper_class
+
+            StatefulStageUDF.__init__(self, data_column, expected_input_keys)
+            self.model = model
+            self.should_continue_on_error = should_continue_on_error
+            self.task_type = task_type or "generate"
+            self.engine_kwargs = self.normalize_engine_kwargs(engine_kwargs)
+            self.llm = in_process_wrapper_class()(
+                model=model, model_source=model, idx_in_batch_column=self.IDX_IN_BATCH_COLUMN,
+                enable_log_requests=False, max_pending_requests=max_pending_requests,
+                dynamic_lora_loading_path=dynamic_lora_loading_path, **self.engine_kwargs)
+            self.max_pending_requests = self.llm.max_pending_requests
 
         async def udf(self, batch):
             started, rows, tokens = time.time(), 0, 0

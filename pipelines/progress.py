@@ -45,8 +45,14 @@ class ProgressCounter:
             self._tokens_metric.inc(generated_tokens)
         self._rate_metric.set(self.generated_tokens / max(1e-6, now - self.first_row_at))
 
-    def replica_started(self, replica: str, node: str) -> None:
-        self._replica(replica)["node_id"] = node
+    def replica_started(self, replica: str, node: str, constructing_at: float | None = None,
+                        ready_at: float | None = None) -> None:
+        """A replica's engine is ready: it began building it at `constructing_at` (its process and imports
+        came before) and could take rows from `ready_at`."""
+        entry = self._replica(replica)
+        entry["node_id"] = node
+        entry["engine_constructing_at"] = constructing_at
+        entry["engine_ready_at"] = ready_at
 
     def replica_batch(self, replica: str, rows: int, generated_tokens: int, started_at: float,
                       ended_at: float) -> None:
@@ -58,7 +64,8 @@ class ProgressCounter:
 
     def _replica(self, replica: str) -> dict:
         return self.replicas.setdefault(replica, {"replica": replica, "node_id": None, "rows": 0,
-                                                  "generated_tokens": 0, "first_batch_at": None,
+                                                  "generated_tokens": 0, "engine_constructing_at": None,
+                                                  "engine_ready_at": None, "first_batch_at": None,
                                                   "last_batch_at": None})
 
     def snapshot(self) -> dict:

@@ -1,4 +1,4 @@
-"""Faults a run survives: an engine replica's vLLM process killed while it generates."""
+"""Faults a run survives: an engine replica's process (vLLM runs inside it) killed while it generates."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import psutil
 
 from support import CLI, REPO, read_output, write_job
 
-ENGINE_PROCESS = "VLLM::EngineCore"
+ENGINE_PROCESS = "MapBatches(LlmbatchEngineUDF)"  # the Ray actor of an engine replica, vLLM in-process
 
 
 def _engine_processes(root: int) -> list[psutil.Process]:
@@ -35,9 +35,9 @@ def _parts(run_dir: Path) -> list[Path]:
 
 
 def test_a_killed_vllm_engine_is_replaced_and_no_row_is_lost_or_doubled(tmp_path: Path, demo_model: str):
-    """The engine process of the only replica is SIGKILLed once rows are being written: ray.data.llm exits
-    the replica on the dead engine, Ray starts a new one and retries its batches. The run succeeds with
-    every row exactly once and no row error."""
+    """The process of the only engine replica (vLLM's engine core runs inside it) is SIGKILLed once rows are
+    being written: Ray starts a new replica and retries its batches. The run succeeds with every row exactly
+    once and no row error."""
     # enough rows that generation outlasts the first parts by many seconds (the demo model makes ~500 tok/s here)
     rows_in = [{"qid": f"q{i:03d}", "prompt": f"Count from {i} to {i + 9}, separated by commas."} for i in range(192)]
     data = tmp_path / "prompts.jsonl"
