@@ -126,6 +126,7 @@ CONCURRENT_BATCHES = 8
 CPU_MAX_NUM_SEQS = 256
 # room per sequence for its prompt when the KV cache is sized to the job (prompts are not tokenized yet)
 PROMPT_TOKENS_ALLOWANCE = 512
+KV_HEADROOM, KV_SPARE_TOKENS = 1.25, 1024
 
 
 def cpu_kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int | None, max_tokens: int, rows: int,
@@ -143,7 +144,9 @@ def cpu_kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int | None, max_t
         seq_tokens = min(seq_tokens, max_model_len)
     sequences = max(1, min(rows, batch_size * CONCURRENT_BATCHES, CPU_MAX_NUM_SEQS))
     tokens = max(sequences * seq_tokens, max_model_len or 0)  # vLLM needs room for one longest sequence
-    need = tokens * kv_bytes_per_token
+    # vLLM keeps blocks for itself (given exactly max_model_len tokens it found room for 98% of them), and a
+    # model's real per-token size may exceed the estimate from its config
+    need = int(tokens * KV_HEADROOM + KV_SPARE_TOKENS) * kv_bytes_per_token
     if need >= memory_share_bytes:
         return None
     return int(need)

@@ -1,6 +1,7 @@
 """Infer stage: vLLM engine replicas as a Ray Data actor pool, built on ray.data.llm.
 
-This is the only module that imports ray.data.llm.
+This module and inprocess_engine.py (vLLM inside the replica's process) are the only ones that import
+ray.data.llm.
 """
 from __future__ import annotations
 
@@ -140,6 +141,8 @@ def _seq2seq_stage(plan: EnginePlan):
     remote_args: dict[str, Any] = {"num_cpus": bundle.get("CPU", 1), "num_gpus": bundle.get("GPU", 0)}
     if plan.accelerator_type:
         remote_args["accelerator_type"] = plan.accelerator_type
+    if plan.threads:
+        remote_args["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(plan.threads)}}
 
     def apply(ds):
         return ds.map_batches(

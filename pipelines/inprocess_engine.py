@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import queue
 import threading
 from copy import copy
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 # Set in the replica's environment before vLLM is imported: vLLM then keeps its engine core and worker in
 # this process (LLMEngine's InprocClient, the `uni` executor on CPU).
@@ -29,7 +30,8 @@ class InProcessEngine:
     as fatal: the replica exits and Ray Data starts a new one and retries its batches.
     """
 
-    def __init__(self, vllm_config):
+    def __init__(self, build_engine: Callable[[], Any]):
+        """`build_engine` makes the LLMEngine; it runs in the stepping thread (see _run)."""
         self._engine = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -37,7 +39,7 @@ class InProcessEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         built = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(vllm_config, built), name="vllm-in-process-engine",
+        self._thread = threading.Thread(target=self._run, args=(build_engine, built), name="vllm-in-process-engine",
                                         daemon=True)
         self._thread.start()
         built.wait()
@@ -69,19 +71,11 @@ class InProcessEngine:
         if engine_core is not None:
             engine_core.shutdown()
 
-    def _build(self, vllm_config) -> None:
-        from vllm.v1.engine.llm_engine import LLMEngine
-        from vllm.v1.executor import Executor
-
-        _eager_logprob_ranks()
-        self._engine = LLMEngine(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
-                                 log_stats=False, multiprocess_mode=False)
-
-    def _run(self, vllm_config, built: threading.Event) -> None:
+    def _run(self, build_engine: Callable[[], Any], built: threading.Event) -> None:
         # The engine is built in the thread that steps it: torch's OpenMP thread team belongs to the thread
         # that loaded the model, and stepping from another thread ran ~20% slower here.
         try:
-            self._build(vllm_config)
+            self._engine = build_engine()
         except BaseException as exc:
             self._dead = exc
             return
@@ -129,6 +123,16 @@ class InProcessEngine:
             except queue.Empty:
                 return
             _settle((loop, future), error=error)
+
+
+def llm_engine(vllm_config):
+    """vLLM's LLMEngine with its engine core and worker in this process."""
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.executor import Executor
+
+    _eager_logprob_ranks()
+    return LLMEngine(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config), log_stats=False,
+                     multiprocess_mode=False)
 
 
 def _eager_logprob_ranks() -> None:
@@ -193,7 +197,7 @@ def in_process_wrapper_class():
             self.lora_name_to_request = {}
             # Offline batch defaults (vLLM's LLM class), not a server's: more sequences and batched tokens
             self._vllm_config = vllm.AsyncEngineArgs(**kwargs).create_engine_config(UsageContext.LLM_CLASS)
-            self.engine = InProcessEngine(self._vllm_config)
+            self.engine = InProcessEngine(functools.partial(llm_engine, self._vllm_config))
             capacity = self._vllm_config.scheduler_config.max_num_seqs
             self.max_pending_requests = (math.ceil(capacity * 1.1) if max_pending_requests is None
                                          else max_pending_requests)

@@ -13,8 +13,8 @@ from pipelines.judge import JudgeRenderStage, after_judge
 from pipelines.manifest import output_parts
 from pipelines.output import conform_output, to_output_row
 from pipelines.read import (
-    InputFile, ReadShards, ShardScan, ShardTask, id_hashes, mark_duplicate_ids, plan_shard_tasks, scan_shard,
-    shard_task_rows, split_tasks, unify_input_schema,
+    InputFile, ReadShards, ShardScan, ShardTask, id_hashes, mark_duplicate_ids, plan_shard_tasks, read_task_rows,
+    scan_shard, shard_task_rows, split_tasks, unify_input_schema,
 )
 from pipelines.render import RenderSettings, RenderStage
 from pipelines.result_cache import CacheLookupStage
@@ -52,7 +52,8 @@ def _id_hashes_remote(task: ShardTask, schema_bytes: bytes, id_column: str, rows
 def scan_inputs(files: list[InputFile], limit: int | None, required_columns: list[str],
                 id_column: str | None = None, rows_per_task: int | None = None) -> InputPlan:
     """The cheap pass before any engine starts: every shard readable, row counts, one schema, and with an
-    id column, the rows whose id repeats an earlier one. Read tasks cover `rows_per_task` rows each."""
+    id column, the rows whose id repeats an earlier one. Read tasks cover `rows_per_task` rows each, or more
+    when that would make more than MAX_READ_TASKS of them."""
     scans = ray.get([_scan_remote.remote(f.uri, f.format) for f in files])
     broken = [s for s in scans if s.error]
     if broken:
@@ -75,7 +76,8 @@ def scan_inputs(files: list[InputFile], limit: int | None, required_columns: lis
         hashes = ray.get([_id_hashes_remote.remote(t, schema_bytes, id_column, rows_per_file[t.uri]) for t in tasks])
         tasks, duplicates = mark_duplicate_ids(tasks, hashes)
     if rows_per_task:
-        tasks = split_tasks(tasks, rows_per_task, {s.uri: s for s in scans})
+        rows = sum(t.take if t.take is not None else rows_per_file[t.uri] for t in tasks)
+        tasks = split_tasks(tasks, read_task_rows(rows, rows_per_task), {s.uri: s for s in scans})
     return InputPlan(files, rows_per_file, schema, tasks, duplicates)
 
 

@@ -433,6 +433,16 @@ def mark_duplicate_ids(tasks: list[ShardTask], hashes: list[np.ndarray]) -> tupl
     return out, int(repeated.sum())
 
 
+# Read tasks a run is cut into at most (whole CSV shards aside). A task streams its rows, so a larger one costs
+# no memory; thousands of small ones cost the driver planning time and the engines' CPU at start-up.
+MAX_READ_TASKS = 256
+
+
+def read_task_rows(total_rows: int, batch_size: int) -> int:
+    """Rows per read task: a batch, or more once a batch each would make more than MAX_READ_TASKS tasks."""
+    return max(batch_size, -(-total_rows // MAX_READ_TASKS))
+
+
 def split_tasks(tasks: list[ShardTask], rows_per_task: int, scans: dict[str, "ShardScan"]) -> list[ShardTask]:
     """Cut each shard's task into ranges of about `rows_per_task` rows, so that a large shard spreads over
     every engine replica and its rows are written (and resumed) a range at a time. A jsonl range starts at

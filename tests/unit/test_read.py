@@ -678,3 +678,12 @@ def test_column_types_follow_most_values_and_clashing_chunks_become_text(tmp_pat
     assert scan.error is None and schema_of(scan).field("prompt").type == pa.string()
     errors = [r["_row_error"] for r in read_all(g, "jsonl", schema_of(scan))]
     assert errors == [None, None, "column 'prompt' holds int, expected text", "column 'prompt' holds int, expected text"]
+
+
+def test_read_tasks_are_a_batch_each_until_there_would_be_too_many():
+    from pipelines.read import MAX_READ_TASKS, read_task_rows
+
+    assert read_task_rows(12, 16) == 16
+    assert read_task_rows(MAX_READ_TASKS * 32, 32) == 32
+    one_million = read_task_rows(1_000_000, 32)
+    assert one_million > 32 and -(-1_000_000 // one_million) <= MAX_READ_TASKS
