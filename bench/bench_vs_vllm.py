@@ -140,7 +140,7 @@ def report(prompts: int, r: dict[str, dict]) -> None:
     before_engine = (t["launch"] or 0) + (t["prepare"] or 0) + (t["ray_start"] or 0) + (t["pre_pass"] or 0)
     print(f"{'llmbatch submit':<36} {before_engine:>18.1f} {t['engine_start']:>12.1f} {t['generation']:>10.1f} "
           f"{ours['wall']:>10.1f} {ours['tokens'] / t['generation']:>9.1f}")
-    print(f"  llmbatch phases: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if v is not None))
+    print("  llmbatch phases: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if v is not None))
     gen = (ours["tokens"] / t["generation"]) / (r["vllm_in_process"]["tokens"] / r["vllm_in_process"]["generate"])
     print(f"  end to end: llmbatch / plain vLLM default x{ours['wall'] / r['vllm_default']['wall']:.2f}, "
           f"/ plain vLLM in-process x{ours['wall'] / r['vllm_in_process']['wall']:.2f}, "

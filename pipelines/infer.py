@@ -38,11 +38,12 @@ class EnginePlan:
 def preload_engine_stage() -> None:
     """Import ray.data.llm's engine stage (it imports vLLM, torch and transformers: seconds of CPU) in a daemon
     thread now, so that building the stage later finds it loaded instead of holding the engines back."""
+    import importlib
     import threading
 
     def load() -> None:
         try:
-            import ray.llm._internal.batch.stages.vllm_engine_stage  # noqa: F401
+            importlib.import_module("ray.llm._internal.batch.stages.vllm_engine_stage")
         except Exception:  # building the stage imports it again and reports the error
             pass
 
