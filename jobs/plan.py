@@ -132,7 +132,7 @@ def assumed_rates(params: int, device: Accelerator) -> profiles.Rates:
     scale = (1.35e8 if device.name == "CPU" else 7e9) / max(params, 1)
     out = base * min(4.0, max(0.02, scale)) ** 0.5
     return profiles.Rates(output_tokens_per_second=out, input_tokens_per_second=out * 4,
-                          requests_per_second=out / 64, startup_seconds=90.0 if device.name == "CPU" else 180.0,
+                          requests_per_second=out / 64, startup_seconds=30.0 if device.name == "CPU" else 180.0,
                           mean_input_tokens=0.0, mean_output_tokens=0.0, measurements=0)
 
 

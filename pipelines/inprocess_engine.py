@@ -58,6 +58,8 @@ class InProcessEngine:
         future = loop.create_future()
         self._inbox.put((request_id, prompt, params, lora_request, loop, future))
         self._wake.set()
+        if self._dead is not None:  # the engine died after the check above: nobody will admit this request
+            self._fail_inbox(_engine_dead(self._dead))
         yield await future
 
     async def do_log_stats(self) -> None:
@@ -117,6 +119,9 @@ class InProcessEngine:
         for waiter in self._waiting.values():
             _settle(waiter, error=error)
         self._waiting.clear()
+        self._fail_inbox(error)
+
+    def _fail_inbox(self, error: BaseException) -> None:
         while True:
             try:
                 *_, loop, future = self._inbox.get_nowait()

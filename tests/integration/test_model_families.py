@@ -66,7 +66,7 @@ def family_runs(tmp_path_factory, demo_model: str) -> dict:
         source = converted if family == "codegen" else checkpoints[family]
         job = write_job(root / f"{family}.yaml", name=f"family-{family}", model={
                             "source": str(source),
-                            "engine": {"max_model_len": 256, "gpu_memory_utilization": 0.05}},
+                            "engine": {"max_model_len": 256}},
                         input={"path": str(data)}, sampling={"max_tokens": MAX_TOKENS},
                         output={"path": str(root / "out")})
         return family, run_cli("submit", str(job), "--run-id", family)
