@@ -64,6 +64,18 @@ def test_local_jsonl_job_one_row_per_input_with_errors_isolated(tmp_path: Path, 
     assert manifest["versions"]["vllm"] and manifest["versions"]["ray"] == "2.60.0"
     assert manifest["input"]["files"][0]["path"].endswith("prompts.jsonl")
     assert manifest["engine"]["dtype"] == "float32"
+    # a CPU replica runs vLLM in its own process, with a KV cache sized to this job's rows
+    assert 0 < manifest["engine"]["kv_cache_memory_bytes"] < 2**30
+    timings = manifest["timings"]
+    assert set(timings) == {"launch", "prepare", "ray_start", "pre_pass", "engine_start", "first_row", "generation",
+                            "write", "judges", "commit"}
+    assert timings["judges"] is None
+    assert all(timings[k] >= 0 for k in timings if k != "judges")
+    assert 0 < timings["engine_start"] < timings["first_row"] < manifest["wall_seconds"]
+    assert timings["generation"] > 0
+    replica = manifest["replicas"][0]
+    assert replica["engine_constructing_at"] < replica["engine_ready_at"] <= replica["first_batch_at"]
+    assert f"{timings['first_row']:.1f} s to the first rows (Ray {timings['ray_start']:.1f}" in proc.stdout
 
     assert "run r1: succeeded_with_errors" in proc.stdout and "6 ok, 3 error" in proc.stdout
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
