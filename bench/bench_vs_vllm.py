@@ -61,14 +61,20 @@ if __name__ == "__main__":
         engine_kwargs={"dtype": "float32", "max_model_len": 2048, "gpu_memory_utilization": 0.5,
                        "enforce_eager": True, "enable_prefix_caching": True},
         batch_size=32, concurrency=1, placement_group_config={"bundle_per_worker": {"CPU": 1}},
+        # at a whole CPU each, the chat-template, tokenize and detokenize actors would leave the engine none
+        chat_template_stage={"enabled": True, "num_cpus": 0.25},
+        tokenize_stage={"enabled": True, "num_cpus": 0.25},
+        detokenize_stage={"enabled": True, "num_cpus": 0.25},
         log_engine_metrics=False)
     max_tokens = args["max_tokens"]
     processor = build_processor(
         config,
         preprocess=lambda row: {"messages": [{"role": "user", "content": row["prompt"]}],
                                 "sampling_params": {"max_tokens": max_tokens, "temperature": 0.0, "logprobs": 0}},
-        postprocess=lambda row: {"tokens": row["num_generated_tokens"]})
-    rows = processor(ray.data.read_json(args["data"])).take_all()
+        postprocess=lambda row: {"tokens": row["num_generated_tokens"]},
+        preprocess_map_kwargs={"num_cpus": 0.25}, postprocess_map_kwargs={"num_cpus": 0.25})
+    # the read asks for a whole CPU by default, which the engine's and the stages' requests leave no room for
+    rows = processor(ray.data.read_json(args["data"], ray_remote_args={"num_cpus": 0.25})).take_all()
     t2 = time.perf_counter()
     print("BENCH_RESULT " + json.dumps({"ray_start": t1 - t0, "run": t2 - t1,
                       "tokens": sum(int(r["tokens"]) for r in rows), "rows": len(rows)}))
