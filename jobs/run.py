@@ -442,8 +442,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         if device is not None and spec.task == "generate" and not reused:
             # score runs generate nothing to measure; a resumed or cached run's totals mix earlier work in
             record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source, log)
-        log.info("run_finished", status=status, **{f"{k}_s": v for k, v in timings.items() if v is not None}, rows_ok=tally.ok, rows_error=tally.errors,
-                 wall_seconds=round(wall, 1))
+        log.info("run_finished", status=status, rows_ok=tally.ok, rows_error=tally.errors, wall_seconds=round(wall, 1),
+                 **{f"{phase}_s": seconds for phase, seconds in timings.items() if seconds is not None})
         result = RunResult(run_id, run_uri, status, manifest, summary)
         if status == "failed":
             raise JobFailed("; ".join(problems))
