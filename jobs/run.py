@@ -381,7 +381,6 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
                      cache=cache.uri)
         reused = bool(finished and finished.rows) or bool(cache_stats and cache_stats["hits"])
         wall = time.time() - started
-        first_batch = min((r["first_batch_at"] for r in replicas if r.get("first_batch_at")), default=None)
         tally = tally_output(run_uri)
         # a resumed or cached run generated only the rows it did not find written or cached
         generated_now = sum(r.get("generated_tokens", 0) for r in replicas) if reused else tally.generated_tokens
@@ -425,7 +424,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
             "cache": cache_manifest(spec, cache, cache_stats, inputs.rows),
             "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
             "wall_seconds": round(wall, 3),
-            "startup_seconds": round(first_batch - started, 3) if first_batch else None,
+            "startup_seconds": timings["first_row"],
             "timings": timings,
             "plan": sizing.to_dict() if sizing is not None else None,
             "judges": judge_stats,

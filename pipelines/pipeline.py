@@ -35,7 +35,12 @@ class InputPlan:
 
     @property
     def rows(self) -> int:
-        return sum(t.take if t.take is not None else self.rows_per_file[t.uri] for t in self.tasks)
+        return task_rows(self.tasks, self.rows_per_file)
+
+
+def task_rows(tasks: list[ShardTask], rows_per_file: dict[str, int]) -> int:
+    """Rows the read tasks cover: each its `take`, or its whole file."""
+    return sum(t.take if t.take is not None else rows_per_file[t.uri] for t in tasks)
 
 
 @ray.remote(num_cpus=CPU_STAGE_CPUS)
@@ -76,8 +81,8 @@ def scan_inputs(files: list[InputFile], limit: int | None, required_columns: lis
         hashes = ray.get([_id_hashes_remote.remote(t, schema_bytes, id_column, rows_per_file[t.uri]) for t in tasks])
         tasks, duplicates = mark_duplicate_ids(tasks, hashes)
     if rows_per_task:
-        rows = sum(t.take if t.take is not None else rows_per_file[t.uri] for t in tasks)
-        tasks = split_tasks(tasks, read_task_rows(rows, rows_per_task), {s.uri: s for s in scans})
+        tasks = split_tasks(tasks, read_task_rows(task_rows(tasks, rows_per_file), rows_per_task),
+                            {s.uri: s for s in scans})
     return InputPlan(files, rows_per_file, schema, tasks, duplicates)
 
 

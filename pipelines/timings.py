@@ -3,9 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-PHASES = ("launch", "prepare", "ray_start", "pre_pass", "engine_start", "first_row", "generation", "write", "judges",
-          "commit")
-
 
 def run_timings(marks: dict[str, float], replicas: list[dict[str, Any]]) -> dict[str, float | None]:
     """Seconds per phase. `marks` holds epoch seconds the driver took:
@@ -23,6 +20,7 @@ def run_timings(marks: dict[str, float], replicas: list[dict[str, Any]]) -> dict
     - first_row: the run's start to its first finished batch
     - generation: the first replica ready to the last batch finished
     - write: the last batch finished to the last part written
+    - judges: the judge passes, each rereading the parts and running its own engines
     - commit: the tally, error rows, summary and cache entries
     A phase that did not happen (a resume with nothing left starts no engine) is None.
     """
