@@ -162,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
 
     subprocess.run([CLI, "models", "prepare", "smollm2-135m-instruct"], check=True, capture_output=True)
-    from cluster.model_store import resolve_local
+    from llmbatch.cluster.model_store import resolve_local
 
     model_path = str(resolve_local("smollm2-135m-instruct"))
     work = Path(tempfile.mkdtemp(prefix="llmbatch-bench-"))

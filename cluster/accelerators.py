@@ -31,7 +31,7 @@ ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in [
 def accelerator(name: str) -> Accelerator:
     key = next((k for k in ACCELERATORS if k.lower() == name.lower()), None)
     if key is None:
-        from jobs.errors import UserError
+        from llmbatch.errors import UserError
 
         raise UserError(f"unknown accelerator '{name}'; known: {', '.join(ACCELERATORS)}")
     return ACCELERATORS[key]

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import UserError
+from llmbatch.errors import UserError
 
 MP_NUM = 4  # fixed in transformers' CodeGenAttention.forward
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")

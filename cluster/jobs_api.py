@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from jobs.errors import UserError
+from llmbatch.errors import UserError
 
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.families import Family, cpu_supports_head_dim, family_for_config, format_params, load_catalog
-from cluster.model_facts import ModelFacts, facts_from_config
-from cluster.model_store import ModelRef, check_source, classify_source, is_checkpoint_dir
-from jobs.errors import UserError
+from llmbatch.cluster.families import Family, cpu_supports_head_dim, family_for_config, format_params, load_catalog
+from llmbatch.cluster.model_facts import ModelFacts, facts_from_config
+from llmbatch.cluster.model_store import ModelRef, check_source, classify_source, is_checkpoint_dir
+from llmbatch.errors import UserError
 
 # Ways of running a family that llmbatch has an engine for today.
 ENGINES_AVAILABLE = {"vllm", "vllm-transformers", "converted", "seq2seq"}

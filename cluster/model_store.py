@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cluster.home import llmbatch_home, models_dir
-from cluster.model_catalog import CATALOG, CatalogModel
-from jobs.errors import UserError
-from pipelines.storage import filesystem_for, is_s3, storage_errors
+from llmbatch.cluster.home import llmbatch_home, models_dir
+from llmbatch.cluster.model_catalog import CATALOG, CatalogModel
+from llmbatch.errors import UserError
+from llmbatch.storage import filesystem_for, is_s3, storage_errors
 
 SOURCE_FILE = ".llmbatch-source.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -102,7 +102,7 @@ def resolve_local(source: str, *, log=None) -> Path:
         if ref.kind == "catalog":
             if log:
                 log.info("model_prepare_started", model=source, cache=str(target))
-            from cluster.gguf_convert import convert_gguf
+            from llmbatch.cluster.gguf_convert import convert_gguf
 
             convert_gguf(locate_catalog_gguf(CATALOG[source]), target)
         else:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jobs.errors import UserError
+from llmbatch.errors import UserError
 
 
 @ray.remote(num_cpus=0)
 def _resolve_on_node(source: str) -> tuple[str, str]:
-    from cluster.model_store import resolve_local
+    from llmbatch.cluster.model_store import resolve_local
 
     return ray.get_runtime_context().get_node_id(), str(resolve_local(source))
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from cluster.home import llmbatch_home
-from pipelines.storage import filesystem_for, join, read_json, storage_errors
+from llmbatch.cluster.home import llmbatch_home
+from llmbatch.storage import filesystem_for, join, read_json, storage_errors
 
 STORE_ENV = "LLMBATCH_PROFILE_STORE"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobs.errors import UserError
+from llmbatch.errors import UserError
 
 # Reading, rendering and writing run beside the engines; they need this much CPU in all.
 PIPELINE_CPU_OVERHEAD = 0.5

@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cluster.accelerators import GIB, Accelerator
-from cluster.model_facts import ModelFacts
+from llmbatch.cluster.accelerators import GIB, Accelerator
+from llmbatch.cluster.model_facts import ModelFacts
 
 TP_CHOICES = (1, 2, 4, 8)
 USEFUL_CONTEXTS = 4          # a replica is useful when its KV cache holds this many full-length sequences

@@ -7,8 +7,8 @@ import traceback
 import click
 import structlog
 
-from jobs.errors import JobFailed, SpecError, UserError
-from jobs.logs import configure_logging
+from llmbatch.errors import JobFailed, SpecError, UserError
+from llmbatch.jobs.logs import configure_logging
 
 
 class _Group(click.Group):
@@ -51,7 +51,7 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, debug: bool, log_format: str) -> None:
     """Run batch inference jobs on open LLMs with Ray Data and vLLM."""
-    from cluster.jobs_api import use_token_if_available
+    from llmbatch.cluster.jobs_api import use_token_if_available
 
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -65,8 +65,8 @@ def main(ctx: click.Context, debug: bool, log_format: str) -> None:
               help="Override a job-file field, e.g. --set sampling.max_tokens=64 (repeatable).")
 def validate(job_file: str, overrides: tuple[str, ...]) -> None:
     """Check a job file, its input and its model without starting Ray."""
-    from jobs.run import validate_job
-    from jobs.spec import load_spec
+    from llmbatch.jobs.run import validate_job
+    from llmbatch.jobs.spec import load_spec
 
     spec = load_spec(job_file, list(overrides))
     problems = validate_job(spec)
@@ -98,18 +98,18 @@ ADDRESS_HELP = "Ray Jobs API address of a cluster, e.g. http://HEAD:8265 (defaul
 def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], address: str | None, wait: bool,
            show_worker_logs: bool, dry_run: bool, overwrite: bool, resume_id: str | None, on_cluster: bool) -> None:
     """Run a job and write parquet results plus a manifest (JOB_FILE '-' reads standard input)."""
-    from cluster.jobs_api import cluster_address
-    from jobs.run import check_run_id, new_run_id, run_job
-    from jobs.spec import load_spec
-    from jobs.summary import render_summary
+    from llmbatch.cluster.jobs_api import cluster_address
+    from llmbatch.jobs.run import check_run_id, new_run_id, run_job
+    from llmbatch.jobs.spec import load_spec
+    from llmbatch.jobs.summary import render_summary
 
     if on_cluster:  # the logs of a cluster run are read later, by someone else: keep unexpected tracebacks
         click.get_current_context().find_root().obj["traceback_in_logs"] = True
     spec = load_spec(job_file, list(overrides))
     if dry_run:
-        from jobs.plan import plan_for, render_plan
+        from llmbatch.jobs.plan import plan_for, render_plan
 
-        from cluster.jobs_api import planning_address
+        from llmbatch.cluster.jobs_api import planning_address
 
         click.echo(render_plan(plan_for(spec, None, planning_address(address), log=structlog.get_logger())))
         return
@@ -126,7 +126,7 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
                          on_cluster=on_cluster, overwrite=overwrite, resume=bool(resume_id))
         click.echo(render_summary(result.manifest, result.summary))
         return
-    from jobs.remote import submit_to_cluster, wait_for
+    from llmbatch.jobs.remote import submit_to_cluster, wait_for
 
     submission = submit_to_cluster(spec, run_id, target, overwrite=overwrite, resume=bool(resume_id))
     attempt = "" if submission.submission_id == run_id else f" as {submission.submission_id}"
@@ -154,9 +154,9 @@ def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, as_
     """Estimate replicas, GPUs, wall time, GPU-hours and cost from measured throughput."""
     import json
 
-    from cluster.jobs_api import planning_address
-    from jobs.plan import plan_for, render_plan
-    from jobs.spec import load_spec
+    from llmbatch.cluster.jobs_api import planning_address
+    from llmbatch.jobs.plan import plan_for, render_plan
+    from llmbatch.jobs.spec import load_spec
 
     spec = load_spec(job_file, list(overrides))
     result = plan_for(spec, accelerator, planning_address(address), log=structlog.get_logger())
@@ -174,15 +174,15 @@ def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, as_
 def profile(model_source: str, input_path: str | None, samples: int, max_tokens: int,
             engine_overrides: tuple[str, ...]) -> None:
     """Measure a model's throughput per replica on real prompts and store the profile."""
-    from jobs.profile import profile_model
-    from jobs.spec import apply_override
+    from llmbatch.jobs.profile import profile_model
+    from llmbatch.jobs.spec import apply_override
 
     engine: dict = {}
     for item in engine_overrides:
         apply_override(engine, item)
     manifest, prefill_manifest = profile_model(model_source, input_path=input_path, samples=samples,
                                                max_tokens=max_tokens, engine=engine, log=structlog.get_logger())
-    from cluster.profiles import measurement_from_manifest, prefill_from_manifest, rates
+    from llmbatch.cluster.profiles import measurement_from_manifest, prefill_from_manifest, rates
 
     rows, engine = manifest["rows"], manifest["engine"]
     click.echo(f"profile of {model_source} ({engine['accelerator']}, {engine['dtype']}, "
@@ -208,7 +208,7 @@ def profile(model_source: str, input_path: str | None, samples: int, max_tokens:
 
 
 def _address(address: str | None) -> str:
-    from cluster.jobs_api import cluster_address
+    from llmbatch.cluster.jobs_api import cluster_address
 
     target = cluster_address(address)
     if target is None:
@@ -222,7 +222,7 @@ def _address(address: str | None) -> str:
 @click.option("--address", help=ADDRESS_HELP)
 def status(run_id: str, address: str | None) -> None:
     """Show a cluster run's status (and row counts once it has finished)."""
-    from jobs.remote import describe_status
+    from llmbatch.jobs.remote import describe_status
 
     info = describe_status(_address(address), run_id)
     for key, value in info.items():
@@ -236,7 +236,7 @@ def status(run_id: str, address: str | None) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends.")
 def logs(run_id: str, address: str | None, follow: bool) -> None:
     """Print a cluster run's logs."""
-    from jobs.remote import follow_logs, logs as fetch_logs
+    from llmbatch.jobs.remote import follow_logs, logs as fetch_logs
 
     target = _address(address)
     if follow:
@@ -249,7 +249,7 @@ def logs(run_id: str, address: str | None, follow: bool) -> None:
 @click.option("--address", help=ADDRESS_HELP)
 def list_cmd(address: str | None) -> None:
     """List llmbatch runs on a cluster, newest first."""
-    from jobs.remote import list_runs
+    from llmbatch.jobs.remote import list_runs
 
     runs = list_runs(_address(address))
     if not runs:
@@ -267,7 +267,7 @@ def list_cmd(address: str | None) -> None:
 @click.option("--address", help=ADDRESS_HELP)
 def cancel(run_id: str, address: str | None) -> None:
     """Stop a running cluster run; it commits no manifest."""
-    from jobs.remote import cancel as stop
+    from llmbatch.jobs.remote import cancel as stop
 
     click.echo(f"run {run_id}: {stop(_address(address), run_id)}")
 
@@ -277,7 +277,7 @@ def cancel(run_id: str, address: str | None) -> None:
 @click.option("--rows", default=5, show_default=True, type=click.IntRange(0), help="Sample rows to print.")
 def results(run_path: str, rows: int) -> None:
     """Print a finished run's summary and a sample of its rows (RUN_PATH = output.path/RUN_ID)."""
-    from jobs.results import render_results
+    from llmbatch.jobs.results import render_results
 
     click.echo(render_results(run_path, rows))
 
@@ -289,7 +289,7 @@ def results(run_path: str, rows: int) -> None:
 @click.option("--quality", help="Scorer to rank by (default: the first scorer every run has, else mean logprob).")
 def compare(run_paths: tuple[str, ...], out_dir: str, quality: str | None) -> None:
     """Compare runs on quality, output tok/s and cost per 1M tokens: a markdown table and an HTML page with charts."""
-    from jobs.compare import write_report
+    from llmbatch.jobs.compare import write_report
 
     markdown, page = write_report(list(run_paths), out_dir, quality)
     click.echo(markdown.read_text(encoding="utf-8"))
@@ -305,7 +305,7 @@ def models() -> None:
 @click.argument("name")
 def models_prepare(name: str) -> None:
     """Build a catalog model's checkpoint into the cache (once)."""
-    from cluster.model_store import prepare
+    from llmbatch.cluster.model_store import prepare
 
     path = prepare(name, log=structlog.get_logger())
     click.echo(f"{name}: {path}")
@@ -314,9 +314,9 @@ def models_prepare(name: str) -> None:
 @models.command("list")
 def models_list() -> None:
     """Show the models in the cache, and catalog models not prepared yet."""
-    from cluster.home import models_dir
-    from cluster.model_catalog import CATALOG
-    from cluster.model_store import list_cached
+    from llmbatch.cluster.home import models_dir
+    from llmbatch.cluster.model_catalog import CATALOG
+    from llmbatch.cluster.model_store import list_cached
 
     cached = list_cached()
     click.echo(f"model cache: {models_dir()}")
@@ -337,7 +337,7 @@ def models_families(as_json: bool) -> None:
     """Show the model families llmbatch knows: how each runs, its architectures, seed models and caveats."""
     import json
 
-    from cluster.families import load_catalog, render_families
+    from llmbatch.cluster.families import load_catalog, render_families
 
     catalog = load_catalog()
     click.echo(json.dumps(catalog.model_dump(mode="json"), indent=2) if as_json else render_families(catalog))
@@ -350,7 +350,7 @@ def models_inspect(source: str, as_json: bool) -> None:
     """Say which family a checkpoint is, how it will run and what would stop it (reads config.json only)."""
     import json
 
-    from cluster.model_inspect import inspect_source, render_inspection
+    from llmbatch.cluster.model_inspect import inspect_source, render_inspection
 
     found = inspect_source(source)
     click.echo(json.dumps(found.to_dict(), indent=2) if as_json else render_inspection(found))
@@ -366,8 +366,8 @@ def models_convert(source: str, target: str, out_dir: str) -> None:
     """Rewrite a checkpoint in a layout vLLM runs natively (CodeGen -> GPT-J, exactly)."""
     from pathlib import Path
 
-    from cluster.convert_codegen import convert_codegen
-    from cluster.model_inspect import locate_checkpoint
+    from llmbatch.cluster.convert_codegen import convert_codegen
+    from llmbatch.cluster.model_inspect import locate_checkpoint
 
     _, path = locate_checkpoint(source)
     out = convert_codegen(path, Path(out_dir).expanduser().resolve(), log=structlog.get_logger())
@@ -377,7 +377,7 @@ def models_convert(source: str, target: str, out_dir: str) -> None:
 @main.command("spec")
 def spec_cmd() -> None:
     """Print every job-file field with its default and meaning."""
-    from jobs.spec import spec_reference
+    from llmbatch.jobs.spec import spec_reference
 
     click.echo(spec_reference())
 

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster import profiles
-from cluster.accelerators import ACCELERATORS, Accelerator
-from jobs.errors import UserError
-from jobs.spec import JobSpec
+from llmbatch.cluster import profiles
+from llmbatch.cluster.accelerators import ACCELERATORS, Accelerator
+from llmbatch.errors import UserError
+from llmbatch.jobs.spec import JobSpec
 
 PREFILL_SOURCE = "profile-prefill"  # a calibration run of one output token per request
 
 
 def device_for(spec: JobSpec, accelerator: str) -> Accelerator:
     """The priced accelerator a run uses: CPU, or the job's GPU type (A10G when it names none)."""
-    from jobs.plan import accelerator_for
+    from llmbatch.jobs.plan import accelerator_for
 
     if accelerator == "cpu":
         return ACCELERATORS["CPU"]
@@ -24,7 +24,7 @@ def device_for(spec: JobSpec, accelerator: str) -> Accelerator:
 def predict(spec: JobSpec, accelerator: str, fingerprint: str, log, *, required: bool):
     """(priced accelerator, plan) for this run. The plan exists when a profile backs it, or always for
     `replicas: auto`; for a fixed pool, sizing is advice and its failures only warn."""
-    from jobs.plan import engine_settings, plan_job
+    from llmbatch.jobs.plan import engine_settings, plan_job
 
     try:
         device = device_for(spec, accelerator)

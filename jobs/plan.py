@@ -6,12 +6,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cluster import model_store, profiles
-from cluster.accelerators import ACCELERATORS, Accelerator, accelerator
-from cluster.model_facts import facts_for_checkpoint
-from cluster.sizing import choose_tensor_parallel, cost_usd, replicas_for_budget, replicas_for_deadline, wall_seconds
-from jobs.errors import UserError
-from jobs.spec import JobSpec
+from llmbatch.cluster import model_store, profiles
+from llmbatch.cluster.accelerators import ACCELERATORS, Accelerator, accelerator
+from llmbatch.cluster.model_facts import facts_for_checkpoint
+from llmbatch.cluster.sizing import choose_tensor_parallel, cost_usd, replicas_for_budget, replicas_for_deadline, wall_seconds
+from llmbatch.errors import UserError
+from llmbatch.jobs.spec import JobSpec
 
 COUNT_ALL_UP_TO = 5000   # rows; above this the input is sampled
 SAMPLE_ROWS = 1000
@@ -89,8 +89,8 @@ def accelerator_for(spec: JobSpec, name: str | None) -> Accelerator:
 
 def count_input_tokens(spec: JobSpec, model_path: Path) -> TokenEstimate:
     """Render and tokenize the input's prompts: all of them when small, an even sample when large."""
-    from pipelines.read import iter_shard, list_input_files, scan_shard
-    from pipelines.render import RenderSettings, RenderStage, RowError
+    from llmbatch.pipelines.read import iter_shard, list_input_files, scan_shard
+    from llmbatch.pipelines.render import RenderSettings, RenderStage, RowError
 
     files = list_input_files(spec.input.path, spec.input.format)
     counts = {f.uri: scan_shard(f.uri, f.format).rows for f in files}
@@ -239,14 +239,14 @@ def plan_for(spec: JobSpec, accelerator_name: str | None, address: str | None, *
     plan = plan_job(spec, accelerator_name, log=log)
     if address is None:
         return plan
-    from cluster.jobs_api import cluster_nodes
+    from llmbatch.cluster.jobs_api import cluster_nodes
 
     return fit_to_cluster(plan, spec, address, cluster_nodes(address))
 
 
 def fit_to_cluster(plan: Plan, spec: JobSpec, address: str, nodes: list[dict[str, float]]) -> Plan:
     """Cap the plan by what the cluster at `address` holds at once, and say so."""
-    from cluster.resources import can_host, replica_capacity, replica_shape
+    from llmbatch.cluster.resources import can_host, replica_capacity, replica_shape
 
     shape = replica_shape("cpu" if plan.accelerator == "CPU" else "gpu", plan.tensor_parallel_size)
     hosts = [n for n in nodes if can_host(shape, n, spec.resources.accelerator_type)]

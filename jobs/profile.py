@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import JobSpec, validate_spec
+from llmbatch.jobs.spec import JobSpec, validate_spec
 
 CALIBRATION_PROMPTS = Path(__file__).resolve().parent / "data" / "calibration.jsonl"
 
@@ -26,9 +26,9 @@ def profile_model(source: str, *, input_path: str | None, samples: int, max_toke
     """Run the sample through the real pipeline (one replica) twice: as configured, then with one output
     token per request so prefill is measured alone. Each run records itself in the profile store.
     Returns both manifests (generation, prefill)."""
-    from cluster.home import llmbatch_home
-    from jobs.feedback import PREFILL_SOURCE
-    from jobs.run import new_run_id, run_job
+    from llmbatch.cluster.home import llmbatch_home
+    from llmbatch.jobs.feedback import PREFILL_SOURCE
+    from llmbatch.jobs.run import new_run_id, run_job
 
     runs = str(llmbatch_home() / "profile-runs")
     spec = calibration_spec(source, input_path, samples, max_tokens, runs, engine)

@@ -4,20 +4,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
 
-from cluster.jobs_api import METADATA_MARK, client, jobs_api_errors
-from jobs.errors import UserError
-from jobs.spec import JobSpec
-from pipelines.manifest import read_manifest
-from pipelines.storage import join
+from llmbatch.cluster.jobs_api import METADATA_MARK, client, jobs_api_errors
+from llmbatch.errors import UserError
+from llmbatch.jobs.spec import JobSpec
+from llmbatch.pipelines.manifest import read_manifest
+from llmbatch.storage import join
 
-PACKAGES = ("jobs", "cluster", "pipelines")
 SPEC_ENV = "LLMBATCH_JOB_SPEC"
 # Endpoint and region settings the cluster needs to reach the same storage; never credentials.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -45,18 +47,13 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
         raise UserError(f"run {run_id} is still {_status(earlier[-1])} on the cluster (submission "
                         f"{earlier[-1].submission_id}); wait for it to end, or stop it with "
                         f"llmbatch cancel {run_id} --address {address}")
-    package_root = Path(__file__).resolve().parents[1]
     # No working_dir: Ray may re-extract a job's working_dir under its running driver. The resolved
     # job file travels in the job's environment and reaches the entrypoint on standard input.
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env_vars[SPEC_ENV] = yaml.safe_dump(spec.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
-    runtime_env: dict[str, Any] = {
-        "py_modules": [str(package_root / name) for name in PACKAGES],
-        "env_vars": env_vars,
-    }
     metadata = {METADATA_MARK: "1", "job": spec.name, "run_id": run_id, "model": spec.model.source,
                 "output": run_uri}
-    entrypoint = f'printenv {SPEC_ENV} | python -m jobs.cli submit - --run-id {run_id} --on-cluster'
+    entrypoint = f'printenv {SPEC_ENV} | python -m llmbatch.jobs.cli submit - --run-id {run_id} --on-cluster'
     if overwrite:
         entrypoint += " --overwrite"
     if resume:
@@ -64,10 +61,33 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
     taken = {info.submission_id for info in earlier}
     submission_id = next(candidate for candidate in _submission_ids(run_id) if candidate not in taken)
     jobs = client(address)
-    with jobs_api_errors(address):
+    with shipped_package() as package, jobs_api_errors(address):
+        runtime_env: dict[str, Any] = {"py_modules": [package], "env_vars": env_vars}
         jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
                         metadata=metadata)
     return Submission(run_id, address, run_uri, submission_id)
+
+
+@contextmanager
+def shipped_package() -> Iterator[str]:
+    """The installed `llmbatch` package assembled in one folder, as Ray's `py_modules` uploads it.
+
+    The layers live in their own folders in a source checkout, so the package is put together from
+    wherever each one is installed."""
+    import llmbatch
+    import llmbatch.cluster
+    import llmbatch.jobs
+    import llmbatch.pipelines
+
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    with tempfile.TemporaryDirectory(prefix="llmbatch-ship-") as folder:
+        root = Path(folder) / "llmbatch"
+        shutil.copytree(Path(llmbatch.__file__).parent, root, ignore=shutil.ignore_patterns(
+            "__pycache__", "*.pyc", "jobs", "cluster", "pipelines"))
+        for layer in (llmbatch.jobs, llmbatch.cluster, llmbatch.pipelines):
+            shutil.copytree(Path(layer.__file__).parent, root / layer.__name__.rsplit(".", 1)[1],
+                            ignore=skip, dirs_exist_ok=True)
+        yield str(root)
 
 
 def _submission_ids(run_id: str) -> Iterator[str]:

@@ -5,11 +5,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from jobs.errors import UserError
-from jobs.summary import render_summary
-from pipelines.manifest import manifest_exists, output_parts, read_manifest
-from pipelines.run_summary import read_summary, summarize
-from pipelines.storage import filesystem_for, storage_errors
+from llmbatch.errors import UserError
+from llmbatch.jobs.summary import render_summary
+from llmbatch.pipelines.manifest import manifest_exists, output_parts, read_manifest
+from llmbatch.pipelines.run_summary import read_summary, summarize
+from llmbatch.storage import filesystem_for, storage_errors
 
 
 def load_run(run_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -16,38 +16,38 @@ from typing import Any
 
 import structlog
 
-from cluster import model_store
-from cluster.connect import alive_nodes, join_cluster, start_local_ray
-from cluster.diagnose import explain_failure
-from cluster.model_facts import facts_for_checkpoint
-from cluster.model_inspect import engine_for_checkpoint
-from cluster.model_sync import ensure_model_on_nodes
-from cluster.resources import (
+from llmbatch.cluster import model_store
+from llmbatch.cluster.connect import alive_nodes, join_cluster, start_local_ray
+from llmbatch.cluster.diagnose import explain_failure
+from llmbatch.cluster.model_facts import facts_for_checkpoint
+from llmbatch.cluster.model_inspect import engine_for_checkpoint
+from llmbatch.cluster.model_sync import ensure_model_on_nodes
+from llmbatch.cluster.resources import (
     can_host, check_fits, choose_accelerator, cpu_kv_cache_bytes, default_memory_utilization, engine_in_process,
     replica_capacity, replica_shape, replica_threads,
 )
-from jobs.errors import JobFailed, UserError
-from jobs.feedback import predict, record_run
-from jobs.plan import engine_settings as plan_engine_settings
-from jobs.spec import JobSpec
-from pipelines.error_rows import ERRORS_DIR, write_error_rows
-from pipelines.infer import EnginePlan, preload_engine_stage, sampling_params, scoring_params
-from pipelines.judge import judge_sampling_params
-from pipelines.lease import RunLease, check_not_running
-from pipelines.manifest import (
+from llmbatch.errors import JobFailed, UserError
+from llmbatch.jobs.feedback import predict, record_run
+from llmbatch.jobs.plan import engine_settings as plan_engine_settings
+from llmbatch.jobs.spec import JobSpec
+from llmbatch.pipelines.error_rows import ERRORS_DIR, write_error_rows
+from llmbatch.pipelines.infer import EnginePlan, preload_engine_stage, sampling_params, scoring_params
+from llmbatch.pipelines.judge import judge_sampling_params
+from llmbatch.pipelines.lease import RunLease, check_not_running
+from llmbatch.pipelines.manifest import (
     STAGING_DIR, clear_uncommitted, manifest_exists, remove_run, remove_staging, remove_tree, staging_uri,
     tally_output, write_manifest,
 )
-from pipelines.read import list_input_files
-from pipelines.result_cache import CachePlan, cache_plan, is_deterministic, write_entries, write_key_file
-from pipelines.resume import (
+from llmbatch.pipelines.read import list_input_files
+from llmbatch.pipelines.result_cache import CachePlan, cache_plan, is_deterministic, write_entries, write_key_file
+from llmbatch.pipelines.resume import (
     ATTEMPT_NAME, changed_settings, finished_work, input_files_changed, read_attempt, write_attempt,
 )
-from pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
-from pipelines.timings import run_timings
-from pipelines.scorers import check_scorers, load_function
-from pipelines.render import RenderSettings, template_fields
-from pipelines.storage import check_bucket, join
+from llmbatch.pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
+from llmbatch.pipelines.timings import run_timings
+from llmbatch.pipelines.scorers import check_scorers, load_function
+from llmbatch.pipelines.render import RenderSettings, template_fields
+from llmbatch.storage import check_bucket, join
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROGRESS_EVERY_SECONDS = 10.0
@@ -123,7 +123,7 @@ def resumes_automatically(run_uri: str, attempt: dict[str, Any], log) -> bool:
 
 def input_could_list(input_path: str, output_path: str) -> bool:
     """Whether listing the input (file, directory, glob or prefix) could ever find files under the output."""
-    from pipelines.storage import filesystem_for, is_within, location
+    from llmbatch.storage import filesystem_for, is_within, location
 
     if any(ch in input_path for ch in "*?["):
         # a glob without ** matches one level only; output files always sit a level below output.path
@@ -140,7 +140,7 @@ def input_could_list(input_path: str, output_path: str) -> bool:
 
 def overlap_problems(spec: JobSpec, run_uri: str | None = None) -> list[str]:
     """A run must never read its own output, nor write (or clear) where its input lies."""
-    from pipelines.storage import is_within
+    from llmbatch.storage import is_within
 
     if input_could_list(spec.input.path, spec.output.path):
         return [f"output.path: {spec.output.path} is inside input.path {spec.input.path}; later runs would read "
@@ -280,8 +280,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     if on_cluster and model_store.classify_source(spec.model.source).kind != "hub":
         ensure_model_on_nodes(spec.model.source, str(model_path), hosts)
 
-    from pipelines.pipeline import OutputContext, build_dataset, output_schema_for, scan_inputs
-    from pipelines.progress import ProgressCounter, progress_actor_name
+    from llmbatch.pipelines.pipeline import OutputContext, build_dataset, output_schema_for, scan_inputs
+    from llmbatch.pipelines.progress import ProgressCounter, progress_actor_name
 
     inputs = scan_inputs(files, spec.input.limit, required_input_columns(spec), spec.input.id_column,
                          rows_per_task=spec.resources.batch_size)
@@ -579,8 +579,8 @@ def judge_plans(spec: JobSpec, accelerator: str, cluster: dict, nodes: dict, job
 def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inputs, context, model_source: str,
                   log) -> dict[str, Any]:
     """Each judge rereads the previous pass's parts and writes the next; the last writes the run's output."""
-    from pipelines.pipeline import build_judge_pass, read_output_parts
-    from pipelines.progress import ProgressCounter, progress_actor_name
+    from llmbatch.pipelines.pipeline import build_judge_pass, read_output_parts
+    from llmbatch.pipelines.progress import ProgressCounter, progress_actor_name
 
     stats, target = {}, first_pass
     for number, (scorer, judge_plan, judge_max_len) in enumerate(judges, start=1):
@@ -602,7 +602,7 @@ def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inpu
 
 def _execute(ds, target: str, counter, total_rows: int, started: float, log, rows_per_part: int | None = None) -> None:
     """Run a dataset to its parquet target, reporting progress while it runs."""
-    from pipelines.pipeline import write_dataset
+    from llmbatch.pipelines.pipeline import write_dataset
 
     stop = threading.Event()
     reporter = threading.Thread(target=_report_progress, args=(counter, total_rows, started, stop, log), daemon=True)

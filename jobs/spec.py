@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jobs.errors import SpecError
+from llmbatch.errors import SpecError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 
@@ -64,7 +64,7 @@ class InputSpec(_Section):
     @classmethod
     def _template_names_columns(cls, value: Optional[str]) -> Optional[str]:
         if value is not None:
-            from pipelines.render import template_fields
+            from llmbatch.pipelines.render import template_fields
 
             template_fields(value)
         return value
@@ -201,7 +201,7 @@ class JudgeScorer(_ScorerSpec):
     @field_validator("rubric")
     @classmethod
     def _rubric_fields(cls, value: str) -> str:
-        from pipelines.render import template_fields
+        from llmbatch.pipelines.render import template_fields
 
         template_fields(value)
         return value

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.timings import startup_line
+from llmbatch.pipelines.timings import startup_line
 
 
 def render_summary(manifest: dict[str, Any], summary: dict[str, Any] | None = None) -> str:

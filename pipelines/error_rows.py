@@ -9,8 +9,8 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.manifest import output_parts
-from pipelines.storage import filesystem_for, is_s3, join, storage_errors
+from llmbatch.pipelines.manifest import output_parts
+from llmbatch.storage import filesystem_for, is_s3, join, storage_errors
 
 ERRORS_DIR = "errors"
 ERRORS_FILE = "errors.jsonl"

@@ -8,13 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.read import ROW_ERROR_COLUMN
-from pipelines.render import PROMPT_COLUMN
-from pipelines.result_cache import HIT_COLUMN, HIT_MARKER
+from llmbatch.pipelines.columns import (CHOICE_RESULTS_COLUMN, CHOICES_COLUMN, HIT_COLUMN, HIT_MARKER, INFERENCE_ERROR,
+                                        PROMPT_COLUMN, RENDERED_PROMPT, ROW_ERROR_COLUMN, TOKENS_COLUMN)
 
-RENDERED_PROMPT = "_rendered_prompt"
-INFERENCE_ERROR = "__inference_error__"  # ray.data.llm's per-row error column
-CHOICE_RESULTS_COLUMN = "_choice_results"  # task: score - [{logprob, num_tokens}] per completion
+
 STAGE_CPUS = 0.25  # CPU share of each light (non-engine) step
 
 
@@ -122,7 +119,7 @@ def build_infer_stage(plan: EnginePlan):
 
 def engine_env(plan: EnginePlan) -> dict[str, str]:
     """Environment of each engine replica's process, set before vLLM and torch are imported there."""
-    from pipelines.inprocess_engine import IN_PROCESS_ENV
+    from llmbatch.pipelines.inprocess_engine import IN_PROCESS_ENV
 
     env = dict(IN_PROCESS_ENV) if plan.in_process else {}
     if plan.threads:
@@ -136,7 +133,7 @@ def _seq2seq_stage(plan: EnginePlan):
     with the same resources, rows in and columns out as the vLLM stage."""
     import ray
 
-    from pipelines.seq2seq import Seq2SeqEngineStage
+    from llmbatch.pipelines.seq2seq import Seq2SeqEngineStage
 
     bundle = plan.bundle_per_replica
     remote_args: dict[str, Any] = {"num_cpus": bundle.get("CPU", 1), "num_gpus": bundle.get("GPU", 0)}
@@ -163,8 +160,7 @@ def _llmbatch_engine_udf():
     import ray
     from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 
-    from pipelines.render import CHOICES_COLUMN, TOKENS_COLUMN
-    from pipelines.score import completion_logprob
+    from llmbatch.pipelines.score import completion_logprob
 
     class LlmbatchEngineUDF(vLLMEngineStageUDF):
         def __init__(self, *args, progress_actor: str | None = None, in_process: bool = False, **kwargs):
@@ -186,7 +182,7 @@ def _llmbatch_engine_udf():
             """vLLMEngineStageUDF's set-up, with the in-process engine in place of AsyncLLM."""
             from ray.llm._internal.batch.stages.base import StatefulStageUDF
 
-            from pipelines.inprocess_engine import in_process_wrapper_class
+            from llmbatch.pipelines.inprocess_engine import in_process_wrapper_class
 
             StatefulStageUDF.__init__(self, data_column, expected_input_keys)
             self.model = model

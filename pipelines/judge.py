@@ -9,12 +9,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.read import ROW_ERROR_COLUMN
-from pipelines.render import PROMPT_COLUMN, TOKENS_COLUMN, RowError
-from pipelines.scorers import JUDGE_TEXT_SUFFIX, add_error, score_column
+from llmbatch.pipelines.columns import JUDGED_ROW, JUDGE_SKIPPED, PROMPT_COLUMN, ROW_ERROR_COLUMN, TOKENS_COLUMN
+from llmbatch.pipelines.render import RowError
+from llmbatch.pipelines.scorers import JUDGE_TEXT_SUFFIX, add_error, score_column
 
-JUDGED_ROW = "_judged_row"   # the output row being judged, carried through the engine untouched
-SKIPPED = "not judged"       # marks rows the engine must pass by (they failed before the judge)
 
 
 def judge_choices(scale: list[int]) -> list[str]:
@@ -62,7 +60,7 @@ class JudgeRenderStage:
         for row in rows:
             prompt, ids, skip = None, None, None
             if row.get("generated_text") is None:  # failed before scoring; other scorers' errors still get judged
-                skip = SKIPPED
+                skip = JUDGE_SKIPPED
             else:
                 try:
                     prompt, ids = self.render(row)
@@ -104,7 +102,7 @@ def after_judge(row: dict[str, Any], *, scorer: dict[str, Any], inference_error:
     out[column] = None
     out[column + JUDGE_TEXT_SUFFIX] = None
     failure = row.get(inference_error) or row.get(ROW_ERROR_COLUMN) or ""
-    if failure == SKIPPED:
+    if failure == JUDGE_SKIPPED:
         return out
     if failure:
         add_error(out, failure if failure.startswith(column) else f"{column}: judge failed: {failure}")

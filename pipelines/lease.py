@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.errors import UserError
-from pipelines.storage import filesystem_for, join, read_json, storage_errors, write_whole
+from llmbatch.errors import UserError
+from llmbatch.storage import filesystem_for, join, read_json, storage_errors, write_whole
 
 LEASE_NAME = "_lease.json"
 RENEW_EVERY_SECONDS = 20.0

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.storage import filesystem_for, join, storage_errors, write_whole
+from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
 
 MANIFEST_NAME = "_manifest.json"
 STAGING_DIR = "_staging"  # parts of a pass that a later pass (a judge) rewrites; never part of the output

@@ -6,12 +6,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.infer import CHOICE_RESULTS_COLUMN, INFERENCE_ERROR, RENDERED_PROMPT
-from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
-from pipelines.render import CHOICES_COLUMN, TOKENS_COLUMN
-from pipelines.result_cache import CACHED_COLUMN, HIT_COLUMN, cached_result
-from pipelines.score import cumulative_logprob, finish_reason, mean_logprob, perplexity, top_logprobs
-from pipelines.seq2seq import TOKEN_LOGPROBS_COLUMN
+from llmbatch.pipelines.columns import (CACHED_COLUMN, CHOICES_COLUMN, CHOICE_RESULTS_COLUMN, HIT_COLUMN,
+                                        ID_COLUMN, INFERENCE_ERROR, INPUT_COLUMN, RENDERED_PROMPT,
+                                        ROW_ERROR_COLUMN, TOKENS_COLUMN, TOKEN_LOGPROBS_COLUMN)
+from llmbatch.pipelines.result_cache import cached_result
+from llmbatch.pipelines.score import cumulative_logprob, finish_reason, mean_logprob, perplexity, top_logprobs
 
 
 

@@ -7,20 +7,21 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from jobs.errors import UserError
-from pipelines.infer import INFERENCE_ERROR, STAGE_CPUS, EnginePlan, build_infer_stage
-from pipelines.judge import JudgeRenderStage, after_judge
-from pipelines.manifest import output_parts
-from pipelines.output import conform_output, to_output_row
-from pipelines.read import (
+from llmbatch.pipelines.columns import INFERENCE_ERROR
+from llmbatch.errors import UserError
+from llmbatch.pipelines.infer import STAGE_CPUS, EnginePlan, build_infer_stage
+from llmbatch.pipelines.judge import JudgeRenderStage, after_judge
+from llmbatch.pipelines.manifest import output_parts
+from llmbatch.pipelines.output import conform_output, to_output_row
+from llmbatch.pipelines.read import (
     InputFile, ReadShards, ShardScan, ShardTask, id_hashes, mark_duplicate_ids, plan_shard_tasks, read_task_rows,
     scan_shard, shard_task_rows, split_tasks, unify_input_schema,
 )
-from pipelines.render import RenderSettings, RenderStage
-from pipelines.result_cache import CacheLookupStage
-from pipelines.schema import output_names_for_inputs, output_schema, task_fields
-from pipelines.scorers import ENGINE_KINDS, ScoreStage, score_fields
-from pipelines.storage import filesystem_for, is_s3, join, storage_errors
+from llmbatch.pipelines.render import RenderSettings, RenderStage
+from llmbatch.pipelines.result_cache import CacheLookupStage
+from llmbatch.pipelines.schema import output_names_for_inputs, output_schema, task_fields
+from llmbatch.pipelines.scorers import ENGINE_KINDS, ScoreStage, score_fields
+from llmbatch.storage import filesystem_for, is_s3, join, storage_errors
 
 CPU_STAGE_CPUS = STAGE_CPUS
 

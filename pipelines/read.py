@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -14,19 +13,17 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from jobs.errors import UserError
-from pipelines.storage import check_bucket, filesystem_for, full_uri, is_s3, storage_errors
+from llmbatch.pipelines.columns import (DUPLICATE_ID_ERROR, ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN, is_done,
+                                        row_key_hashes, stable_hash)
+from llmbatch.errors import UserError
+from llmbatch.storage import check_bucket, filesystem_for, full_uri, is_s3, storage_errors
 
 FORMAT_BY_EXTENSION = {
     ".parquet": "parquet", ".pq": "parquet",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
     ".csv": "csv",
 }
-ID_COLUMN = "id"
-ROW_ERROR_COLUMN = "_row_error"
-INPUT_COLUMN = "_input"
 READ_CHUNK_ROWS = 1024
-DUPLICATE_ID_ERROR = "duplicate id "
 SEEK_EVERY = 256  # rows between the jsonl seek points the scan records
 
 
@@ -409,10 +406,6 @@ def id_hashes(uri: str, fmt: str, schema: pa.Schema, id_column: str, take: int |
     return np.array(hashes[:take] if take is not None else hashes, dtype=np.int64)
 
 
-def stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True) or 1
-
-
 def mark_duplicate_ids(tasks: list[ShardTask], hashes: list[np.ndarray]) -> tuple[list[ShardTask], int]:
     """Tasks whose later rows repeating an earlier row's id (in path and row order) are marked; the count."""
     if not tasks:
@@ -526,8 +519,6 @@ class ReadShards:
                 emitted += table.num_rows
                 rows = self._with_ids(table, str(relpath), repeated)
                 if self.done is not None:
-                    from pipelines.resume import is_done, row_key_hashes
-
                     finished = is_done(row_key_hashes(rows.column(ID_COLUMN).to_pylist(),
                                                       rows.column(ROW_ERROR_COLUMN).to_pylist()), self.done)
                     rows = rows.filter(pa.array(~finished))

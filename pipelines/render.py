@@ -7,13 +7,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
+from llmbatch.pipelines.columns import (CHOICES_COLUMN, ID_COLUMN, INPUT_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN,
+                                        TOKENS_COLUMN)
 
-CHOICES_COLUMN = "_choices"  # task: score - [{text, tokens}] completions to score after the prompt
+
 CHOICES_TYPE = pa.list_(pa.struct([("text", pa.string()), ("tokens", pa.list_(pa.int32()))]))
 
-PROMPT_COLUMN = "prompt"
-TOKENS_COLUMN = "tokenized_prompt"
 
 
 class RowError(ValueError):

@@ -18,17 +18,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
-from pipelines.manifest import output_parts
-from pipelines.read import ROW_ERROR_COLUMN, stable_hash
-from pipelines.render import PROMPT_COLUMN
-from pipelines.storage import filesystem_for, join, storage_errors, write_whole
+from llmbatch.pipelines.columns import CACHED_COLUMN, HIT_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN, stable_hash
+from llmbatch.pipelines.manifest import output_parts
+from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
 
 CACHE_FORMAT = 1
 KEY_FILE = "_key.json"
-HIT_COLUMN = "_cached_result"   # a hit's result columns as JSON; null for a miss
-CACHED_COLUMN = "cached"        # output column: the row's result came from the cache
-# ray.data.llm passes a row whose error is set straight through its engine stage; a hit travels that way.
-HIT_MARKER = "__cached__"
 RESULT_COLUMNS = ("generated_text", "finish_reason", "num_input_tokens", "num_generated_tokens",
                   "cumulative_logprob", "mean_logprob", "perplexity")
 TOP_LOGPROBS = "top_logprobs"

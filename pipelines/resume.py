@@ -14,29 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.manifest import output_parts
-from pipelines.read import DUPLICATE_ID_ERROR, stable_hash
-from pipelines.storage import filesystem_for, is_s3, join, read_json, storage_errors
+from llmbatch.pipelines.columns import row_key_hashes
+from llmbatch.pipelines.manifest import output_parts
+from llmbatch.storage import filesystem_for, is_s3, join, read_json, storage_errors
 
 ATTEMPT_NAME = "_attempt.json"
 # Settings a resumed run may change: they decide how fast rows are made, not what a row holds.
 FREE_TO_CHANGE = ("resources", "cache")
-
-
-def row_key(row_id: str, error: str | None) -> str:
-    return error if error and error.startswith(DUPLICATE_ID_ERROR) else row_id
-
-
-def row_key_hashes(ids: list[str], errors: list[str | None]) -> np.ndarray:
-    return np.array([stable_hash(row_key(i, e)) for i, e in zip(ids, errors)], dtype=np.int64)
-
-
-def is_done(hashes: np.ndarray, done: np.ndarray) -> np.ndarray:
-    """Which of `hashes` are in the sorted array `done`."""
-    if not len(done):
-        return np.zeros(len(hashes), dtype=bool)
-    at = np.searchsorted(done, hashes).clip(max=len(done) - 1)
-    return done[at] == hashes
 
 
 @dataclass

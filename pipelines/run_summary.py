@@ -9,9 +9,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.manifest import output_parts
-from pipelines.scorers import BOOLEAN_KINDS, score_column
-from pipelines.storage import filesystem_for, join, storage_errors
+from llmbatch.pipelines.manifest import output_parts
+from llmbatch.pipelines.scorers import BOOLEAN_KINDS, score_column
+from llmbatch.storage import filesystem_for, join, storage_errors
 
 SUMMARY_NAME = "_summary.json"
 BUCKETS = 10

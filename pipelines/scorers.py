@@ -161,7 +161,7 @@ def _python_scorer(scorer: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
 
 def check_scorers(scorers: list[dict[str, Any]], output_columns: list[str], input_columns: list[str]) -> list[str]:
     """Problems found before any engine starts: python scorers that do not import, rubrics naming no column."""
-    from pipelines.render import template_fields
+    from llmbatch.pipelines.render import template_fields
 
     problems = []
     known = set(output_columns) | set(input_columns)

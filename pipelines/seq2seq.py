@@ -12,12 +12,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT
-from pipelines.read import ROW_ERROR_COLUMN
-from pipelines.render import PROMPT_COLUMN, TOKENS_COLUMN
-from pipelines.result_cache import HIT_COLUMN, HIT_MARKER
+from llmbatch.pipelines.columns import (HIT_COLUMN, HIT_MARKER, INFERENCE_ERROR, PROMPT_COLUMN, RENDERED_PROMPT,
+                                        ROW_ERROR_COLUMN, TOKENS_COLUMN, TOKEN_LOGPROBS_COLUMN)
 
-TOKEN_LOGPROBS_COLUMN = "token_logprobs"  # each generated token's own logprob (this engine's shape)
+
 TOP_LOGPROBS_TYPE = pa.list_(pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())])))
 SUPPORTED_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs"}
 _DTYPES = {"float32", "bfloat16", "float16"}

@@ -40,7 +40,7 @@ def s3(s3_server, monkeypatch):
     for key, value in AWS_TEST_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
-    from pipelines.storage import s3_filesystem
+    from llmbatch.storage import s3_filesystem
 
     return s3_filesystem()
 

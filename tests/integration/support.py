@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from pipelines.schema import OutputRow
+from llmbatch.pipelines.schema import OutputRow
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).with_name("llmbatch"))

@@ -30,7 +30,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, demo_model):
     """A head and a second node, each declaring 2 CPUs and 1 logical GPU, token auth on."""
-    from cluster.home import llmbatch_home
+    from llmbatch.cluster.home import llmbatch_home
 
     root = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)

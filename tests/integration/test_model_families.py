@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.model_inspect import inspect_source
+from llmbatch.cluster.model_inspect import inspect_source
 from support import read_output, run_cli, write_job
 from tiny_families import BUILDERS, build_tiny
 
@@ -51,7 +51,7 @@ def _hf_greedy(checkpoint: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory, demo_model: str) -> dict:
     """Build every tiny checkpoint, convert CodeGen to GPT-J, and run one job per family, two at a time."""
-    from cluster.model_store import resolve_local
+    from llmbatch.cluster.model_store import resolve_local
 
     root = tmp_path_factory.mktemp("families")
     tokenizer_from = resolve_local(demo_model)

@@ -41,7 +41,7 @@ def test_s3_prefix_of_parquet_shards_with_template_and_s3_model(tmp_path: Path, 
         expected.update({r["question_id"]: r for r in table.to_pylist()})
     s3.pipe_file("inputs/batch/_SUCCESS", b"")  # markers next to shards are not input
 
-    from cluster.model_store import resolve_local
+    from llmbatch.cluster.model_store import resolve_local
     _upload_dir(s3, resolve_local(DEMO_MODEL), "models/smollm2")
     home = tmp_path / "home"
     monkeypatch.setenv("LLMBATCH_HOME", str(home))

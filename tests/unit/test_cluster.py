@@ -6,16 +6,16 @@ import os
 
 import pytest
 
-from cluster.model_catalog import CATALOG
-from cluster.model_store import check_source, classify_source, fingerprint, is_checkpoint_dir
-from cluster.resources import (
+from llmbatch.cluster.model_catalog import CATALOG
+from llmbatch.cluster.model_store import check_source, classify_source, fingerprint, is_checkpoint_dir
+from llmbatch.cluster.resources import (
     PIPELINE_CPU_OVERHEAD,
     check_fits,
     choose_accelerator,
     default_memory_utilization,
     replica_shape,
 )
-from jobs.errors import UserError
+from llmbatch.errors import UserError
 
 CATALOG_NAME = next(iter(CATALOG))
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import jobs.remote as remote
-from jobs.errors import UserError
-from jobs.spec import JobSpec
+import llmbatch.jobs.remote as remote
+from llmbatch.errors import UserError
+from llmbatch.jobs.spec import JobSpec
 
 
 @dataclass

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.diagnose import explain_failure, root_cause
-from cluster.jobs_api import cluster_address, jobs_api_errors, token_source, use_token_if_available
-from cluster.resources import check_fits, check_replica_fits_a_node, replica_shape
-from jobs.errors import UserError
-from jobs.spec import validate_spec
+from llmbatch.cluster.diagnose import explain_failure, root_cause
+from llmbatch.cluster.jobs_api import cluster_address, jobs_api_errors, token_source, use_token_if_available
+from llmbatch.cluster.resources import check_fits, check_replica_fits_a_node, replica_shape
+from llmbatch.errors import UserError
+from llmbatch.jobs.spec import validate_spec
 
 BASE = {"name": "a", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"}}
 
@@ -98,15 +98,15 @@ def test_root_cause_is_the_first_specific_error_a_worker_logged(tmp_path: Path):
 
 
 def test_explain_failure_falls_back_to_the_exception_and_adds_a_hint(monkeypatch):
-    monkeypatch.setattr("cluster.diagnose.ray_logs_dir", lambda: None)
-    monkeypatch.setattr("cluster.diagnose.orphaned_engine_pids", lambda: [])
+    monkeypatch.setattr("llmbatch.cluster.diagnose.ray_logs_dir", lambda: None)
+    monkeypatch.setattr("llmbatch.cluster.diagnose.orphaned_engine_pids", lambda: [])
     message = explain_failure(RuntimeError("wrapper\nValueError: desired CPU memory utilization (0.99)"), 0)
     assert message.startswith("the pipeline failed: ValueError: desired CPU memory utilization (0.99)")
     assert "--set model.engine.gpu_memory_utilization=0.3" in message
 
 
 def test_can_host_needs_the_whole_replica_and_its_gpu_type_on_one_node():
-    from cluster.resources import can_host
+    from llmbatch.cluster.resources import can_host
 
     gpu2 = replica_shape("gpu", 2)
     assert can_host(gpu2, {"CPU": 4, "GPU": 2})
@@ -117,7 +117,7 @@ def test_can_host_needs_the_whole_replica_and_its_gpu_type_on_one_node():
 
 
 def test_parts_of_an_uncommitted_attempt_are_cleared(tmp_path: Path):
-    from pipelines.manifest import clear_uncommitted
+    from llmbatch.pipelines.manifest import clear_uncommitted
 
     run = tmp_path / "out" / "r1"
     assert clear_uncommitted(str(run)) == 0
@@ -133,7 +133,7 @@ def test_sizing_problems_only_warn_for_a_fixed_pool():
     from structlog.testing import capture_logs
 
     import structlog
-    from jobs.feedback import predict
+    from llmbatch.jobs.feedback import predict
 
     spec = validate_spec({**BASE, "resources": {"replicas": 2, "accelerator_type": "L40S"}})
     with capture_logs() as logs:
@@ -144,7 +144,7 @@ def test_sizing_problems_only_warn_for_a_fixed_pool():
 
 
 def test_orphaned_vllm_engines_are_found_by_name_and_parent(tmp_path):
-    from cluster.diagnose import orphaned_engine_pids
+    from llmbatch.cluster.diagnose import orphaned_engine_pids
 
     def process(pid: int, cmdline: bytes, parent: int) -> None:
         (tmp_path / str(pid)).mkdir()
@@ -158,7 +158,7 @@ def test_orphaned_vllm_engines_are_found_by_name_and_parent(tmp_path):
 
 
 def test_explain_failure_names_orphaned_engines_when_memory_runs_short(monkeypatch):
-    monkeypatch.setattr("cluster.diagnose.ray_logs_dir", lambda: None)
-    monkeypatch.setattr("cluster.diagnose.orphaned_engine_pids", lambda: [41, 42])
+    monkeypatch.setattr("llmbatch.cluster.diagnose.ray_logs_dir", lambda: None)
+    monkeypatch.setattr("llmbatch.cluster.diagnose.orphaned_engine_pids", lambda: [41, 42])
     message = explain_failure(RuntimeError("ValueError: less than desired CPU memory utilization (0.5)"), 0)
     assert "--set model.engine.gpu_memory_utilization=0.3" in message and "`kill 41 42`" in message

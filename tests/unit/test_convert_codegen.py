@@ -8,9 +8,9 @@ import torch
 from click.testing import CliRunner
 from transformers import CodeGenConfig, CodeGenForCausalLM, GPTJForCausalLM
 
-from cluster.convert_codegen import convert_codegen, gptj_config, split_qkv
-from jobs.cli import main
-from jobs.errors import UserError
+from llmbatch.cluster.convert_codegen import convert_codegen, gptj_config, split_qkv
+from llmbatch.jobs.cli import main
+from llmbatch.errors import UserError
 
 SEQUENCES = [[1, 2, 3, 4, 5, 6, 7, 8], [500, 17, 17, 256, 3, 99, 410, 0, 12, 44, 301, 7], [42]]
 

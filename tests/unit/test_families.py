@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from cluster.families import (
+from llmbatch.cluster.families import (
     FamilyCatalog, cpu_supports_head_dim, family_for_config, format_params, load_catalog, load_families,
     parse_params,
 )
-from cluster.model_facts import facts_from_config
+from llmbatch.cluster.model_facts import facts_from_config
 
 ISSUE_FAMILIES = ["llama", "mistral", "mixtral", "opt", "bloom", "gpt-neox", "gpt2", "glm4", "glm", "chatglm",
                   "gpt-bigcode", "codegen", "t5", "minigpt-4"]

@@ -6,9 +6,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cluster.model_inspect import engine_for_checkpoint, inspect_source
-from jobs.cli import main
-from jobs.errors import UserError
+from llmbatch.cluster.model_inspect import engine_for_checkpoint, inspect_source
+from llmbatch.jobs.cli import main
+from llmbatch.errors import UserError
 
 TINY = {"num_hidden_layers": 2, "vocab_size": 512}
 CONFIGS = {
@@ -208,7 +208,7 @@ def test_cli_inspect_user_errors_exit_2_with_one_line(tmp_path):
 def test_cli_inspect_an_unprepared_catalog_model_says_how_to_prepare_it():
     import importlib.metadata
 
-    from cluster.model_catalog import CATALOG
+    from llmbatch.cluster.model_catalog import CATALOG
 
     name, entry = next(iter(CATALOG.items()))
     result = run("models", "inspect", name)
@@ -223,7 +223,7 @@ def test_cli_inspect_an_unprepared_catalog_model_says_how_to_prepare_it():
 
 
 def test_cli_inspect_a_prepared_catalog_model_reads_it_from_the_cache(tmp_path):
-    from cluster.model_catalog import CATALOG
+    from llmbatch.cluster.model_catalog import CATALOG
 
     name = next(iter(CATALOG))
     cached = tmp_path / "llmbatch-home" / "models" / name
@@ -250,8 +250,8 @@ def test_a_checkpoint_with_its_own_code_runs_only_when_the_job_allows_it(tmp_pat
 
 
 def test_trust_remote_code_reaches_the_engine_only_when_set():
-    from jobs.run import engine_kwargs_for
-    from jobs.spec import EngineSpec
+    from llmbatch.jobs.run import engine_kwargs_for
+    from llmbatch.jobs.spec import EngineSpec
 
     assert "trust_remote_code" not in engine_kwargs_for(EngineSpec(), "cpu", 256, 1)
     assert engine_kwargs_for(EngineSpec(trust_remote_code=True), "cpu", 256, 1)["trust_remote_code"] is True

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.read as read
-from jobs.errors import UserError
-from pipelines.read import (
+import llmbatch.pipelines.read as read
+from llmbatch.errors import UserError
+from llmbatch.pipelines.read import (
     InputFile,
     ReadShards,
     ShardScan,
@@ -555,7 +555,7 @@ def test_listing_then_reading_gives_ids_relative_to_the_input_root(tmp_path):
 def test_repeated_ids_across_shards_are_marked_after_their_first_occurrence(tmp_path):
     """The first row with an id (in path, then row order) is kept; later rows with it become error rows
     naming where it was first seen; null ids are not duplicates of each other; take limits what is looked at."""
-    from pipelines.read import id_hashes, mark_duplicate_ids
+    from llmbatch.pipelines.read import id_hashes, mark_duplicate_ids
 
     a = write_jsonl(tmp_path / "a.jsonl", [{"key": "k1", "prompt": "x"}, {"key": None, "prompt": "y"},
                                            {"key": "k1", "prompt": "z"}, {"key": None, "prompt": "w"}])
@@ -596,7 +596,7 @@ def test_shards_whose_column_types_cannot_combine_are_named():
 def test_large_shards_split_into_row_ranges_that_read_exactly_their_rows(tmp_path, monkeypatch):
     """jsonl ranges start from the nearest seek point the scan recorded, parquet ranges are whole row groups;
     each range yields exactly its rows with their shard row numbers; csv shards stay whole."""
-    from pipelines.read import split_tasks
+    from llmbatch.pipelines.read import split_tasks
 
     monkeypatch.setattr(read, "SEEK_EVERY", 4)
     lines = [json.dumps({"k": f"k{i}", "prompt": f"p{i}"}) for i in range(23)]
@@ -642,7 +642,7 @@ def test_a_value_of_the_wrong_type_is_a_row_error_not_an_unreadable_shard(tmp_pa
 
 
 def test_a_jsonl_range_is_not_parsed_past_its_end(tmp_path, monkeypatch):
-    from pipelines.read import SeekPoint
+    from llmbatch.pipelines.read import SeekPoint
 
     monkeypatch.setattr(read, "SEEK_EVERY", 8)
     f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}"} for i in range(50)])
@@ -655,7 +655,7 @@ def test_a_jsonl_range_is_not_parsed_past_its_end(tmp_path, monkeypatch):
 
 
 def test_a_repeated_id_is_named_first_even_when_the_row_has_another_error(tmp_path):
-    from pipelines.read import id_hashes, mark_duplicate_ids
+    from llmbatch.pipelines.read import id_hashes, mark_duplicate_ids
 
     f = write_jsonl(tmp_path / "a.jsonl", [{"qid": "a", "prompt": "x"}, {"qid": "b", "prompt": "y"},
                                            {"qid": "a", "prompt": 5}])
@@ -681,7 +681,7 @@ def test_column_types_follow_most_values_and_clashing_chunks_become_text(tmp_pat
 
 
 def test_read_tasks_are_a_batch_each_until_there_would_be_too_many():
-    from pipelines.read import MAX_READ_TASKS, read_task_rows
+    from llmbatch.pipelines.read import MAX_READ_TASKS, read_task_rows
 
     assert read_task_rows(12, 16) == 16
     assert read_task_rows(MAX_READ_TASKS * 32, 32) == 32

@@ -4,17 +4,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.render import (
-    PROMPT_COLUMN,
-    TOKENS_COLUMN,
-    RenderSettings,
-    RenderStage,
-    RowError,
-    build_messages,
-    build_text,
-    render_plain,
-    template_fields,
-)
+from llmbatch.pipelines.columns import PROMPT_COLUMN, TOKENS_COLUMN
+from llmbatch.pipelines.render import RenderSettings, RenderStage, RowError, build_messages, build_text, render_plain, template_fields
 
 NON_ASCII = [
     "用一句话解释量子纠缠。",

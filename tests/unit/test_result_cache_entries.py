@@ -9,17 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.errors import SpecError
-from jobs.spec import validate_spec
-from jobs.summary import render_summary
-from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT, sampling_params
-from pipelines.output import to_output_row
-from pipelines.read import ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN
-from pipelines.result_cache import (
-    HIT_COLUMN, KEY_FILE, CacheLookupStage, cache_plan, is_deterministic, load_index, prompt_key, write_entries,
-    write_key_file,
-)
-from pipelines.schema import OutputRow, output_schema
+from llmbatch.pipelines.columns import (HIT_COLUMN, ID_COLUMN, INFERENCE_ERROR, INPUT_COLUMN, RENDERED_PROMPT,
+                                        ROW_ERROR_COLUMN)
+from llmbatch.errors import SpecError
+from llmbatch.jobs.spec import validate_spec
+from llmbatch.jobs.summary import render_summary
+from llmbatch.pipelines.infer import sampling_params
+from llmbatch.pipelines.output import to_output_row
+from llmbatch.pipelines.result_cache import KEY_FILE, CacheLookupStage, cache_plan, is_deterministic, load_index, prompt_key, write_entries, write_key_file
+from llmbatch.pipelines.schema import OutputRow, output_schema
 
 ENGINE = {"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.5, "enable_prefix_caching": True}
 GREEDY = sampling_params(32, 0.0, 1.0, None, None, [])
@@ -157,7 +155,7 @@ def test_final_screen_counts_cache_hits():
 
 
 def test_a_cache_inside_the_input_is_refused(tmp_path: Path):
-    from jobs.run import overlap_problems
+    from llmbatch.jobs.run import overlap_problems
 
     (tmp_path / "data").mkdir()
     raw = {"name": "a", "model": {"source": "m"}, "input": {"path": str(tmp_path / "data")},
@@ -170,7 +168,7 @@ def test_a_cache_inside_the_input_is_refused(tmp_path: Path):
 def test_unseeded_sampling_opens_no_cache_and_the_manifest_says_why(tmp_path: Path):
     from structlog.testing import capture_logs
 
-    from jobs.run import cache_manifest, result_cache_for
+    from llmbatch.jobs.run import cache_manifest, result_cache_for
 
     raw = {"name": "a", "model": {"source": "m"}, "input": {"path": "in.jsonl"}, "output": {"path": "out"},
            "cache": {"path": str(tmp_path / "cache")}}

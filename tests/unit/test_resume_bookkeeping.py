@@ -7,8 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.read import ReadShards
-from pipelines.resume import changed_settings, finished_work, is_done, row_key, row_key_hashes
+from llmbatch.pipelines.columns import is_done, row_key, row_key_hashes
+from llmbatch.pipelines.read import ReadShards
+from llmbatch.pipelines.resume import changed_settings, finished_work
 
 
 def _part(path, ids, errors):

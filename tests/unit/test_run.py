@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from jobs.errors import UserError
-from jobs.run import check_run_id, model_max_len, new_run_id, required_input_columns
-from jobs.spec import validate_spec
+from llmbatch.errors import UserError
+from llmbatch.jobs.run import check_run_id, model_max_len, new_run_id, required_input_columns
+from llmbatch.jobs.spec import validate_spec
 
 
 def spec_with(**input_fields):
@@ -98,7 +98,7 @@ def test_model_max_len_is_none_without_a_usable_config(tmp_path):
 
 
 def test_error_kinds_drop_the_rows_own_details():
-    from pipelines.error_rows import error_kind
+    from llmbatch.pipelines.error_rows import error_kind
 
     assert error_kind("duplicate id 'k1' at a.jsonl row 2 (first at a.jsonl row 0)") == "duplicate id"
     assert error_kind("prompt column 'prompt' is null") == "prompt column is null"
@@ -108,8 +108,8 @@ def test_error_kinds_drop_the_rows_own_details():
 
 
 def test_output_inside_input_and_input_inside_the_run_are_refused(tmp_path):
-    from jobs.run import overlap_problems
-    from jobs.spec import validate_spec
+    from llmbatch.jobs.run import overlap_problems
+    from llmbatch.jobs.spec import validate_spec
 
     def spec(inp, out):
         return validate_spec({"name": "a", "model": {"source": "m"}, "input": {"path": inp}, "output": {"path": out}})
@@ -128,8 +128,8 @@ def test_output_inside_input_and_input_inside_the_run_are_refused(tmp_path):
 
 
 def test_eager_mode_defaults_to_the_device_and_can_be_set_either_way():
-    from jobs.run import engine_kwargs_for
-    from jobs.spec import EngineSpec
+    from llmbatch.jobs.run import engine_kwargs_for
+    from llmbatch.jobs.spec import EngineSpec
 
     assert engine_kwargs_for(EngineSpec(), "cpu", 256, 1)["enforce_eager"] is True
     assert "enforce_eager" not in engine_kwargs_for(EngineSpec(), "gpu", 256, 1)

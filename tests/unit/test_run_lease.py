@@ -10,11 +10,11 @@ import time
 import pytest
 import structlog
 
-from jobs.errors import UserError
-from jobs.run import resumes_automatically
-from pipelines import lease as leases
-from pipelines.lease import LEASE_NAME, RunLease, check_not_running, live_holder
-from pipelines.resume import write_attempt
+from llmbatch.errors import UserError
+from llmbatch.jobs.run import resumes_automatically
+from llmbatch.pipelines import lease as leases
+from llmbatch.pipelines.lease import LEASE_NAME, RunLease, check_not_running, live_holder
+from llmbatch.pipelines.resume import write_attempt
 
 
 def _dead_pid() -> int:

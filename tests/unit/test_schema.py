@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.schema import (
+from llmbatch.pipelines.schema import (
     RESULT_FIELDS,
     SCHEMA_VERSION,
     OutputRow,

@@ -6,13 +6,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.compare import choose_metric, render_html, render_markdown, RunPoint, scatter_svg
-from jobs.errors import SpecError, UserError
-from jobs.spec import validate_spec
-from pipelines.judge import SKIPPED, after_judge, judge_messages, judge_sampling_params, parse_judgement
-from pipelines.render import RowError
-from pipelines.run_summary import summarize
-from pipelines.scorers import ScoreStage, build_scorer, normalize, score_fields, strip_code_fence
+from llmbatch.jobs.compare import choose_metric, render_html, render_markdown, RunPoint, scatter_svg
+from llmbatch.errors import SpecError, UserError
+from llmbatch.jobs.spec import validate_spec
+from llmbatch.pipelines.columns import JUDGE_SKIPPED
+from llmbatch.pipelines.judge import after_judge, judge_messages, judge_sampling_params, parse_judgement
+from llmbatch.pipelines.render import RowError
+from llmbatch.pipelines.run_summary import summarize
+from llmbatch.pipelines.scorers import ScoreStage, build_scorer, normalize, score_fields, strip_code_fence
 
 BASE = {"name": "j", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"}}
 
@@ -142,7 +143,7 @@ def test_after_judge_fills_scores_or_errors():
                      scorer=judge, inference_error="__inference_error__")
     assert ok["score_q"] == 5.0 and ok["score_q_raw"] == "5" and ok["error"] is None
     skipped = after_judge({"_judged_row": {**judged, "error": "x", "generated_text": None},
-                           "__inference_error__": SKIPPED}, scorer=judge, inference_error="__inference_error__")
+                           "__inference_error__": JUDGE_SKIPPED}, scorer=judge, inference_error="__inference_error__")
     assert skipped["score_q"] is None and skipped["error"] == "x"
     failed = after_judge({"_judged_row": judged, "__inference_error__": "engine died"},
                          scorer=judge, inference_error="__inference_error__")
@@ -221,7 +222,7 @@ def test_a_scorer_library_failure_is_one_rows_error():
 
 
 def test_check_scorers_finds_missing_functions_and_rubric_columns():
-    from pipelines.scorers import check_scorers
+    from llmbatch.pipelines.scorers import check_scorers
 
     specs = scorers({"name": "p", "kind": "python", "function": "no_such_module_here:f"},
                     {"name": "q", "kind": "judge", "rubric": "{question} -> {generated_text} vs {answr}"})
@@ -242,8 +243,8 @@ def test_scorer_names_cannot_clash_with_a_judges_raw_column_and_score_tasks_keep
 
 
 def test_run_cost_counts_generation_and_each_judge_pass():
-    from cluster.accelerators import ACCELERATORS
-    from jobs.run import run_cost
+    from llmbatch.cluster.accelerators import ACCELERATORS
+    from llmbatch.jobs.run import run_cost
 
     cost = run_cost(3600, 2, ACCELERATORS["CPU"], {"q": {"wall_seconds": 1800, "devices": 1}})
     price = ACCELERATORS["CPU"].hourly_usd

@@ -14,11 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from pipelines.infer import INFERENCE_ERROR, RENDERED_PROMPT, sampling_params  # noqa: E402
-from pipelines.output import to_output_row  # noqa: E402
-from pipelines.result_cache import HIT_COLUMN, HIT_MARKER  # noqa: E402
-from pipelines.schema import OutputRow, output_names_for_inputs  # noqa: E402
-from pipelines.seq2seq import TOP_LOGPROBS_TYPE, Seq2SeqEngineStage  # noqa: E402
+from llmbatch.pipelines.columns import HIT_COLUMN, HIT_MARKER, INFERENCE_ERROR, RENDERED_PROMPT  # noqa: E402
+from llmbatch.pipelines.infer import sampling_params  # noqa: E402
+from llmbatch.pipelines.output import to_output_row  # noqa: E402
+from llmbatch.pipelines.schema import OutputRow, output_names_for_inputs  # noqa: E402
+from llmbatch.pipelines.seq2seq import TOP_LOGPROBS_TYPE, Seq2SeqEngineStage  # noqa: E402
 
 DEMO_MODEL = Path("~/.cache/llmbatch/models/smollm2-135m-instruct").expanduser()
 VOCAB = 49152

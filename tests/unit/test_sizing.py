@@ -5,14 +5,14 @@ import math
 
 import pytest
 
-from cluster import profiles
-from cluster.accelerators import ACCELERATORS, GIB, accelerator
-from cluster.model_facts import facts_from_config
-from cluster.sizing import (
+from llmbatch.cluster import profiles
+from llmbatch.cluster.accelerators import ACCELERATORS, GIB, accelerator
+from llmbatch.cluster.model_facts import facts_from_config
+from llmbatch.cluster.sizing import (
     choose_tensor_parallel, cost_usd, replicas_for_budget, replicas_for_deadline, wall_seconds,
 )
-from jobs.errors import SpecError, UserError
-from jobs.spec import parse_duration, validate_spec
+from llmbatch.errors import SpecError, UserError
+from llmbatch.jobs.spec import parse_duration, validate_spec
 
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
@@ -143,7 +143,7 @@ def test_a_prefill_measurement_splits_busy_time_into_prefill_and_decode(tmp_path
 
 
 def _plan(replicas: int, tp: int = 1, accelerator_name: str = "A10G"):
-    from jobs.plan import Plan
+    from llmbatch.jobs.plan import Plan
 
     return Plan(model="m", accelerator=accelerator_name, engine={}, rows=100, input_tokens=1000,
                 input_tokens_method="counted", output_tokens=10000, tensor_parallel_size=tp, fit="fits",
@@ -152,7 +152,7 @@ def _plan(replicas: int, tp: int = 1, accelerator_name: str = "A10G"):
 
 
 def test_a_plan_is_capped_by_what_the_cluster_holds():
-    from jobs.plan import fit_to_cluster
+    from llmbatch.jobs.plan import fit_to_cluster
 
     base = {"name": "a", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"}}
     auto = validate_spec({**base, "resources": {"replicas": "auto", "deadline": "10m"}})

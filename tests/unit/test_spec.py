@@ -6,8 +6,8 @@ import textwrap
 import pytest
 import yaml
 
-from jobs.errors import SpecError, UserError
-from jobs.spec import (
+from llmbatch.errors import SpecError, UserError
+from llmbatch.jobs.spec import (
     JobSpec,
     apply_override,
     format_validation_errors,
@@ -70,7 +70,7 @@ def test_minimal_spec_loads_with_documented_defaults(tmp_path):
 def test_shipped_quickstart_job_file_is_valid():
     from pathlib import Path
 
-    import jobs
+    import llmbatch.jobs as jobs
 
     spec = load_spec(Path(jobs.__file__).parent / "quickstart.yaml")
     assert spec.name == "quickstart"
@@ -374,7 +374,7 @@ def test_spec_reference_lists_every_field_with_default_and_description():
 
         from pydantic import BaseModel
 
-        from jobs.spec import CacheSpec
+        from llmbatch.jobs.spec import CacheSpec
         n = 0
         for field in model.model_fields.values():
             n += 1
@@ -383,7 +383,7 @@ def test_spec_reference_lists_every_field_with_default_and_description():
             elif CacheSpec in get_args(field.annotation):  # Optional[CacheSpec]
                 n += count(CacheSpec)
         return n
-    from jobs.spec import SCORER_KINDS
+    from llmbatch.jobs.spec import SCORER_KINDS
 
     assert any(line.startswith("  path: (required)") and "result cache" in line for line in lines)
     assert len(lines) == count(JobSpec) + sum(len(kind.model_fields) for kind in SCORER_KINDS.values())

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.resources import (
+from llmbatch.cluster.resources import (
     CONCURRENT_BATCHES, KV_HEADROOM, KV_SPARE_TOKENS, PROMPT_TOKENS_ALLOWANCE, cpu_kv_cache_bytes, engine_in_process,
     replica_threads,
 )
-from pipelines.infer import EnginePlan, engine_env
-from pipelines.inprocess_engine import IN_PROCESS_ENV, InProcessEngine
-from pipelines.timings import run_timings, startup_line
+from llmbatch.pipelines.infer import EnginePlan, engine_env
+from llmbatch.pipelines.inprocess_engine import IN_PROCESS_ENV, InProcessEngine
+from llmbatch.pipelines.timings import run_timings, startup_line
 
 GIB = 1 << 30
 

@@ -6,8 +6,8 @@ import errno
 import botocore.exceptions as boto
 import pytest
 
-from jobs.errors import UserError
-from pipelines.storage import (
+from llmbatch.errors import UserError
+from llmbatch.storage import (
     bucket_and_key,
     describe_storage_error,
     filesystem_for,

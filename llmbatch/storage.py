@@ -8,7 +8,7 @@ from typing import Iterator
 
 import fsspec
 
-from jobs.errors import UserError
+from llmbatch.errors import UserError
 
 S3_SCHEMES = ("s3://", "s3a://")
 

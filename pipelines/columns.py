@@ -1,0 +1,74 @@
+"""The row contract: every column a row carries between the stages, and every marker, in one place.
+
+A row's path (pipeline.py): read -> render -> cache lookup -> engine -> output -> scorers -> judges -> write.
+Columns whose name starts with `_` never reach the output parquet; the rest are the output schema's
+(DESIGN.md, schema.py).
+
+| column              | added by                  | read by                       |
+|---------------------|---------------------------|-------------------------------|
+| ID_COLUMN           | read                      | every stage, resume, cache    |
+| INPUT_COLUMN        | read (the input's fields) | render, output, judges        |
+| ROW_ERROR_COLUMN    | read, render, cache       | engine (passes the row by)    |
+| PROMPT_COLUMN       | render (chat messages/text) | engine                      |
+| TOKENS_COLUMN       | render (prompt token ids) | engine, output                |
+| CHOICES_COLUMN      | render (task: score)      | engine, output                |
+| RENDERED_PROMPT     | engine (the exact text)   | output                        |
+| HIT_COLUMN          | cache lookup              | engine (passes hits by), output |
+| INFERENCE_ERROR     | engine (ray.data.llm's)   | output                        |
+| CHOICE_RESULTS_COLUMN | engine (task: score)    | output                        |
+| TOKEN_LOGPROBS_COLUMN | seq2seq engine          | output                        |
+| JUDGED_ROW          | judge render              | judge output                  |
+| CACHED_COLUMN       | output (jobs with a cache) | the user                     |
+
+ray.data.llm's engine stage skips every row whose INFERENCE_ERROR is set and copies the value through; two
+markers use that to carry rows past the engine without generating for them:
+- HIT_MARKER: the row's result came from the result cache (HIT_COLUMN holds it); output clears the error.
+- JUDGE_SKIPPED: the row failed before its judge; the judge's score stays empty and the first error stays.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+ID_COLUMN = "id"
+INPUT_COLUMN = "_input"
+ROW_ERROR_COLUMN = "_row_error"
+PROMPT_COLUMN = "prompt"
+TOKENS_COLUMN = "tokenized_prompt"
+CHOICES_COLUMN = "_choices"                 # task: score - [{text, tokens}] completions to score
+RENDERED_PROMPT = "_rendered_prompt"
+HIT_COLUMN = "_cached_result"               # a hit's result columns as JSON; null for a miss
+INFERENCE_ERROR = "__inference_error__"     # ray.data.llm's per-row error column
+CHOICE_RESULTS_COLUMN = "_choice_results"   # task: score - [{logprob, num_tokens}] per completion
+TOKEN_LOGPROBS_COLUMN = "token_logprobs"    # seq2seq engine: each generated token's own logprob
+JUDGED_ROW = "_judged_row"                  # the output row being judged, carried through the engine
+CACHED_COLUMN = "cached"                    # output: the row's result came from the cache
+
+HIT_MARKER = "__cached__"
+JUDGE_SKIPPED = "not judged"
+
+# A row whose id repeats an earlier row's gets this error, followed by where it sits in the input.
+DUPLICATE_ID_ERROR = "duplicate id "
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process and run (never 0: 0 marks "no key")."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True) or 1
+
+
+def row_key(row_id: str, error: str | None) -> str:
+    """What a row is known by across attempts: its id, or for a repeated id its error (which names its place)."""
+    return error if error and error.startswith(DUPLICATE_ID_ERROR) else row_id
+
+
+def row_key_hashes(ids: list[str], errors: list[str | None]) -> np.ndarray:
+    return np.array([stable_hash(row_key(i, e)) for i, e in zip(ids, errors)], dtype=np.int64)
+
+
+def is_done(hashes: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Which of `hashes` are in the sorted array `done`."""
+    if not len(done):
+        return np.zeros(len(hashes), dtype=bool)
+    at = np.searchsorted(done, hashes).clip(max=len(done) - 1)
+    return done[at] == hashes
