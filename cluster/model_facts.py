@@ -38,6 +38,16 @@ def _first(config: dict, *keys: str, default=None):
     return default
 
 
+def context_of(config: dict[str, Any]) -> int | None:
+    """The context length a config declares (a multimodal model's is in its text_config)."""
+    text = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = text.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def facts_from_config(config: dict[str, Any]) -> ModelFacts:
     """Count parameters from the shapes in a Hugging Face config (decoder-only families)."""
     text = config.get("text_config") or config
@@ -55,7 +65,7 @@ def facts_from_config(config: dict[str, Any]) -> ModelFacts:
                        default=4 * hidden))
     experts = int(_first(text, "num_local_experts", "num_experts", "n_routed_experts", default=1))
     tied = bool(text.get("tie_word_embeddings", model_type in ("opt", "gpt2", "bloom", "gpt_bigcode")))
-    max_context = _first(text, "max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
+    max_context = context_of(config)
     dtype = str(_first(config, "torch_dtype", "dtype", default="float16")).replace("torch.", "")
 
     q_out = heads * head_dim

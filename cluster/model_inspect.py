@@ -103,7 +103,7 @@ def inspect_config(config: dict[str, Any], *, source: str, kind: str, path: Path
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         facts = None
     found = Inspection(source, kind, path, architecture, str(config.get("model_type") or "(none)"), family, facts,
-                       _has_chat_template(path))
+                       has_chat_template(path))
     runs_as = family.runs_as if family else None
     if family is None:
         found.notes.append(f"architecture {architecture} is not in the family catalog (llmbatch models families); "
@@ -133,7 +133,7 @@ def _is_encoder_decoder(found: Inspection) -> bool:
     return bool(found.family and found.family.runs_as == "seq2seq")
 
 
-def _has_chat_template(path: Path) -> bool:
+def has_chat_template(path: Path) -> bool:
     if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
         return True
     try:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from llmbatch.cluster.home import llmbatch_home
+from llmbatch.run_manifest import Manifest
 from llmbatch.storage import filesystem_for, join, read_json, storage_errors
 
 STORE_ENV = "LLMBATCH_PROFILE_STORE"
@@ -59,47 +60,53 @@ class Rates:
         return output_tokens / self.output_tokens_per_second
 
 
-def measurement_from_manifest(manifest: dict[str, Any], source: str) -> dict[str, Any] | None:
+def measurement_from_manifest(manifest: Manifest | dict[str, Any], source: str) -> dict[str, Any] | None:
     """Per-replica rates from a finished run's manifest (None when no replica reported work)."""
-    replicas = [r for r in manifest.get("replicas", []) if r.get("first_batch_at") and r.get("last_batch_at")]
-    busy = sum(r["last_batch_at"] - r["first_batch_at"] for r in replicas)
-    rows, tokens = manifest["rows"], manifest["tokens"]
-    if busy <= 0 or not rows["ok"]:
+    manifest = Manifest.model_validate(manifest)
+    replicas, busy = _busy_replicas(manifest)
+    rows, tokens = manifest.rows, manifest.tokens
+    if busy <= 0 or not rows.ok:
         return None
     return {
         "source": source,
         "at": datetime.now(timezone.utc).isoformat(),
-        "rows": rows["ok"],
+        "rows": rows.ok,
         "replicas": len(replicas),
         "replica_busy_seconds": round(busy, 3),
-        "wall_seconds": manifest.get("generation_seconds", manifest["wall_seconds"]),  # judge passes excluded
-        "startup_seconds": manifest.get("startup_seconds"),
-        "input_tokens": tokens["input"],
-        "output_tokens": tokens["generated"],
-        "output_tokens_per_second": round(tokens["generated"] / busy, 3),
-        "input_tokens_per_second": round(tokens["input"] / busy, 3),
-        "requests_per_second": round(rows["ok"] / busy, 4),
-        "mean_input_tokens": round(tokens["input"] / max(1, rows["in"]), 2),
-        "mean_output_tokens": round(tokens["generated"] / max(1, rows["ok"]), 2),
-        "max_tokens": manifest["spec"]["sampling"]["max_tokens"],
+        "wall_seconds": manifest.measured_seconds,  # judge passes excluded
+        "startup_seconds": manifest.startup_seconds,
+        "input_tokens": tokens.input,
+        "output_tokens": tokens.generated,
+        "output_tokens_per_second": round(tokens.generated / busy, 3),
+        "input_tokens_per_second": round(tokens.input / busy, 3),
+        "requests_per_second": round(rows.ok / busy, 4),
+        "mean_input_tokens": round(tokens.input / max(1, rows.in_), 2),
+        "mean_output_tokens": round(tokens.generated / max(1, rows.ok), 2),
+        "max_tokens": manifest.spec["sampling"]["max_tokens"],
     }
 
 
-def prefill_from_manifest(manifest: dict[str, Any], source: str) -> dict[str, Any] | None:
+def prefill_from_manifest(manifest: Manifest | dict[str, Any], source: str) -> dict[str, Any] | None:
     """Prompt tokens per second of a run that generated one token per request (prefill alone)."""
-    replicas = [r for r in manifest.get("replicas", []) if r.get("first_batch_at") and r.get("last_batch_at")]
-    busy = sum(r["last_batch_at"] - r["first_batch_at"] for r in replicas)
-    tokens = manifest["tokens"]
-    if busy <= 0 or not manifest["rows"]["ok"] or not tokens["input"]:
+    manifest = Manifest.model_validate(manifest)
+    _, busy = _busy_replicas(manifest)
+    tokens = manifest.tokens
+    if busy <= 0 or not manifest.rows.ok or not tokens.input:
         return None
     return {
         "source": source,
         "at": datetime.now(timezone.utc).isoformat(),
-        "rows": manifest["rows"]["ok"],
-        "input_tokens": tokens["input"],
+        "rows": manifest.rows.ok,
+        "input_tokens": tokens.input,
         "replica_busy_seconds": round(busy, 3),
-        "prefill_tokens_per_second": round(tokens["input"] / busy, 3),
+        "prefill_tokens_per_second": round(tokens.input / busy, 3),
     }
+
+
+def _busy_replicas(manifest: Manifest) -> tuple[list[dict[str, Any]], float]:
+    """The replicas that finished a batch, and their seconds from first to last batch, summed."""
+    replicas = [r for r in manifest.replicas if r.get("first_batch_at") and r.get("last_batch_at")]
+    return replicas, sum(r["last_batch_at"] - r["first_batch_at"] for r in replicas)
 
 
 def load(key: str) -> dict[str, Any] | None:

@@ -72,6 +72,13 @@ def replica_capacity(shape: ReplicaShape, cluster: dict[str, float]) -> int:
     return max(0, min(limits)) if limits else 0
 
 
+def engine_dtype(dtype: str, on_cpu: bool) -> str:
+    """The dtype an engine runs: `auto` is the checkpoint's own on GPU, float32 on CPU (vLLM's CPU kernels)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if on_cpu else "auto"
+
+
 def default_memory_utilization(accelerator: str, replicas_per_node: int) -> float:
     """vLLM's share of device memory. On CPU it is a share of RAM, split between co-located replicas."""
     if accelerator == "gpu":

@@ -64,14 +64,13 @@ def main(ctx: click.Context, debug: bool, log_format: str) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a job-file field, e.g. --set sampling.max_tokens=64 (repeatable).")
 def validate(job_file: str, overrides: tuple[str, ...]) -> None:
-    """Check a job file, its input and its model without starting Ray."""
-    from llmbatch.jobs.run import validate_job
+    """Check a job file, its input and its model without starting Ray: every check `submit` makes before an
+    engine starts (columns, formats, empty input, the model's weights and context, storage and credentials)."""
+    from llmbatch.jobs.resolve import resolve
     from llmbatch.jobs.spec import load_spec
 
     spec = load_spec(job_file, list(overrides))
-    problems = validate_job(spec)
-    if problems:
-        raise UserError(problems[0], lines=problems)
+    resolve(spec)
     click.echo(f"ok: {job_file} is valid (job '{spec.name}', model {spec.model.source}, input {spec.input.path})")
 
 
@@ -184,15 +183,15 @@ def profile(model_source: str, input_path: str | None, samples: int, max_tokens:
                                                max_tokens=max_tokens, engine=engine, log=structlog.get_logger())
     from llmbatch.cluster.profiles import measurement_from_manifest, prefill_from_manifest, rates
 
-    rows, engine = manifest["rows"], manifest["engine"]
-    click.echo(f"profile of {model_source} ({engine['accelerator']}, {engine['dtype']}, "
-               f"max_model_len {engine.get('max_model_len')})")
-    click.echo(f"  samples            {rows['ok']} ok of {rows['in']}")
+    rows, engine = manifest.rows, manifest.engine
+    click.echo(f"profile of {model_source} ({engine.accelerator}, {engine.dtype}, "
+               f"max_model_len {getattr(engine, 'max_model_len', None)})")
+    click.echo(f"  samples            {rows.ok} ok of {rows.in_}")
     measured = measurement_from_manifest(manifest, "profile")
     if measured is None:
         raise JobFailed("no replica finished a batch, so nothing was measured")
-    if manifest.get("startup_seconds") is not None:
-        click.echo(f"  start-up           {manifest['startup_seconds']:.1f} s")
+    if manifest.startup_seconds is not None:
+        click.echo(f"  start-up           {manifest.startup_seconds:.1f} s")
     click.echo(f"  output tok/s       {measured['output_tokens_per_second']:.1f} per replica (prefill included)")
     click.echo(f"  input tok/s        {measured['input_tokens_per_second']:.1f} per replica (alongside decode)")
     prefill = prefill_from_manifest(prefill_manifest, "profile")

@@ -8,6 +8,7 @@ from typing import Any
 
 from llmbatch.errors import UserError
 from llmbatch.jobs.results import load_run
+from llmbatch.run_manifest import Rows
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
 
@@ -21,7 +22,7 @@ class RunPoint:
     quality: float | None
     output_tok_s: float | None
     cost_per_million: float | None
-    rows: dict[str, int]
+    rows: Rows
     wall_seconds: float
 
     @property
@@ -59,11 +60,11 @@ def collect(run_paths: list[str], wanted: str | None) -> tuple[str, list[RunPoin
     loaded = [(path, *load_run(path)) for path in run_paths]
     metric = choose_metric([summary for _, _, summary in loaded], wanted)
     points = [RunPoint(
-        run_id=manifest["run_id"], path=path, model=manifest["model"]["source"],
-        sampling=_sampling(manifest["spec"]["sampling"]), quality=quality_of(summary, metric),
-        output_tok_s=manifest.get("output_tokens_per_second"),
+        run_id=manifest.run_id, path=path, model=manifest.model.source,
+        sampling=_sampling(manifest.spec["sampling"]), quality=quality_of(summary, metric),
+        output_tok_s=manifest.output_tokens_per_second,
         cost_per_million=summary.get("cost_per_million_output_tokens_usd"),
-        rows=manifest["rows"], wall_seconds=manifest["wall_seconds"],
+        rows=manifest.rows, wall_seconds=manifest.wall_seconds,
     ) for path, manifest, summary in loaded]
     return metric, points
 
@@ -82,7 +83,7 @@ def render_markdown(metric: str, points: list[RunPoint]) -> str:
     ]
     for p in points:
         lines.append(f"| {p.run_id} | {p.model} | {p.sampling} | {_fmt(p.quality)} | {_fmt(p.output_tok_s, 1)} | "
-                     f"{_fmt(p.cost_per_million, 2)} | {p.rows['ok']} / {p.rows['error']} | {p.wall_seconds:.1f} |")
+                     f"{_fmt(p.cost_per_million, 2)} | {p.rows.ok} / {p.rows.error} | {p.wall_seconds:.1f} |")
     ranked = sorted((p for p in points if p.quality is not None), key=lambda p: p.quality, reverse=True)
     if ranked:
         lines += ["", f"Best on `{metric}`: **{ranked[0].label}**."]
@@ -148,7 +149,7 @@ def render_html(metric: str, points: list[RunPoint]) -> str:
     rows = "\n".join(
         f"<tr><td>{html.escape(p.run_id)}</td><td>{html.escape(p.model)}</td>"
         f"<td>{html.escape(p.sampling)}</td><td>{_fmt(p.quality)}</td><td>{_fmt(p.output_tok_s, 1)}</td>"
-        f"<td>{_fmt(p.cost_per_million, 2)}</td><td>{p.rows['ok']} / {p.rows['error']}</td>"
+        f"<td>{_fmt(p.cost_per_million, 2)}</td><td>{p.rows.ok} / {p.rows.error}</td>"
         f"<td>{p.wall_seconds:.1f}</td></tr>" for p in points)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llmbatch model comparison</title>

@@ -7,6 +7,7 @@ from llmbatch.cluster import profiles
 from llmbatch.cluster.accelerators import ACCELERATORS, Accelerator
 from llmbatch.errors import UserError
 from llmbatch.jobs.spec import JobSpec
+from llmbatch.run_manifest import Manifest
 
 PREFILL_SOURCE = "profile-prefill"  # a calibration run of one output token per request
 
@@ -39,21 +40,22 @@ def predict(spec: JobSpec, accelerator: str, fingerprint: str, log, *, required:
         return None, None
 
 
-def record_run(manifest: dict[str, Any], fingerprint: str, device: Accelerator, engine: dict[str, Any],
+def record_run(manifest: Manifest | dict[str, Any], fingerprint: str, device: Accelerator, engine: dict[str, Any],
                plan, source: str, log) -> None:
     """Add the run's measured rates (and how far the plan was off) to the model's profile."""
+    manifest = Manifest.model_validate(manifest)
     key = profiles.profile_key(fingerprint, device.name, engine)
-    label = f"{source}:{manifest['run_id']}"
+    label = f"{source}:{manifest.run_id}"
     if source == PREFILL_SOURCE:
         measurement, prefill = None, profiles.prefill_from_manifest(manifest, label)
     else:
         measurement, prefill = profiles.measurement_from_manifest(manifest, label), None
     prediction = None
     if plan is not None and source != PREFILL_SOURCE:
-        prediction = {"run_id": manifest["run_id"], "predicted_wall_seconds": plan.wall_seconds,
-                      "measured_wall_seconds": manifest.get("generation_seconds", manifest["wall_seconds"]), "rows": manifest["rows"]["in"],
+        prediction = {"run_id": manifest.run_id, "predicted_wall_seconds": plan.wall_seconds,
+                      "measured_wall_seconds": manifest.measured_seconds, "rows": manifest.rows.in_,
                       "replicas": plan.replicas}
-    identity = {"model_source": manifest["model"]["source"], "model_fingerprint": fingerprint,
+    identity = {"model_source": manifest.model.source, "model_fingerprint": fingerprint,
                 "accelerator": device.name, "engine": engine}
     try:
         profiles.record(key, identity, measurement, prediction, prefill)

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from llmbatch.cluster import model_store, profiles
 from llmbatch.cluster.accelerators import ACCELERATORS, Accelerator, accelerator
 from llmbatch.cluster.model_facts import facts_for_checkpoint
+from llmbatch.cluster.resources import engine_dtype
 from llmbatch.cluster.sizing import choose_tensor_parallel, cost_usd, replicas_for_budget, replicas_for_deadline, wall_seconds
 from llmbatch.errors import UserError
+from llmbatch.jobs.resolve import ResolvedJob, resolve
 from llmbatch.jobs.spec import JobSpec
 
 COUNT_ALL_UP_TO = 5000   # rows; above this the input is sampled
@@ -63,7 +64,7 @@ class Plan:
 
 def engine_settings(spec: JobSpec, device: Accelerator, tp: int | None = None) -> dict[str, Any]:
     engine = spec.model.engine
-    dtype = engine.dtype if engine.dtype != "auto" else ("float32" if device.name == "CPU" else "auto")
+    dtype = engine_dtype(engine.dtype, device.name == "CPU")
     settings = {"dtype": dtype, "max_model_len": engine.max_model_len,
                 "tensor_parallel_size": tp or engine.tensor_parallel_size,
                 "enable_prefix_caching": engine.enable_prefix_caching}
@@ -87,20 +88,16 @@ def accelerator_for(spec: JobSpec, name: str | None) -> Accelerator:
     return ACCELERATORS["CPU"]
 
 
-def count_input_tokens(spec: JobSpec, model_path: Path) -> TokenEstimate:
+def count_input_tokens(job: ResolvedJob) -> TokenEstimate:
     """Render and tokenize the input's prompts: all of them when small, an even sample when large."""
-    from llmbatch.pipelines.read import iter_shard, list_input_files, scan_shard
-    from llmbatch.pipelines.render import RenderSettings, RenderStage, RowError
+    from llmbatch.pipelines.read import iter_shard
+    from llmbatch.pipelines.render import RenderStage, RowError
 
-    files = list_input_files(spec.input.path, spec.input.format)
-    counts = {f.uri: scan_shard(f.uri, f.format).rows for f in files}
-    total = sum(counts.values())
+    spec, files = job.spec, job.input.files
+    total = job.input.rows or 0
     if spec.input.limit is not None:
         total = min(total, spec.input.limit)
-    renderer = RenderStage(str(model_path), RenderSettings(
-        prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
-        template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=None,
-        trust_remote_code=spec.model.engine.trust_remote_code))
+    renderer = RenderStage(str(job.model.path), replace(job.render, max_model_len=None))
     sampled = total > COUNT_ALL_UP_TO
     per_shard = max(1, SAMPLE_ROWS // len(files)) if sampled else None
     counted = tokens = seen = 0
@@ -137,10 +134,12 @@ def assumed_rates(params: int, device: Accelerator) -> profiles.Rates:
 
 
 def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) -> Plan:
+    """The plan of a job that resolves: a job `submit` would refuse is refused here too (UserError)."""
     device = accelerator_for(spec, accelerator_name)
-    model_path = model_store.resolve_local(spec.model.source, log=log)
+    job = resolve(spec, fetch_models=True, log=log)
+    model_path = job.model.path
     facts = facts_for_checkpoint(model_path)
-    max_len = spec.model.engine.max_model_len or facts.max_context or 2048
+    max_len = job.model.max_len or 2048
     dtype = engine_settings(spec, device)["dtype"]
     fit = choose_tensor_parallel(facts, device, max_len, None if dtype == "auto" else dtype)
     notes: list[str] = []
@@ -175,7 +174,7 @@ def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) ->
                         "mean_input_tokens": round(rates.mean_input_tokens, 1),
                         "mean_output_tokens": round(rates.mean_output_tokens, 1)}
 
-    estimate = count_input_tokens(spec, model_path)
+    estimate = count_input_tokens(job)
     per_row_out = min(rates.mean_output_tokens or spec.sampling.max_tokens, spec.sampling.max_tokens)
     output_tokens = int(estimate.rows * per_row_out)
     work = rates.replica_seconds(estimate.input_tokens, output_tokens)

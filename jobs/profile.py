@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from llmbatch.jobs.spec import JobSpec, validate_spec
+from llmbatch.run_manifest import Manifest
 
 CALIBRATION_PROMPTS = Path(__file__).resolve().parent / "data" / "calibration.jsonl"
 
@@ -22,7 +23,7 @@ def calibration_spec(source: str, input_path: str | None, samples: int, max_toke
 
 
 def profile_model(source: str, *, input_path: str | None, samples: int, max_tokens: int,
-                  engine: dict[str, Any] | None = None, log=None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  engine: dict[str, Any] | None = None, log=None) -> tuple[Manifest, Manifest]:
     """Run the sample through the real pipeline (one replica) twice: as configured, then with one output
     token per request so prefill is measured alone. Each run records itself in the profile store.
     Returns both manifests (generation, prefill)."""

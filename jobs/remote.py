@@ -147,8 +147,7 @@ def manifest_counts(run_uri: str) -> dict[str, Any]:
         manifest = read_manifest(run_uri)
     except (UserError, OSError, ValueError):
         return {}
-    return {"rows_ok": manifest["rows"]["ok"], "rows_error": manifest["rows"]["error"],
-            "run_status": manifest["status"]}
+    return {"rows_ok": manifest.rows.ok, "rows_error": manifest.rows.error, "run_status": manifest.status}
 
 
 def list_runs(address: str) -> list[dict[str, Any]]:

@@ -9,10 +9,11 @@ from llmbatch.errors import UserError
 from llmbatch.jobs.summary import render_summary
 from llmbatch.pipelines.manifest import manifest_exists, output_parts, read_manifest
 from llmbatch.pipelines.run_summary import read_summary, summarize
+from llmbatch.run_manifest import Manifest
 from llmbatch.storage import filesystem_for, storage_errors
 
 
-def load_run(run_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_run(run_uri: str) -> tuple[Manifest, dict[str, Any]]:
     """(manifest, summary) of a committed run; the summary is computed when the run predates summaries."""
     run_uri = run_uri.rstrip("/")
     if not manifest_exists(run_uri):
@@ -21,7 +22,7 @@ def load_run(run_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     manifest = read_manifest(run_uri)
     summary = read_summary(run_uri)
     if summary is None:
-        summary = summarize(run_uri, manifest["spec"].get("scoring", []), manifest)
+        summary = summarize(run_uri, manifest.spec.get("scoring", []), manifest)
     return manifest, summary
 
 

@@ -3,44 +3,45 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmbatch.pipelines.manifest import MANIFEST_NAME
 from llmbatch.pipelines.timings import startup_line
+from llmbatch.run_manifest import Manifest
 
 
-def render_summary(manifest: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
-    rows, tokens = manifest["rows"], manifest["tokens"]
-    wall = manifest["wall_seconds"]
-    replicas = manifest["engine"]["replicas"]
+def render_summary(manifest: Manifest | dict[str, Any], summary: dict[str, Any] | None = None) -> str:
+    manifest = Manifest.model_validate(manifest)
+    rows, tokens, engine, cost = manifest.rows, manifest.tokens, manifest.engine, manifest.cost
+    replicas = engine.replicas
     pool = f"{replicas[0]}-{replicas[1]}" if isinstance(replicas, list) else str(replicas)
+    output = manifest.output.path
     lines = [
         "",
-        f"run {manifest['run_id']}: {manifest['status']}",
-        f"  model        {manifest['model']['source']}  ({pool} x {manifest['engine']['accelerator']} replica)",
-        f"  rows         {rows['in']} in, {rows['ok']} ok, {rows['error']} error",
-        f"  tokens       {tokens['input']} input, {tokens['generated']} generated",
-        f"  throughput   {manifest['output_tokens_per_second'] or 0:.1f} output tok/s",
-        f"  wall time    {wall:.1f} s",
-        *([f"  time         {line}"] if (line := startup_line(manifest.get("timings") or {})) else []),
-        f"  output       {manifest['output']['path']}",
-        f"  manifest     {manifest['output']['path'].rstrip('/')}/_manifest.json",
+        f"run {manifest.run_id}: {manifest.status}",
+        f"  model        {manifest.model.source}  ({pool} x {engine.accelerator} replica)",
+        f"  rows         {rows.in_} in, {rows.ok} ok, {rows.error} error",
+        f"  tokens       {tokens.input} input, {tokens.generated} generated",
+        f"  throughput   {manifest.output_tokens_per_second or 0:.1f} output tok/s",
+        f"  wall time    {manifest.wall_seconds:.1f} s",
+        *([f"  time         {line}"] if (line := startup_line(manifest.timings)) else []),
+        f"  output       {output}",
+        f"  manifest     {output.rstrip('/')}/{MANIFEST_NAME}",
     ]
-    cache = manifest.get("cache")
+    cache = manifest.cache
     if cache:
-        shown = (f"{cache['hits']} of {rows['in']} rows reused ({cache['hit_rate']:.1%}), "
-                 f"{cache['entries_written']} added") if cache.get("used") else f"not used: {cache['reason']}"
+        shown = (f"{cache.hits} of {rows.in_} rows reused ({cache.hit_rate:.1%}), {cache.entries_written} added"
+                 if cache.used else f"not used: {cache.reason}")
         lines.insert(-3, f"  cache        {shown}")
-    resumed = manifest.get("resumed")
-    if resumed:
-        lines.insert(-3, f"  resumed      {resumed['rows_skipped']} rows kept from the earlier attempt")
-    cost = (manifest.get("cost") or {}).get("usd")
+    if manifest.resumed:
+        lines.insert(-3, f"  resumed      {manifest.resumed.rows_skipped} rows kept from the earlier attempt")
     if cost is not None:
-        lines.insert(-2, f"  cost         ${cost:.4f}  ({manifest['cost']['devices']} x {manifest['cost']['device']} "
-                         f"at ${manifest['cost']['hourly_usd_per_device']:.2f}/h)")
-    errors = manifest.get("errors")
-    if errors and errors.get("rows"):
-        kinds = ", ".join(f"{k['kind']} ({k['rows']})" for k in errors["kinds"][:3])
-        lines.append(f"  error rows   {manifest['output']['path'].rstrip('/')}/{errors['path']}: {kinds}")
-    if manifest.get("problems"):
-        lines.append("  problems     " + "; ".join(manifest["problems"]))
+        lines.insert(-2, f"  cost         ${cost.usd:.4f}  ({cost.devices} x {cost.device} "
+                         f"at ${cost.hourly_usd_per_device:.2f}/h)")
+    errors = manifest.errors
+    if errors and errors.rows:
+        kinds = ", ".join(f"{k.kind} ({k.rows})" for k in errors.kinds[:3])
+        lines.append(f"  error rows   {output.rstrip('/')}/{errors.path}: {kinds}")
+    if manifest.problems:
+        lines.append("  problems     " + "; ".join(manifest.problems))
     if summary:
         lines.extend(render_scores(summary))
     return "\n".join(lines)

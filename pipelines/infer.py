@@ -1,7 +1,7 @@
 """Infer stage: vLLM engine replicas as a Ray Data actor pool, built on ray.data.llm.
 
 This module and inprocess_engine.py (vLLM inside the replica's process) are the only ones that import
-ray.data.llm.
+ray.data.llm; what they use of its private internals comes through ray_llm_seam.py, which checks it.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ STAGE_CPUS = 0.25  # CPU share of each light (non-engine) step
 
 
 @dataclass(frozen=True)
-class EnginePlan:
+class EngineSettings:
     """Everything the engine stage needs, already resolved for the cluster it runs on."""
 
     model_path: str
@@ -33,14 +33,14 @@ class EnginePlan:
 
 
 def preload_engine_stage() -> None:
-    """Import ray.data.llm's engine stage (it imports vLLM, torch and transformers: seconds of CPU) in a daemon
-    thread now, so that building the stage later finds it loaded instead of holding the engines back."""
+    """Import the seam to ray.data.llm's engine stage (which imports vLLM, torch and transformers: seconds of CPU)
+    in a daemon thread now, so that building the stage later finds it loaded instead of holding the engines back."""
     import importlib
     import threading
 
     def load() -> None:
         try:
-            importlib.import_module("ray.llm._internal.batch.stages.vllm_engine_stage")
+            importlib.import_module("llmbatch.pipelines.ray_llm_seam")
         except Exception:  # building the stage imports it again and reports the error
             pass
 
@@ -65,23 +65,25 @@ def scoring_params() -> dict[str, Any]:
     return dict(max_tokens=1, temperature=0.0, prompt_logprobs=0, logprobs=None)
 
 
-def build_infer_stage(plan: EnginePlan):
+def build_infer_stage(settings: EngineSettings):
     """A callable Dataset -> Dataset that runs every row with a prompt through the engines.
 
     Rows that already carry an error, and result cache hits, skip the engine (ray.data.llm passes them through);
     rows the engine fails on come back with `__inference_error__` set instead of failing the job.
     """
-    if plan.engine == "seq2seq":
-        return _seq2seq_stage(plan)
+    if settings.engine == "seq2seq":
+        return _seq2seq_stage(settings)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from llmbatch.pipelines.ray_llm_seam import ENGINE_STAGE_NAME
+
     config = vLLMEngineProcessorConfig(
-        model_source=plan.model_path,
-        engine_kwargs=dict(plan.engine_kwargs),
-        batch_size=plan.batch_size,
-        concurrency=tuple(plan.replicas),
-        accelerator_type=plan.accelerator_type,
-        placement_group_config={"bundle_per_worker": dict(plan.bundle_per_replica),
+        model_source=settings.model_path,
+        engine_kwargs=dict(settings.engine_kwargs),
+        batch_size=settings.batch_size,
+        concurrency=tuple(settings.replicas),
+        accelerator_type=settings.accelerator_type,
+        placement_group_config={"bundle_per_worker": dict(settings.bundle_per_replica),
                                 "strategy": "STRICT_PACK"},  # a replica's workers share one node
         should_continue_on_error=True,
         # Prompts arrive rendered and tokenized by our render stage; the engine detokenizes itself.
@@ -90,7 +92,7 @@ def build_infer_stage(plan: EnginePlan):
         detokenize_stage=False,
         log_engine_metrics=False,
     )
-    params = dict(plan.sampling_params)
+    params = dict(settings.sampling_params)
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -104,50 +106,52 @@ def build_infer_stage(plan: EnginePlan):
     light = {"num_cpus": STAGE_CPUS}
     processor = build_processor(config, preprocess=preprocess, preprocess_map_kwargs=light,
                                 postprocess_map_kwargs=light)
-    stage = processor.get_stage_by_name("vLLMEngineStage")
+    stage = processor.get_stage_by_name(ENGINE_STAGE_NAME)
     # Written past pydantic's assignment validation on purpose: the stage's validator derives its
     # resource request from a placement-group config it consumed when the stage was built, so running
     # it again would ask for a GPU per replica even on CPU.
     stage.__dict__["fn"] = _llmbatch_engine_udf()
-    stage.fn_constructor_kwargs["progress_actor"] = plan.progress_actor
-    stage.fn_constructor_kwargs["in_process"] = plan.in_process
-    env_vars = engine_env(plan)
+    stage.fn_constructor_kwargs["progress_actor"] = settings.progress_actor
+    stage.fn_constructor_kwargs["in_process"] = settings.in_process
+    env_vars = engine_env(settings)
     if env_vars:
         stage.map_batches_kwargs["runtime_env"] = {"env_vars": env_vars}
     return processor
 
 
-def engine_env(plan: EnginePlan) -> dict[str, str]:
+def engine_env(settings: EngineSettings) -> dict[str, str]:
     """Environment of each engine replica's process, set before vLLM and torch are imported there."""
     from llmbatch.pipelines.inprocess_engine import IN_PROCESS_ENV
 
-    env = dict(IN_PROCESS_ENV) if plan.in_process else {}
-    if plan.threads:
+    env = dict(IN_PROCESS_ENV) if settings.in_process else {}
+    if settings.threads:
         # Ray sets OMP_NUM_THREADS to the actor's CPU request (1), which would leave the other cores idle
-        env["OMP_NUM_THREADS"] = str(plan.threads)
+        env["OMP_NUM_THREADS"] = str(settings.threads)
     return env
 
 
-def _seq2seq_stage(plan: EnginePlan):
+def _seq2seq_stage(settings: EngineSettings):
     """Encoder-decoder models, which vLLM no longer runs: batched Hugging Face generate on an actor pool
     with the same resources, rows in and columns out as the vLLM stage."""
     import ray
 
     from llmbatch.pipelines.seq2seq import Seq2SeqEngineStage
 
-    bundle = plan.bundle_per_replica
+    bundle = settings.bundle_per_replica
     remote_args: dict[str, Any] = {"num_cpus": bundle.get("CPU", 1), "num_gpus": bundle.get("GPU", 0)}
-    if plan.accelerator_type:
-        remote_args["accelerator_type"] = plan.accelerator_type
-    if plan.threads:
-        remote_args["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(plan.threads)}}
+    if settings.accelerator_type:
+        remote_args["accelerator_type"] = settings.accelerator_type
+    if settings.threads:
+        remote_args["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(settings.threads)}}
 
     def apply(ds):
         return ds.map_batches(
-            Seq2SeqEngineStage, fn_constructor_args=(plan.model_path, plan.engine_kwargs, plan.sampling_params,
-                                                     plan.progress_actor),
-            batch_size=plan.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=plan.replicas[0], max_size=plan.replicas[1]), **remote_args)
+            Seq2SeqEngineStage,
+            fn_constructor_args=(settings.model_path, settings.engine_kwargs, settings.sampling_params,
+                                 settings.progress_actor),
+            batch_size=settings.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=settings.replicas[0], max_size=settings.replicas[1]),
+            **remote_args)
 
     return apply
 
@@ -158,9 +162,9 @@ def _llmbatch_engine_udf():
     import time
 
     import ray
-    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 
-    from llmbatch.pipelines.score import completion_logprob
+    from llmbatch.pipelines.ray_llm_seam import vLLMEngineStageUDF
+    from llmbatch.pipelines.logprobs import completion_logprob
 
     class LlmbatchEngineUDF(vLLMEngineStageUDF):
         def __init__(self, *args, progress_actor: str | None = None, in_process: bool = False, **kwargs):
@@ -180,11 +184,10 @@ def _llmbatch_engine_udf():
                               engine_kwargs, task_type=None, max_pending_requests=None,
                               dynamic_lora_loading_path=None, should_continue_on_error=False, **_):
             """vLLMEngineStageUDF's set-up, with the in-process engine in place of AsyncLLM."""
-            from ray.llm._internal.batch.stages.base import StatefulStageUDF
-
             from llmbatch.pipelines.inprocess_engine import in_process_wrapper_class
+            from llmbatch.pipelines.ray_llm_seam import StatefulStageUDF
 
-            StatefulStageUDF.__init__(self, data_column, expected_input_keys)
+            StatefulStageUDF.__init__(self, data_column=data_column, expected_input_keys=expected_input_keys)
             self.model = model
             self.should_continue_on_error = should_continue_on_error
             self.task_type = task_type or "generate"

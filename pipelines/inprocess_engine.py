@@ -179,7 +179,7 @@ def _settle(waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future], *, result:
 
 def in_process_wrapper_class():
     """ray.data.llm's engine wrapper (request preparation, output rows, LoRA) over an InProcessEngine."""
-    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineWrapper, vLLMTaskType
+    from llmbatch.pipelines.ray_llm_seam import vLLMEngineWrapper, vLLMTaskType
 
     class InProcessEngineWrapper(vLLMEngineWrapper):
         def __init__(self, idx_in_batch_column: str, max_pending_requests: int | None = None,

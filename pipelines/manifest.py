@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
+from llmbatch.errors import UserError
+from llmbatch.run_manifest import Manifest
 from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
 
 MANIFEST_NAME = "_manifest.json"
@@ -107,19 +110,32 @@ def manifest_exists(run_uri: str) -> bool:
         return fs.exists(inner)
 
 
-def write_manifest(run_uri: str, manifest: dict[str, Any]) -> str:
-    """Write `_manifest.json` in one step (rename locally, a single PUT on S3)."""
+def write_manifest(run_uri: str, manifest: Manifest | dict[str, Any]) -> str:
+    """Write `_manifest.json` in one step (rename locally, a single PUT on S3). A dict is checked against
+    `Manifest` first, so a manifest of the wrong shape fails before the run is committed."""
+    body = Manifest.model_validate(manifest).model_dump(mode="json", fallback=str)
     uri = manifest_uri(run_uri)
     fs, inner = filesystem_for(uri)
-    body = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
     with storage_errors(uri, "write manifest"):
-        write_whole(fs, inner, body)
+        write_whole(fs, inner, json.dumps(body, indent=2).encode())
     return uri
 
 
-def read_manifest(run_uri: str) -> dict[str, Any]:
+def read_manifest(run_uri: str) -> Manifest:
+    """The committed run's manifest; a file that does not parse as one is a UserError naming its first problem."""
     uri = manifest_uri(run_uri)
     fs, inner = filesystem_for(uri)
     with storage_errors(uri, "read manifest"):
         with fs.open(inner, "rb") as handle:
-            return json.loads(handle.read())
+            body = json.loads(handle.read())
+    try:
+        return Manifest.model_validate(body)
+    except ValidationError as exc:
+        raise UserError(f"{uri} is not a manifest this llmbatch can read: {_first_problem(exc)}") from exc
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    more = exc.error_count() - 1
+    return f"{where}: {error['msg']}" + (f" (and {more} more)" if more else "")

@@ -10,7 +10,7 @@ from llmbatch.pipelines.columns import (CACHED_COLUMN, CHOICES_COLUMN, CHOICE_RE
                                         ID_COLUMN, INFERENCE_ERROR, INPUT_COLUMN, RENDERED_PROMPT,
                                         ROW_ERROR_COLUMN, TOKENS_COLUMN, TOKEN_LOGPROBS_COLUMN)
 from llmbatch.pipelines.result_cache import cached_result
-from llmbatch.pipelines.score import cumulative_logprob, finish_reason, mean_logprob, perplexity, top_logprobs
+from llmbatch.pipelines.logprobs import cumulative_logprob, finish_reason, mean_logprob, perplexity, top_logprobs
 
 
 

@@ -9,13 +9,13 @@ import ray
 
 from llmbatch.pipelines.columns import INFERENCE_ERROR
 from llmbatch.errors import UserError
-from llmbatch.pipelines.infer import STAGE_CPUS, EnginePlan, build_infer_stage
+from llmbatch.pipelines.infer import STAGE_CPUS, EngineSettings, build_infer_stage
 from llmbatch.pipelines.judge import JudgeRenderStage, after_judge
 from llmbatch.pipelines.manifest import output_parts
 from llmbatch.pipelines.output import conform_output, to_output_row
 from llmbatch.pipelines.read import (
-    InputFile, ReadShards, ShardScan, ShardTask, id_hashes, mark_duplicate_ids, plan_shard_tasks, read_task_rows,
-    scan_shard, shard_task_rows, split_tasks, unify_input_schema,
+    InputFile, ReadShards, ShardScan, ShardTask, id_hashes, input_shape_problems, mark_duplicate_ids, plan_shard_tasks,
+    read_task_rows, scan_shard, shard_task_rows, split_tasks, unify_input_schema,
 )
 from llmbatch.pipelines.render import RenderSettings, RenderStage
 from llmbatch.pipelines.result_cache import CacheLookupStage
@@ -27,7 +27,7 @@ CPU_STAGE_CPUS = STAGE_CPUS
 
 
 @dataclass(frozen=True)
-class InputPlan:
+class ScannedInput:
     files: list[InputFile]
     rows_per_file: dict[str, int]
     schema: pa.Schema
@@ -55,23 +55,21 @@ def _id_hashes_remote(task: ShardTask, schema_bytes: bytes, id_column: str, rows
                      task.take if task.take is not None else rows)
 
 
-def scan_inputs(files: list[InputFile], limit: int | None, required_columns: list[str],
-                id_column: str | None = None, rows_per_task: int | None = None) -> InputPlan:
+def scan_inputs(files: list[InputFile], limit: int | None, required_columns: dict[str, str],
+                id_column: str | None = None, rows_per_task: int | None = None) -> ScannedInput:
     """The cheap pass before any engine starts: every shard readable, row counts, one schema, and with an
     id column, the rows whose id repeats an earlier one. Read tasks cover `rows_per_task` rows each, or more
-    when that would make more than MAX_READ_TASKS of them."""
+    when that would make more than MAX_READ_TASKS of them. `required_columns`: column -> the field naming it."""
     scans = ray.get([_scan_remote.remote(f.uri, f.format) for f in files])
     broken = [s for s in scans if s.error]
     if broken:
         lines = [f"input.path: cannot read {s.uri}: {s.error}" for s in broken]
         raise UserError(lines[0], lines=lines)
-    if not any(s.rows for s in scans):
-        raise UserError(f"input.path: the input holds no rows ({len(files)} file(s), all empty)")
-    schema = unify_input_schema(scans)
-    missing = [c for c in required_columns if c not in schema.names]
-    if missing:
-        raise UserError(f"input: column(s) {', '.join(missing)} not found in the input; it has: "
-                        f"{', '.join(schema.names) or '(no columns)'}")
+    rows = sum(s.rows for s in scans)
+    schema = unify_input_schema(scans) if rows else None
+    problems = input_shape_problems(len(files), rows, schema, required_columns)
+    if problems:
+        raise UserError(problems[0], lines=problems)
     rows_per_file = {s.uri: s.rows for s in scans}
     tasks = plan_shard_tasks(files, rows_per_file, limit)
     if not tasks:
@@ -84,7 +82,7 @@ def scan_inputs(files: list[InputFile], limit: int | None, required_columns: lis
     if rows_per_task:
         tasks = split_tasks(tasks, read_task_rows(task_rows(tasks, rows_per_file), rows_per_task),
                             {s.uri: s for s in scans})
-    return InputPlan(files, rows_per_file, schema, tasks, duplicates)
+    return ScannedInput(files, rows_per_file, schema, tasks, duplicates)
 
 
 @dataclass(frozen=True)
@@ -98,14 +96,15 @@ class OutputContext:
     cache_uri: str | None = None                        # result cache namespace: look rows up before the engine
 
     def extra_fields(self) -> list[pa.Field]:
-        return task_fields(self.task, bool(self.logprobs), self.cache_uri is not None) + score_fields(list(self.scorers))
+        return (task_fields(self.task, bool(self.logprobs), self.cache_uri is not None)
+                + score_fields(list(self.scorers)))
 
 
-def output_schema_for(inputs: "InputPlan", output: OutputContext) -> pa.Schema:
+def output_schema_for(inputs: "ScannedInput", output: OutputContext) -> pa.Schema:
     return output_schema(inputs.schema, output.extra_fields())
 
 
-def build_dataset(inputs: InputPlan, id_column: str | None, render: RenderSettings, engine: EnginePlan,
+def build_dataset(inputs: ScannedInput, id_column: str | None, render: RenderSettings, engine: EngineSettings,
                   output: OutputContext, counter=None, done=None) -> ray.data.Dataset:
     """The first pass. `done`: sorted key hashes of rows an earlier attempt wrote, which are not read again."""
     schema_bytes = inputs.schema.serialize().to_pybytes()
@@ -136,7 +135,7 @@ def build_dataset(inputs: InputPlan, id_column: str | None, render: RenderSettin
     return ds
 
 
-def build_judge_pass(ds: ray.data.Dataset, scorer: dict[str, Any], judge: EnginePlan, inputs: InputPlan,
+def build_judge_pass(ds: ray.data.Dataset, scorer: dict[str, Any], judge: EngineSettings, inputs: ScannedInput,
                      output: OutputContext, judge_max_len: int | None, counter=None) -> ray.data.Dataset:
     """A second pass over finished output rows: the judge model grades each one into score_<name>."""
     columns = output_names_for_inputs(inputs.schema.names, [f.name for f in output.extra_fields()])

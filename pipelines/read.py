@@ -92,6 +92,17 @@ def list_input_files(path: str, fmt: str = "auto") -> list[InputFile]:
     return files
 
 
+def input_shape_problems(files: int, rows: int, schema: pa.Schema | None, required: dict[str, str]) -> list[str]:
+    """What makes an input unusable for a job: no rows, or no column the job file names (`required`: column ->
+    the job file's field that names it)."""
+    if not rows:
+        return [f"input.path: the input holds no rows ({files} file(s), all empty)"]
+    names = schema.names if schema is not None else []
+    have = ", ".join(names) or "(no columns)"
+    return [f"{field}: column '{column}' is not in the input; it has: {have}"
+            for column, field in required.items() if column not in names]
+
+
 def _format_of(path: str, fmt: str) -> str | None:
     if fmt != "auto":
         return fmt

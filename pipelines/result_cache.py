@@ -30,7 +30,7 @@ TOP_LOGPROBS = "top_logprobs"
 
 
 @dataclass(frozen=True)
-class CachePlan:
+class CacheNamespace:
     uri: str                       # the namespace folder
     namespace: str
     key_fields: dict[str, Any]     # what the namespace stands for
@@ -41,8 +41,8 @@ def is_deterministic(sampling_params: dict[str, Any]) -> bool:
     return float(sampling_params.get("temperature") or 0.0) == 0.0 or sampling_params.get("seed") is not None
 
 
-def cache_plan(cache_path: str, fingerprint: str, engine_kwargs: dict[str, Any],
-               sampling_params: dict[str, Any]) -> CachePlan:
+def cache_namespace(cache_path: str, fingerprint: str, engine_kwargs: dict[str, Any],
+               sampling_params: dict[str, Any]) -> CacheNamespace:
     key_fields = {
         "format": CACHE_FORMAT,
         "model_fingerprint": fingerprint,
@@ -51,7 +51,7 @@ def cache_plan(cache_path: str, fingerprint: str, engine_kwargs: dict[str, Any],
         "sampling": dict(sorted(sampling_params.items())),
     }
     namespace = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
-    return CachePlan(join(cache_path, namespace), namespace, key_fields)
+    return CacheNamespace(join(cache_path, namespace), namespace, key_fields)
 
 
 def prompt_key(prompt: str) -> str:
@@ -132,7 +132,7 @@ def cached_result(row: dict[str, Any]) -> dict[str, Any] | None:
     return json.loads(hit) if hit else None
 
 
-def write_key_file(plan: CachePlan, model_source: str) -> None:
+def write_key_file(plan: CacheNamespace, model_source: str) -> None:
     uri = join(plan.uri, KEY_FILE)
     fs, inner = filesystem_for(uri)
     with storage_errors(uri, "write the result cache at"):
@@ -140,7 +140,7 @@ def write_key_file(plan: CachePlan, model_source: str) -> None:
             write_whole(fs, inner, json.dumps({**plan.key_fields, "model_source": model_source}, indent=2).encode())
 
 
-def write_entries(run_uri: str, plan: CachePlan, run_id: str) -> dict[str, int]:
+def write_entries(run_uri: str, plan: CacheNamespace, run_id: str) -> dict[str, int]:
     """Add the rows this run generated (not those it took from the cache) to the namespace, one entry file
     per output part; returns {hits, entries_written}. Streams part by part."""
     fs, inner = filesystem_for(run_uri)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from llmbatch.pipelines.manifest import output_parts
 from llmbatch.pipelines.scorers import BOOLEAN_KINDS, score_column
+from llmbatch.run_manifest import Manifest
 from llmbatch.storage import filesystem_for, join, storage_errors
 
 SUMMARY_NAME = "_summary.json"
@@ -70,8 +71,9 @@ def _buckets(ordered: list[float], scale: list[int] | None) -> list[dict[str, An
             for i, c in enumerate(counts)]
 
 
-def summarize(run_uri: str, scorers: list[dict[str, Any]], manifest: dict[str, Any]) -> dict[str, Any]:
+def summarize(run_uri: str, scorers: list[dict[str, Any]], manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
     """Per-scorer figures, intrinsic scores, errors, tokens, throughput and cost of one run."""
+    manifest = Manifest.model_validate(manifest)
     fs, inner = filesystem_for(run_uri)
     intrinsic = {name: _Stat(False) for name in ("mean_logprob", "perplexity", "num_generated_tokens")}
     scores = {s["name"]: _Stat(_is_boolean(s)) for s in scorers}
@@ -98,16 +100,16 @@ def summarize(run_uri: str, scorers: list[dict[str, Any]], manifest: dict[str, A
                     for scorer, stat in scores.items():
                         stat.add(data.get(score_column(scorer), []))
     by_name = {s["name"]: s for s in scorers}
-    tokens = manifest["tokens"]
-    cost = (manifest.get("cost") or {}).get("usd")
+    tokens = manifest.tokens
+    cost = manifest.cost.usd if manifest.cost is not None else None
     return {
-        "run_id": manifest["run_id"],
-        "job": manifest["job"],
-        "task": manifest["spec"].get("task", "generate"),
-        "model": manifest["model"]["source"],
-        "sampling": manifest["spec"]["sampling"],
-        "status": manifest["status"],
-        "rows": manifest["rows"],
+        "run_id": manifest.run_id,
+        "job": manifest.job,
+        "task": manifest.spec.get("task", "generate"),
+        "model": manifest.model.source,
+        "sampling": manifest.spec["sampling"],
+        "status": manifest.status,
+        "rows": manifest.rows.model_dump(mode="json"),
         "errors": {"failed_rows": other_errors, "by_scorer": {s: scorer_errors.get(s, 0) for s in scores}},
         "scores": {
             name: {"kind": by_name[name]["kind"], "type": "boolean" if stat.boolean else "number",
@@ -116,12 +118,12 @@ def summarize(run_uri: str, scorers: list[dict[str, Any]], manifest: dict[str, A
         },
         "intrinsic": {**{name: stat.figures() for name, stat in intrinsic.items()},
                       "finish_reason": dict(finish)},
-        "tokens": tokens,
-        "wall_seconds": manifest["wall_seconds"],
-        "output_tokens_per_second": manifest["output_tokens_per_second"],
+        "tokens": tokens.model_dump(mode="json"),
+        "wall_seconds": manifest.wall_seconds,
+        "output_tokens_per_second": manifest.output_tokens_per_second,
         "cost_usd": cost,
-        "cost_per_million_output_tokens_usd": round(cost / tokens["generated"] * 1e6, 6)
-        if cost is not None and tokens["generated"] else None,
+        "cost_per_million_output_tokens_usd": round(cost / tokens.generated * 1e6, 6)
+        if cost is not None and tokens.generated else None,
     }
 
 

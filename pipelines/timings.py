@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmbatch.run_manifest import Timings
+
 
 def run_timings(marks: dict[str, float], replicas: list[dict[str, Any]]) -> dict[str, float | None]:
     """Seconds per phase. `marks` holds epoch seconds the driver took:
@@ -47,16 +49,16 @@ def run_timings(marks: dict[str, float], replicas: list[dict[str, Any]]) -> dict
     }
 
 
-def startup_line(timings: dict[str, float | None]) -> str | None:
+def startup_line(timings: Timings | None) -> str | None:
     """One line for the final screen: start-up against generation."""
-    if timings.get("first_row") is None:
+    if timings is None or timings.first_row is None:
         return None
-    parts = [f"{label} {timings[key]:.1f}" for key, label in
-             (("ray_start", "Ray"), ("pre_pass", "pre-pass"), ("engine_start", "engines"))
-             if timings.get(key) is not None]
-    line = f"{timings['first_row']:.1f} s to the first rows ({', '.join(parts)})"
-    if timings.get("generation") is not None:
-        line += f", generation {timings['generation']:.1f} s"
+    parts = [f"{label} {seconds:.1f}" for seconds, label in
+             ((timings.ray_start, "Ray"), (timings.pre_pass, "pre-pass"), (timings.engine_start, "engines"))
+             if seconds is not None]
+    line = f"{timings.first_row:.1f} s to the first rows ({', '.join(parts)})"
+    if timings.generation is not None:
+        line += f", generation {timings.generation:.1f} s"
     return line
 
 

@@ -99,27 +99,31 @@ def test_output_inside_the_input_is_refused(tmp_path: Path, demo_model: str):
 
 
 def test_unreadable_or_empty_inputs_stop_before_any_engine(tmp_path: Path, demo_model: str):
-    """An empty file, a corrupt parquet shard, shards whose column types clash, a missing prompt column."""
+    """An empty file, a corrupt parquet shard, shards whose column types clash, a missing prompt column:
+    `validate` finds each without Ray, and `submit` (whose pre-pass reads the input on Ray) says the same."""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n", encoding="utf-8")
-    _fails_with(_job(tmp_path, empty), "input.path: the input holds no rows")
+    for command in ("validate", "submit"):
+        _fails_with(_job(tmp_path, empty), "error: input.path: the input holds no rows", command=command)
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     pq.write_table(pa.table({"prompt": ["fine"]}), corrupt / "a.parquet")
     (corrupt / "b.parquet").write_bytes(b"PAR1 this is not a parquet file")
-    _fails_with(_job(tmp_path, corrupt), f"input.path: cannot read {corrupt / 'b.parquet'}")
+    _fails_with(_job(tmp_path, corrupt), f"input.path: cannot read {corrupt / 'b.parquet'}", command="validate")
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     pq.write_table(pa.table({"prompt": ["a"], "n": [1]}), mixed / "a.parquet")
     pq.write_table(pa.table({"prompt": ["b"], "n": [[1, 2]]}), mixed / "b.parquet")
     _fails_with(_job(tmp_path, mixed), f"column 'n' is int64 in {mixed / 'a.parquet'} but list<element: int64> in "
-                                       f"{mixed / 'b.parquet'}")
+                                       f"{mixed / 'b.parquet'}", command="validate")
 
     other = tmp_path / "other.jsonl"
     other.write_text('{"question": "hi"}\n', encoding="utf-8")
-    _fails_with(_job(tmp_path, other), "column(s) prompt not found in the input; it has: question")
+    for command in ("validate", "submit", "plan"):
+        _fails_with(_job(tmp_path, other), "error: input.prompt_column: column 'prompt' is not in the input; it has: "
+                                           "question", command=command)
 
 
 def test_output_to_a_missing_bucket_names_it_and_writes_nothing(tmp_path: Path, s3, demo_model: str):

@@ -75,3 +75,50 @@ def test_missing_bucket_names_the_bucket(tmp_path: Path, s3):
 def test_a_run_id_that_escapes_the_output_root_is_refused(demo_model: str):
     proc = run_cli("submit", "jobs/quickstart.yaml", "--run-id", "../../etc")
     assert proc.returncode == 2 and "--run-id" in proc.stderr
+
+
+def _checkpoint_without_weights(tmp_path: Path) -> Path:
+    import shutil
+
+    from llmbatch.cluster.home import models_dir
+
+    source = models_dir() / "smollm2-135m-instruct"
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    for item in source.iterdir():
+        if item.is_file() and item.suffix not in (".safetensors", ".bin"):
+            shutil.copy(item, folder / item.name)
+    return folder
+
+
+def test_validate_catches_what_submit_would_refuse_without_starting_ray(tmp_path: Path, demo_model: str):
+    """Each job below would fail in submit; validate says so first: exit 2, one line naming the field."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"question": "Capital of Italy?", "answer": "Rome"}\n', encoding="utf-8")
+    base = {"name": "checks", "model": {"source": demo_model, "engine": {"max_model_len": 512}},
+            "input": {"path": str(data), "prompt_column": "question"}, "output": {"path": str(tmp_path / "out")}}
+    cases = {
+        "input.id_column: column 'qid' is not in the input; it has: question, answer": {"input": {"id_column": "qid"}},
+        "input.template: column 'topic' is not in the input": {"input": {"template": "About {topic}: {question}"}},
+        "scoring.0.rubric: no column 'rationale'": {"scoring": [{"name": "judged", "kind": "judge",
+                                                                  "rubric": "Is {rationale} right?"}]},
+        "input.format: csv, but prompts.jsonl is jsonl by its name; set input.format: jsonl": {
+            "input": {"format": "csv"}},
+        "sampling.max_tokens: 600 leaves no room for a prompt within 512 tokens": {"sampling": {"max_tokens": 600}},
+        "model.engine.max_model_len: 100000 is beyond the model's context of 8192 tokens": {
+            "model": {"engine": {"max_model_len": 100000}}},
+        f"model.source: {tmp_path / 'no-weights'} holds config.json but no weights": {
+            "model": {"source": str(_checkpoint_without_weights(tmp_path))}},
+    }
+    for number, (expected, change) in enumerate(cases.items()):
+        job = {section: dict(value) if isinstance(value, dict) else value for section, value in base.items()}
+        for section, value in change.items():
+            job[section] = {**job[section], **value} if isinstance(value, dict) and section in job else value
+        if "model" in change:
+            job["model"] = {**base["model"], **change["model"]}
+        path = write_job(tmp_path / f"job-{number}.yaml", **job)
+        proc = run_cli("validate", str(path))
+        assert proc.returncode == 2, (expected, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert lines == [f"error: {lines[0].removeprefix('error: ')}"] and expected in lines[0], (expected, lines)
+        assert "Traceback" not in proc.stderr and "ray" not in proc.stderr.lower()

@@ -250,7 +250,7 @@ def test_a_checkpoint_with_its_own_code_runs_only_when_the_job_allows_it(tmp_pat
 
 
 def test_trust_remote_code_reaches_the_engine_only_when_set():
-    from llmbatch.jobs.run import engine_kwargs_for
+    from llmbatch.jobs.engines import engine_kwargs_for
     from llmbatch.jobs.spec import EngineSpec
 
     assert "trust_remote_code" not in engine_kwargs_for(EngineSpec(), "cpu", 256, 1)

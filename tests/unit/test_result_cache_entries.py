@@ -16,8 +16,9 @@ from llmbatch.jobs.spec import validate_spec
 from llmbatch.jobs.summary import render_summary
 from llmbatch.pipelines.infer import sampling_params
 from llmbatch.pipelines.output import to_output_row
-from llmbatch.pipelines.result_cache import KEY_FILE, CacheLookupStage, cache_plan, is_deterministic, load_index, prompt_key, write_entries, write_key_file
+from llmbatch.pipelines.result_cache import KEY_FILE, CacheLookupStage, cache_namespace, is_deterministic, load_index, prompt_key, write_entries, write_key_file
 from llmbatch.pipelines.schema import OutputRow, output_schema
+from manifest_samples import earlier_manifest
 
 ENGINE = {"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.5, "enable_prefix_caching": True}
 GREEDY = sampling_params(32, 0.0, 1.0, None, None, [])
@@ -43,21 +44,21 @@ def output_row(i: int, prompt: str, cached: bool, text: str | None = "ok", error
 
 
 def test_namespace_changes_with_every_setting_that_shapes_the_output():
-    base = cache_plan("/c", "sha256:aa", ENGINE, GREEDY).namespace
-    assert cache_plan("/c", "sha256:aa", {**ENGINE, "gpu_memory_utilization": 0.9}, GREEDY).namespace == base
-    assert cache_plan("/c", "sha256:aa", {**ENGINE, "enable_prefix_caching": False}, GREEDY).namespace == base
+    base = cache_namespace("/c", "sha256:aa", ENGINE, GREEDY).namespace
+    assert cache_namespace("/c", "sha256:aa", {**ENGINE, "gpu_memory_utilization": 0.9}, GREEDY).namespace == base
+    assert cache_namespace("/c", "sha256:aa", {**ENGINE, "enable_prefix_caching": False}, GREEDY).namespace == base
     others = [
-        cache_plan("/c", "sha256:bb", ENGINE, GREEDY),
-        cache_plan("/c", "sha256:aa", {**ENGINE, "dtype": "bfloat16"}, GREEDY),
-        cache_plan("/c", "sha256:aa", {**ENGINE, "max_model_len": 1024}, GREEDY),
-        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(16, 0.0, 1.0, None, None, [])),
-        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(32, 0.0, 1.0, None, None, ["\n"])),
-        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(32, 0.7, 1.0, None, 1, [])),
-        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(32, 0.7, 1.0, None, 2, [])),
-        cache_plan("/c", "sha256:aa", ENGINE, sampling_params(32, 0.0, 1.0, None, None, [], logprobs=3)),
+        cache_namespace("/c", "sha256:bb", ENGINE, GREEDY),
+        cache_namespace("/c", "sha256:aa", {**ENGINE, "dtype": "bfloat16"}, GREEDY),
+        cache_namespace("/c", "sha256:aa", {**ENGINE, "max_model_len": 1024}, GREEDY),
+        cache_namespace("/c", "sha256:aa", ENGINE, sampling_params(16, 0.0, 1.0, None, None, [])),
+        cache_namespace("/c", "sha256:aa", ENGINE, sampling_params(32, 0.0, 1.0, None, None, ["\n"])),
+        cache_namespace("/c", "sha256:aa", ENGINE, sampling_params(32, 0.7, 1.0, None, 1, [])),
+        cache_namespace("/c", "sha256:aa", ENGINE, sampling_params(32, 0.7, 1.0, None, 2, [])),
+        cache_namespace("/c", "sha256:aa", ENGINE, sampling_params(32, 0.0, 1.0, None, None, [], logprobs=3)),
     ]
     assert len({p.namespace for p in others} | {base}) == len(others) + 1
-    assert cache_plan("/c", "sha256:aa", ENGINE, GREEDY).uri == f"/c/{base}"
+    assert cache_namespace("/c", "sha256:aa", ENGINE, GREEDY).uri == f"/c/{base}"
 
 
 def test_only_greedy_or_seeded_sampling_is_cached():
@@ -67,7 +68,7 @@ def test_only_greedy_or_seeded_sampling_is_cached():
 
 
 def test_lookup_stage_marks_hits_and_leaves_misses_and_error_rows(tmp_path: Path):
-    plan = cache_plan(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
     run = tmp_path / "run"
     write_part(run / "part-0.parquet", [output_row(0, "known prompt", False, "Paris"),
                                         output_row(1, "failed prompt", False, None, "engine error")])
@@ -96,7 +97,7 @@ def test_a_hit_becomes_a_finished_output_row_without_the_engine():
 
 
 def test_write_entries_adds_only_rows_generated_by_this_run(tmp_path: Path):
-    plan = cache_plan(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
     run = tmp_path / "run"
     write_part(run / "a" / "part-0.parquet", [output_row(0, "p0", True), output_row(1, "p1", False),
                                               output_row(2, "p2", False, None, "prompt is empty")])
@@ -113,7 +114,7 @@ def test_write_entries_adds_only_rows_generated_by_this_run(tmp_path: Path):
 
 
 def test_a_cache_file_cut_short_is_skipped(tmp_path: Path):
-    plan = cache_plan(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
     run = tmp_path / "run"
     write_part(run / "part-0.parquet", [output_row(0, "p0", False)])
     write_entries(str(run), plan, "run-1")
@@ -122,7 +123,7 @@ def test_a_cache_file_cut_short_is_skipped(tmp_path: Path):
 
 
 def test_key_file_says_what_the_namespace_stands_for(tmp_path: Path):
-    plan = cache_plan(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
     write_key_file(plan, "smollm2-135m-instruct")
     key = json.loads(Path(plan.uri, KEY_FILE).read_text())
     assert key["model_fingerprint"] == "sha256:aa" and key["model_source"] == "smollm2-135m-instruct"
@@ -146,16 +147,14 @@ cache: {path: cache}
 
 
 def test_final_screen_counts_cache_hits():
-    manifest = {"run_id": "r", "status": "succeeded", "rows": {"in": 10, "ok": 10, "error": 0},
-                "tokens": {"input": 1, "generated": 2}, "wall_seconds": 1.0, "output_tokens_per_second": 2.0,
-                "engine": {"replicas": 1, "accelerator": "cpu"}, "model": {"source": "m"},
-                "output": {"path": "out/r"},
-                "cache": {"used": True, "hits": 9, "hit_rate": 0.9, "entries_written": 1}}
+    manifest = earlier_manifest(
+        rows={"in": 10, "out": 10, "ok": 10, "error": 0},
+        cache={"path": "cache", "used": True, "namespace": "n", "hits": 9, "hit_rate": 0.9, "entries_written": 1})
     assert "cache        9 of 10 rows reused (90.0%), 1 added" in render_summary(manifest)
 
 
 def test_a_cache_inside_the_input_is_refused(tmp_path: Path):
-    from llmbatch.jobs.run import overlap_problems
+    from llmbatch.jobs.resolve import overlap_problems
 
     (tmp_path / "data").mkdir()
     raw = {"name": "a", "model": {"source": "m"}, "input": {"path": str(tmp_path / "data")},
@@ -168,7 +167,8 @@ def test_a_cache_inside_the_input_is_refused(tmp_path: Path):
 def test_unseeded_sampling_opens_no_cache_and_the_manifest_says_why(tmp_path: Path):
     from structlog.testing import capture_logs
 
-    from llmbatch.jobs.run import cache_manifest, result_cache_for
+    from llmbatch.jobs.finalize import cache_section as cache_manifest
+    from llmbatch.jobs.run import result_cache_for
 
     raw = {"name": "a", "model": {"source": "m"}, "input": {"path": "in.jsonl"}, "output": {"path": "out"},
            "cache": {"path": str(tmp_path / "cache")}}

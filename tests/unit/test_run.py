@@ -6,7 +6,8 @@ import json
 import pytest
 
 from llmbatch.errors import UserError
-from llmbatch.jobs.run import check_run_id, model_max_len, new_run_id, required_input_columns
+from llmbatch.jobs.resolve import model_max_len, required_input_columns
+from llmbatch.jobs.run import check_run_id, new_run_id
 from llmbatch.jobs.spec import validate_spec
 
 
@@ -46,20 +47,22 @@ def test_new_run_id_is_a_valid_run_id_starting_with_the_job_name():
 # ---- required_input_columns ----------------------------------------------------------------------
 
 def test_required_columns_default_to_prompt():
-    assert required_input_columns(spec_with()) == ["prompt"]
+    assert required_input_columns(spec_with()) == {"prompt": "input.prompt_column"}
 
 
 def test_required_columns_use_configured_prompt_column_and_id_column():
-    assert required_input_columns(spec_with(prompt_column="text", id_column="uid")) == ["text", "uid"]
+    assert required_input_columns(spec_with(prompt_column="text", id_column="uid")) == {
+        "text": "input.prompt_column", "uid": "input.id_column"}
 
 
 def test_required_columns_of_a_template_are_its_fields_deduplicated():
     spec = spec_with(template="Q: {question}\nC: {context}\nAgain: {question}", id_column="question")
-    assert required_input_columns(spec) == ["question", "context"]
+    assert required_input_columns(spec) == {"question": "input.template", "context": "input.template"}
 
 
 def test_required_columns_of_messages_replace_prompt_column():
-    assert required_input_columns(spec_with(messages_column="chat", prompt_column="ignored")) == ["chat"]
+    assert required_input_columns(spec_with(messages_column="chat", prompt_column="ignored")) == {
+        "chat": "input.messages_column"}
 
 
 # ---- model_max_len -------------------------------------------------------------------------------
@@ -89,6 +92,11 @@ def test_model_max_len_ignores_non_integer_values(tmp_path):
     assert model_max_len(path, None) == 512
 
 
+def test_model_max_len_reads_a_multimodal_models_text_config(tmp_path):
+    path = write_config(tmp_path, {"text_config": {"max_position_embeddings": 32768}, "vision_config": {}})
+    assert model_max_len(path, None) == 32768
+
+
 def test_model_max_len_is_none_without_a_usable_config(tmp_path):
     assert model_max_len(tmp_path, None) is None  # no config.json
     (tmp_path / "config.json").write_text("{not json")
@@ -108,7 +116,7 @@ def test_error_kinds_drop_the_rows_own_details():
 
 
 def test_output_inside_input_and_input_inside_the_run_are_refused(tmp_path):
-    from llmbatch.jobs.run import overlap_problems
+    from llmbatch.jobs.resolve import overlap_problems
     from llmbatch.jobs.spec import validate_spec
 
     def spec(inp, out):
@@ -128,7 +136,7 @@ def test_output_inside_input_and_input_inside_the_run_are_refused(tmp_path):
 
 
 def test_eager_mode_defaults_to_the_device_and_can_be_set_either_way():
-    from llmbatch.jobs.run import engine_kwargs_for
+    from llmbatch.jobs.engines import engine_kwargs_for
     from llmbatch.jobs.spec import EngineSpec
 
     assert engine_kwargs_for(EngineSpec(), "cpu", 256, 1)["enforce_eager"] is True

@@ -8,13 +8,10 @@ import sys
 import time
 
 import pytest
-import structlog
 
 from llmbatch.errors import UserError
-from llmbatch.jobs.run import resumes_automatically
 from llmbatch.pipelines import lease as leases
 from llmbatch.pipelines.lease import LEASE_NAME, RunLease, check_not_running, live_holder
-from llmbatch.pipelines.resume import write_attempt
 
 
 def _dead_pid() -> int:
@@ -70,27 +67,3 @@ def test_release_leaves_a_lease_another_driver_took_over(tmp_path):
     (run / LEASE_NAME).write_text(json.dumps({"host": "h", "pid": 1, "renewed_at": time.time(), "token": "other"}))
     held.release()
     assert json.loads((run / LEASE_NAME).read_text())["token"] == "other"
-
-
-def _attempt(path="a.jsonl", size=10, tokens=8, replicas=1):
-    return {"spec": {"name": "j", "sampling": {"max_tokens": tokens}, "resources": {"replicas": replicas}},
-            "input_files": [[path, size]]}
-
-
-def test_a_plain_rerun_continues_an_uncommitted_attempt_of_the_same_job(tmp_path):
-    run = str(tmp_path / "run")
-    log = structlog.get_logger()
-    assert resumes_automatically(run, _attempt(), log) is False
-    write_attempt(run, _attempt())
-    assert resumes_automatically(run, _attempt(), log) is True
-    assert resumes_automatically(run, _attempt(replicas=4), log) is True
-
-
-@pytest.mark.parametrize("changed", [dict(tokens=16), dict(size=11), dict(path="b.jsonl")])
-def test_a_plain_rerun_of_a_changed_job_starts_over_and_says_why(tmp_path, changed):
-    run = str(tmp_path / "run")
-    write_attempt(run, _attempt())
-    with structlog.testing.capture_logs() as logs:
-        assert resumes_automatically(run, _attempt(**changed), structlog.get_logger()) is False
-    assert logs[0]["event"] == "earlier_attempt_restarted"
-    assert logs[0]["changed"] == (["sampling.max_tokens"] if "tokens" in changed else ["input files"])

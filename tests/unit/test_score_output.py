@@ -10,7 +10,7 @@ from llmbatch.pipelines.columns import INFERENCE_ERROR, RENDERED_PROMPT
 from llmbatch.pipelines.infer import sampling_params
 from llmbatch.pipelines.output import conform_output, to_output_row
 from llmbatch.pipelines.schema import OutputRow, output_names_for_inputs, output_schema
-from llmbatch.pipelines.score import cumulative_logprob, finish_reason, mean_logprob
+from llmbatch.pipelines.logprobs import cumulative_logprob, finish_reason, mean_logprob
 
 
 def step(token: int, logprob, rank: int = 1) -> dict:
@@ -260,7 +260,7 @@ def test_conform_output_reports_progress_to_the_counter():
 
 
 def test_perplexity_and_top_logprobs():
-    from llmbatch.pipelines.score import perplexity, top_logprobs
+    from llmbatch.pipelines.logprobs import perplexity, top_logprobs
 
     assert perplexity(-1.0) == pytest.approx(math.e) and perplexity(None) is None
     steps = [{5: {"logprob": -0.1, "rank": 1, "decoded_token": "a"}, 7: {"logprob": -2.0, "rank": 2, "decoded_token": "b"},
@@ -270,7 +270,7 @@ def test_perplexity_and_top_logprobs():
 
 
 def test_completion_logprob_sums_the_completion_tokens_only():
-    from llmbatch.pipelines.score import completion_logprob
+    from llmbatch.pipelines.logprobs import completion_logprob
 
     token_ids = [1, 2, 3, 4]
     prompt_logprobs = [None, {2: {"logprob": -5.0}}, {3: {"logprob": -0.5}}, {4: {"logprob": -0.25}}]

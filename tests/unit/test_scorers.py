@@ -14,6 +14,8 @@ from llmbatch.pipelines.judge import after_judge, judge_messages, judge_sampling
 from llmbatch.pipelines.render import RowError
 from llmbatch.pipelines.run_summary import summarize
 from llmbatch.pipelines.scorers import ScoreStage, build_scorer, normalize, score_fields, strip_code_fence
+from llmbatch.run_manifest import Rows
+from manifest_samples import earlier_manifest
 
 BASE = {"name": "j", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"}}
 
@@ -151,11 +153,13 @@ def test_after_judge_fills_scores_or_errors():
 
 
 def manifest(run_id: str = "r", cost: float | None = 0.5, generated: int = 1000) -> dict:
-    return {"run_id": run_id, "job": "j", "status": "succeeded", "model": {"source": "m"},
-            "spec": {"task": "generate", "sampling": {"temperature": 0.0, "max_tokens": 8}},
-            "rows": {"in": 4, "out": 4, "ok": 3, "error": 1}, "tokens": {"input": 10, "generated": generated},
-            "wall_seconds": 10.0, "output_tokens_per_second": 100.0,
-            "cost": {"usd": cost} if cost is not None else None}
+    earlier = earlier_manifest()
+    return earlier_manifest(
+        run_id=run_id, job="j", status="succeeded", model={**earlier["model"], "source": "m"},
+        spec={**earlier["spec"], "task": "generate", "sampling": {"temperature": 0.0, "max_tokens": 8}},
+        rows={"in": 4, "out": 4, "ok": 3, "error": 1}, tokens={"input": 10, "generated": generated},
+        wall_seconds=10.0, output_tokens_per_second=100.0,
+        cost={**earlier["cost"], "usd": cost} if cost is not None else None)
 
 
 def test_summary_aggregates_scores_from_the_output_parts(tmp_path):
@@ -184,7 +188,7 @@ def test_summary_aggregates_scores_from_the_output_parts(tmp_path):
 def point(run_id: str, quality: float | None, speed: float | None, cost: float | None) -> RunPoint:
     return RunPoint(run_id=run_id, path=f"out/{run_id}", model="m", sampling="temperature=0.0",
                     quality=quality, output_tok_s=speed, cost_per_million=cost,
-                    rows={"ok": 1, "error": 0}, wall_seconds=1.0)
+                    rows=Rows.model_validate({"in": 1, "out": 1, "ok": 1, "error": 0}), wall_seconds=1.0)
 
 
 def test_compare_metric_choice():
@@ -244,7 +248,7 @@ def test_scorer_names_cannot_clash_with_a_judges_raw_column_and_score_tasks_keep
 
 def test_run_cost_counts_generation_and_each_judge_pass():
     from llmbatch.cluster.accelerators import ACCELERATORS
-    from llmbatch.jobs.run import run_cost
+    from llmbatch.jobs.finalize import run_cost
 
     cost = run_cost(3600, 2, ACCELERATORS["CPU"], {"q": {"wall_seconds": 1800, "devices": 1}})
     price = ACCELERATORS["CPU"].hourly_usd

@@ -13,6 +13,7 @@ from llmbatch.cluster.sizing import (
 )
 from llmbatch.errors import SpecError, UserError
 from llmbatch.jobs.spec import parse_duration, validate_spec
+from manifest_samples import earlier_manifest
 
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
@@ -95,11 +96,13 @@ def test_targets_require_auto_replicas():
     assert info.value.lines == ["resources.deadline: 'soon' is not a duration like 2h, 90m or 1h30m"]
 
 
-def _manifest(run_id, busy, rows, out_tokens, wall, startup):
-    return {"run_id": run_id, "rows": {"in": rows, "ok": rows, "error": 0},
-            "tokens": {"input": rows * 30, "generated": out_tokens}, "wall_seconds": wall,
-            "startup_seconds": startup, "spec": {"sampling": {"max_tokens": 64}},
-            "replicas": [{"first_batch_at": 1000.0, "last_batch_at": 1000.0 + busy}]}
+def _manifest(run_id, busy, rows, out_tokens, wall, startup, max_tokens=64):
+    earlier = earlier_manifest()
+    return earlier_manifest(
+        run_id=run_id, rows={"in": rows, "out": rows, "ok": rows, "error": 0},
+        tokens={"input": rows * 30, "generated": out_tokens}, wall_seconds=wall, generation_seconds=wall,
+        startup_seconds=startup, spec={**earlier["spec"], "sampling": {"max_tokens": max_tokens}},
+        replicas=[{"first_batch_at": 1000.0, "last_batch_at": 1000.0 + busy}])
 
 
 def test_profiles_accumulate_measurements_and_prediction_errors(tmp_path, monkeypatch):
@@ -130,7 +133,7 @@ def test_a_prefill_measurement_splits_busy_time_into_prefill_and_decode(tmp_path
     stored = profiles.record(key, {"model_source": "m"}, generation)
     assert profiles.rates(stored).prefill_tokens_per_second is None
     assert profiles.rates(stored).replica_seconds(600, 1000) == pytest.approx(10.0)
-    one_token = {**_manifest("p", 2.0, 20, 20, 5.0, 40.0), "spec": {"sampling": {"max_tokens": 1}}}
+    one_token = _manifest("p", 2.0, 20, 20, 5.0, 40.0, max_tokens=1)
     prefill = profiles.prefill_from_manifest(one_token, "profile-prefill:p")
     assert prefill["prefill_tokens_per_second"] == 300.0  # 600 prompt tokens in 2 s
     stored = profiles.record(key, {"model_source": "m"}, None, prefill=prefill)

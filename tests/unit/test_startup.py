@@ -12,9 +12,10 @@ from llmbatch.cluster.resources import (
     CONCURRENT_BATCHES, KV_HEADROOM, KV_SPARE_TOKENS, PROMPT_TOKENS_ALLOWANCE, cpu_kv_cache_bytes, engine_in_process,
     replica_threads,
 )
-from llmbatch.pipelines.infer import EnginePlan, engine_env
+from llmbatch.pipelines.infer import EngineSettings, engine_env
 from llmbatch.pipelines.inprocess_engine import IN_PROCESS_ENV, InProcessEngine
 from llmbatch.pipelines.timings import run_timings, startup_line
+from llmbatch.run_manifest import Timings
 
 GIB = 1 << 30
 
@@ -32,11 +33,11 @@ def test_cpu_replicas_share_the_nodes_cores_and_gpu_replicas_keep_rays_threads()
     assert replica_threads("gpu", 64, 8) is None
 
 
-def _plan(**overrides) -> EnginePlan:
+def _plan(**overrides) -> EngineSettings:
     values = dict(model_path="/m", engine_kwargs={}, sampling_params={"max_tokens": 8}, replicas=(1, 1),
                   batch_size=4, bundle_per_replica={"CPU": 1.0})
     values.update(overrides)
-    return EnginePlan(**values)
+    return EngineSettings(**values)
 
 
 def test_engine_env_sets_in_process_mode_and_threads_before_vllm_is_imported():
@@ -72,7 +73,7 @@ def test_run_timings_split_a_run_into_phases():
     timings = run_timings(marks, replicas)
     assert timings == {"launch": 1.5, "prepare": 0.5, "ray_start": 3.0, "pre_pass": 1.0, "engine_start": 14.5,
                        "first_row": 19.7, "generation": 9.5, "write": 0.5, "judges": None, "commit": 0.5}
-    line = startup_line(timings)
+    line = startup_line(Timings.model_validate(timings))
     assert line == "19.7 s to the first rows (Ray 3.0, pre-pass 1.0, engines 14.5), generation 9.5 s"
 
 
@@ -82,7 +83,7 @@ def test_a_run_that_started_no_engine_has_no_engine_phases():
     timings = run_timings(marks, [])
     assert timings["engine_start"] is None and timings["generation"] is None and timings["first_row"] is None
     assert timings["commit"] == 0.5
-    assert startup_line(timings) is None
+    assert startup_line(Timings.model_validate(timings)) is None
 
 
 class StandInEngine:

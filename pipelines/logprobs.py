@@ -1,4 +1,4 @@
-"""Intrinsic scores of a generation, computed from what the engine returned."""
+"""Logprob arithmetic over what the engine returned: cumulative and mean logprob, perplexity, finish reasons."""
 from __future__ import annotations
 
 import math

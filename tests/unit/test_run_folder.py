@@ -1,0 +1,112 @@
+"""How a run starts in its folder: every case of the decision, and what preparing the folder keeps."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+
+from llmbatch.errors import UserError
+from llmbatch.pipelines.manifest import MANIFEST_NAME
+from llmbatch.pipelines.resume import write_attempt
+from llmbatch.pipelines.run_folder import (
+    AUTOMATIC_RESUME, FRESH, REPLACE, RESTART, RESUME, FolderState, RunStart, decide_start, prepare_run_folder,
+    read_folder_state,
+)
+
+RUN = "out/job/r1"
+
+
+def attempt(path="a.jsonl", size=10, tokens=8, replicas=1):
+    return {"spec": {"name": "j", "sampling": {"max_tokens": tokens}, "resources": {"replicas": replicas}},
+            "input_files": [[path, size]]}
+
+
+def decide(state: FolderState, now=None, *, resume=False, overwrite=False) -> RunStart:
+    return decide_start(state, now or attempt(), resume=resume, overwrite=overwrite, run_id="r1", run_uri=RUN)
+
+
+EMPTY = FolderState(committed=False, earlier_attempt=None)
+UNCOMMITTED = FolderState(committed=False, earlier_attempt=attempt())
+COMMITTED = FolderState(committed=True, earlier_attempt=attempt())
+
+
+def test_an_empty_folder_starts_fresh_with_or_without_overwrite():
+    assert decide(EMPTY) == RunStart(FRESH)
+    assert decide(EMPTY, overwrite=True) == RunStart(FRESH)
+
+
+def test_a_plain_rerun_continues_an_uncommitted_attempt_of_the_same_job():
+    assert decide(UNCOMMITTED) == RunStart(AUTOMATIC_RESUME)
+    assert decide(UNCOMMITTED, attempt(replicas=4)) == RunStart(AUTOMATIC_RESUME)  # resources may change
+    assert decide(UNCOMMITTED).resumes
+
+
+@pytest.mark.parametrize("changed, named", [(dict(tokens=16), "sampling.max_tokens"), (dict(size=11), "input files"),
+                                            (dict(path="b.jsonl"), "input files")])
+def test_a_plain_rerun_of_a_changed_job_starts_over_and_says_why(changed, named):
+    start = decide(UNCOMMITTED, attempt(**changed))
+    assert start == RunStart(RESTART, (named,))
+    assert not start.resumes
+
+
+def test_overwrite_of_an_uncommitted_attempt_starts_fresh():
+    assert decide(UNCOMMITTED, overwrite=True) == RunStart(FRESH)
+
+
+def test_resume_continues_the_same_job_and_refuses_anything_else():
+    assert decide(UNCOMMITTED, resume=True) == RunStart(RESUME)
+    with pytest.raises(UserError, match="no earlier attempt at out/job/r1"):
+        decide(EMPTY, resume=True)
+    with pytest.raises(UserError, match=r"the job changed since the earlier attempt \(sampling.max_tokens\)"):
+        decide(UNCOMMITTED, attempt(tokens=16), resume=True)
+    with pytest.raises(UserError, match="the input files changed"):
+        decide(UNCOMMITTED, attempt(size=11), resume=True)
+
+
+def test_a_committed_run_is_replaced_only_with_overwrite_and_never_resumed():
+    assert decide(COMMITTED, overwrite=True) == RunStart(REPLACE)
+    with pytest.raises(UserError, match="already holds a committed run; choose another --run-id"):
+        decide(COMMITTED)
+    with pytest.raises(UserError, match="already committed, so there is nothing to resume"):
+        decide(COMMITTED, resume=True)
+
+
+def test_the_folder_state_is_read_from_the_manifest_and_the_attempt(tmp_path):
+    run = tmp_path / "run"
+    assert read_folder_state(str(run)) == EMPTY
+    write_attempt(str(run), attempt())
+    assert read_folder_state(str(run)) == FolderState(False, attempt())
+    (run / MANIFEST_NAME).write_text(json.dumps({"status": "succeeded"}))
+    assert read_folder_state(str(run)).committed
+
+
+def _part(folder, name="part-0.parquet"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ["a"], "error": [None]}), folder / name)
+
+
+def test_preparing_keeps_the_parts_of_a_resume_and_clears_them_otherwise(tmp_path):
+    run = tmp_path / "run"
+    _part(run)
+    (run / "errors").mkdir()
+    finished = prepare_run_folder(RunStart(AUTOMATIC_RESUME), str(run), str(run), 0, structlog.get_logger())
+    assert finished.rows == 1 and (run / "part-0.parquet").exists()
+    assert not (run / "errors").exists()
+    with structlog.testing.capture_logs() as logs:
+        assert prepare_run_folder(RunStart(RESTART, ("input files",)), str(run), str(run), 0,
+                                  structlog.get_logger()) is None
+    assert not (run / "part-0.parquet").exists()
+    assert [e["event"] for e in logs] == ["earlier_attempt_restarted", "uncommitted_parts_removed"]
+    assert logs[0]["changed"] == ["input files"]
+
+
+def test_preparing_a_replacement_removes_the_committed_run(tmp_path):
+    run = tmp_path / "run"
+    _part(run)
+    (run / MANIFEST_NAME).write_text("{}")
+    prepare_run_folder(RunStart(REPLACE), str(run), str(run), 0, structlog.get_logger())
+    assert not (run / MANIFEST_NAME).exists() and not (run / "part-0.parquet").exists()
