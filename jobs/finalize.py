@@ -1,6 +1,7 @@
 """Finalizing a run: count what it wrote, check it against its input, and commit the manifest last."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version as package_version
@@ -8,11 +9,13 @@ from typing import Any
 
 from llmbatch.jobs.resolve import ResolvedJob
 from llmbatch.jobs.spec import JobSpec
-from llmbatch.pipelines.error_rows import ERRORS_DIR, write_error_rows
-from llmbatch.pipelines.manifest import STAGING_DIR, remove_staging, tally_output, write_manifest
-from llmbatch.pipelines.result_cache import CacheNamespace
+from llmbatch.pipelines.error_rows import ErrorRowsWriter
+from llmbatch.pipelines.manifest import OutputTally, remove_staging, write_manifest
+from llmbatch.pipelines.readback import read_back
+from llmbatch.pipelines.result_cache import CacheEntriesWriter, CacheNamespace
 from llmbatch.pipelines.resume import FinishedWork
-from llmbatch.pipelines.run_summary import SUMMARY_NAME, summarize, write_summary
+from llmbatch.pipelines.run_files import ERRORS_DIR, STAGING_DIR, SUMMARY_NAME
+from llmbatch.pipelines.run_summary import ScoreStats, summary_of, write_summary
 from llmbatch.pipelines.timings import run_timings
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import join
@@ -35,25 +38,32 @@ class Execution:
     generation_seconds: float
     finished: FinishedWork | None             # the earlier attempt's rows a resume kept
     automatic_resume: bool
-    cache: CacheNamespace | None
-    cache_stats: dict[str, int] | None
+    cache: CacheNamespace | None             # the result cache this run reads and adds to
     judge_stats: dict[str, Any]
     sizing: Any                               # jobs.plan.Plan, or None without a prediction
     cost: dict[str, Any] | None
     judges_staged: bool
 
 
-def commit(job: ResolvedJob, run: Execution, now: float) -> tuple[Manifest, dict[str, Any]]:
-    """Write the summary, then the manifest (the commit marker). Returns (manifest, summary)."""
+def commit(job: ResolvedJob, run: Execution, log) -> tuple[Manifest, dict[str, Any]]:
+    """Read the parts back once (tally, error rows, the summary's figures, new cache entries), write the
+    summary, then the manifest (the commit marker). Returns (manifest, summary)."""
     spec = job.spec
-    tally = tally_output(run.run_uri)
-    error_rows = write_error_rows(run.run_uri) if tally.errors else None
+    scorers = [s.model_dump(mode="json") for s in spec.scoring]
+    tally, errors, stats = OutputTally(), ErrorRowsWriter(run.run_uri), ScoreStats(scorers)
+    entries = CacheEntriesWriter(run.cache, run.run_id) if run.cache else None
+    tally.files = read_back(run.run_uri, [tally, errors, stats] + ([entries] if entries else []))
+    cache_stats = entries.result() if entries else None
+    if cache_stats:
+        log.info("cache_updated", hits=cache_stats["hits"], entries_written=cache_stats["entries_written"],
+                 cache=run.cache.uri)
+    error_rows = errors.result()
     problems = output_problems(spec, tally, run.input_rows, run.duplicate_ids, run.run_uri)
     status = "failed" if problems else "succeeded" if tally.errors == 0 else "succeeded_with_errors"
-    reused = bool(run.finished and run.finished.rows) or bool(run.cache_stats and run.cache_stats["hits"])
+    reused = bool(run.finished and run.finished.rows) or bool(cache_stats and cache_stats["hits"])
     # a resumed or cached run generated only the rows it did not find written or cached
     generated_now = sum(r.get("generated_tokens", 0) for r in run.replicas) if reused else tally.generated_tokens
-    run.marks["commit_done"] = now
+    run.marks["commit_done"] = now = time.time()
     timings = run_timings(run.marks, run.replicas)
     seconds = run.generation_seconds
     record = {
@@ -76,7 +86,7 @@ def commit(job: ResolvedJob, run: Execution, now: float) -> tuple[Manifest, dict
                  "duplicate_ids": run.duplicate_ids},
         "errors": error_rows,
         "resumed": {**run.finished.to_dict(), "automatic": run.automatic_resume} if run.finished else None,
-        "cache": cache_section(spec, run.cache, run.cache_stats, run.input_rows),
+        "cache": cache_section(spec, run.cache, cache_stats, run.input_rows),
         "tokens": {"input": tally.input_tokens, "generated": tally.generated_tokens},
         "wall_seconds": round(now - run.started, 3),
         "startup_seconds": timings["first_row"],
@@ -87,7 +97,7 @@ def commit(job: ResolvedJob, run: Execution, now: float) -> tuple[Manifest, dict
         "output_tokens_per_second": round(generated_now / seconds, 3) if seconds > 0 else None,
         "cost": run.cost,
     }
-    summary = summarize(run.run_uri, [s.model_dump(mode="json") for s in spec.scoring], record)
+    summary = summary_of(stats, scorers, record)
     write_summary(run.run_uri, summary)
     manifest = Manifest.model_validate({**record, "summary": SUMMARY_NAME})
     write_manifest(run.run_uri, manifest)

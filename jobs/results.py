@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 
 from llmbatch.errors import UserError
 from llmbatch.jobs.summary import render_summary
-from llmbatch.pipelines.manifest import manifest_exists, output_parts, read_manifest
+from llmbatch.pipelines.manifest import manifest_exists, read_manifest
+from llmbatch.pipelines.run_files import output_parts
 from llmbatch.pipelines.run_summary import read_summary, summarize
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import filesystem_for, storage_errors

@@ -31,9 +31,7 @@ from llmbatch.pipelines.infer import EngineSettings, preload_engine_stage
 from llmbatch.pipelines.judge import judge_sampling_params
 from llmbatch.pipelines.lease import RunLease, check_not_running
 from llmbatch.pipelines.manifest import remove_staging, staging_uri
-from llmbatch.pipelines.result_cache import (
-    CacheNamespace, cache_namespace, is_deterministic, write_entries, write_key_file,
-)
+from llmbatch.pipelines.result_cache import CacheNamespace, cache_namespace, is_deterministic, write_key_file
 from llmbatch.pipelines.resume import write_attempt
 from llmbatch.pipelines.run_folder import AUTOMATIC_RESUME, decide_start, prepare_run_folder, read_folder_state
 from llmbatch.run_manifest import Manifest
@@ -157,10 +155,6 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         device, sizing = _prediction(pool, log)
         judge_stats = _judge_passes(judges, target, run_uri, run_id, inputs, context, spec.model.source, log)
         marks["judges_done"] = time.time() if judges else None
-        cache_stats = write_entries(run_uri, cache, run_id) if cache else None
-        if cache_stats:
-            log.info("cache_updated", hits=cache_stats["hits"], entries_written=cache_stats["entries_written"],
-                     cache=cache.uri)
         engine_section = {"accelerator": pool.accelerator,
                           "replicas": pool.replicas[0] if pool.auto else spec.resources.replicas,
                           **engine.engine_kwargs}
@@ -168,12 +162,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
             run_id=run_id, run_uri=run_uri, started=started, started_at=started_at, marks=marks,
             input_rows=inputs.rows, duplicate_ids=inputs.duplicate_ids, rows_per_file=inputs.rows_per_file,
             replicas=replicas, engine=engine_section, fingerprint=fingerprint, generation_seconds=generation_seconds,
-            finished=finished, automatic_resume=start.mode == AUTOMATIC_RESUME, cache=cache, cache_stats=cache_stats,
+            finished=finished, automatic_resume=start.mode == AUTOMATIC_RESUME, cache=cache,
             judge_stats=judge_stats, sizing=sizing,
             cost=run_cost(generation_seconds, pool.replicas[1] * pool.shape.workers_per_replica, device, judge_stats),
             judges_staged=bool(judges))
-        manifest, summary = commit(job, run, time.time())
-        reused = bool(finished and finished.rows) or bool(cache_stats and cache_stats["hits"])
+        manifest, summary = commit(job, run, log)
+        reused = bool(finished and finished.rows) or bool(manifest.cache and getattr(manifest.cache, "hits", 0))
         if device is not None and spec.task == "generate" and not reused:
             # score runs generate nothing to measure; a resumed or cached run's totals mix earlier work in
             record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmbatch.pipelines.manifest import MANIFEST_NAME
+from llmbatch.pipelines.run_files import MANIFEST_NAME
 from llmbatch.pipelines.timings import startup_line
 from llmbatch.run_manifest import Manifest
 

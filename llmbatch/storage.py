@@ -57,6 +57,34 @@ def write_whole(fs: fsspec.AbstractFileSystem, inner: str, body: bytes) -> None:
         fs.pipe_file(inner, body)
 
 
+@contextmanager
+def atomic_writer(fs: fsspec.AbstractFileSystem, inner: str) -> Iterator:
+    """A binary file handle whose content appears whole at `inner` when the block ends, or not at all when it
+    raises: a temporary file renamed into place locally; one multipart upload on S3, aborted on failure."""
+    if getattr(fs, "local_file", False):
+        import uuid
+
+        os.makedirs(os.path.dirname(inner), exist_ok=True)
+        tmp = f"{inner}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                yield handle
+            os.replace(tmp, inner)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    handle = fs.open(inner, "wb")
+    try:
+        yield handle
+    except BaseException:
+        discard = getattr(handle, "discard", None)
+        if discard is not None:
+            discard()
+        raise
+    handle.close()
+
+
 def full_uri(path: str, inner: str) -> str:
     """Put the scheme of `path` back on a filesystem-internal path."""
     return f"s3://{inner}" if is_s3(path) else inner

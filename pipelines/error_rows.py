@@ -7,13 +7,10 @@ from collections import Counter
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from llmbatch.pipelines.manifest import output_parts
-from llmbatch.storage import filesystem_for, is_s3, join, storage_errors
+from llmbatch.pipelines.readback import has_values, read_back
+from llmbatch.pipelines.run_files import ERRORS_DIR, ERRORS_FILE, RunFolder
 
-ERRORS_DIR = "errors"
-ERRORS_FILE = "errors.jsonl"
 KINDS_SHOWN = 10
 
 
@@ -29,28 +26,48 @@ def error_kind(message: str) -> str:
     return " ".join(text.split())[:80] or "error"
 
 
-def write_error_rows(run_uri: str) -> dict[str, Any]:
-    """Copy every row whose `error` is set into errors/errors.jsonl (streamed part by part).
+class ErrorRowsWriter:
+    """A read-back visitor (pipelines/readback.py) that copies every row whose `error` is set into
+    errors/errors.jsonl, opened at the first such row; parts without error rows are skipped by their footers."""
 
-    Returns what the manifest says of them: the file, the row count and the most common kinds.
-    """
-    fs, inner = filesystem_for(run_uri)
-    target = join(run_uri, ERRORS_DIR, ERRORS_FILE)
-    _, target_inner = filesystem_for(target)
-    kinds: Counter[str] = Counter()
-    rows = 0
-    with storage_errors(run_uri, "write error rows to"):
-        parts = output_parts(fs, inner)
-        if not is_s3(target):
-            fs.makedirs(target_inner.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(target_inner, "wb") as out:
-            for part in parts:
-                with fs.open(part, "rb") as handle:
-                    for batch in pq.ParquetFile(handle).iter_batches(batch_size=4096):
-                        failed = batch.filter(pc.is_valid(batch.column("error")))
-                        for row in failed.to_pylist():
-                            out.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode())
-                            kinds[error_kind(row["error"])] += 1
-                            rows += 1
-    return {"path": f"{ERRORS_DIR}/{ERRORS_FILE}", "rows": rows,
-            "kinds": [{"kind": k, "rows": n} for k, n in kinds.most_common(KINDS_SHOWN)]}
+    def __init__(self, run_uri: str):
+        self.folder = RunFolder(run_uri)
+        self.kinds: Counter[str] = Counter()
+        self.rows = 0
+        self._stack = None
+        self._out = None
+
+    def finish(self, stack) -> None:
+        self._stack = stack
+
+    def columns(self, part) -> list[str]:
+        return part.schema_arrow.names if has_values(part, "error") else []
+
+    def batch(self, batch) -> None:
+        failed = batch.filter(pc.is_valid(batch.column("error")))
+        if not failed.num_rows:
+            return
+        if self._out is None:
+            self._out = self._stack.enter_context(
+                self.folder.writing(ERRORS_DIR, ERRORS_FILE, action="write error rows to"))
+        for row in failed.to_pylist():
+            self._out.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode())
+            self.kinds[error_kind(row["error"])] += 1
+            self.rows += 1
+
+    def part_done(self, number: int) -> None:
+        pass
+
+    def result(self) -> dict[str, Any] | None:
+        """What the manifest says of the error rows: the file, the row count and the most common kinds."""
+        if not self.rows:
+            return None
+        return {"path": f"{ERRORS_DIR}/{ERRORS_FILE}", "rows": self.rows,
+                "kinds": [{"kind": k, "rows": n} for k, n in self.kinds.most_common(KINDS_SHOWN)]}
+
+
+def write_error_rows(run_uri: str) -> dict[str, Any] | None:
+    """Copy every error row into errors/errors.jsonl; what the manifest says of them (None: there are none)."""
+    writer = ErrorRowsWriter(run_uri)
+    read_back(run_uri, [writer])
+    return writer.result()

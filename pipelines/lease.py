@@ -6,7 +6,6 @@ no longer exists (then it is stale at once: a killed local driver can be resumed
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -16,9 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmbatch.errors import UserError
-from llmbatch.storage import filesystem_for, join, read_json, storage_errors, write_whole
-
-LEASE_NAME = "_lease.json"
+from llmbatch.pipelines.run_files import LEASE_NAME, RunFolder
 RENEW_EVERY_SECONDS = 20.0
 EXPIRY_SECONDS = 90.0
 
@@ -51,10 +48,11 @@ def live_holder(lease: dict[str, Any] | None, now: float | None = None) -> dict[
 
 def check_not_running(run_uri: str, run_id: str) -> None:
     """Refuse to touch a run whose driver is still renewing its lease."""
-    holder = live_holder(read_json(join(run_uri, LEASE_NAME)))
+    folder = RunFolder(run_uri)
+    holder = live_holder(folder.read_json(LEASE_NAME))
     if holder is not None:
         raise UserError(f"run {run_id} is still running: its driver (pid {holder.get('pid')} on "
-                        f"{holder.get('host')}) renewed {join(run_uri, LEASE_NAME)} {holder['age_seconds']:g} s ago; "
+                        f"{holder.get('host')}) renewed {folder.path(LEASE_NAME)} {holder['age_seconds']:g} s ago; "
                         f"wait for it to end or cancel it, or submit under another --run-id "
                         f"(a lease whose driver died expires after {EXPIRY_SECONDS:g} s)")
 
@@ -76,11 +74,7 @@ class RunLease:
         return lease
 
     def _write(self) -> None:
-        uri = join(self.run_uri, LEASE_NAME)
-        fs, inner = filesystem_for(uri)
-        body = json.dumps({**_holder(), "token": self.token, "renewed_at": time.time()}).encode()
-        with storage_errors(uri, "write"):
-            write_whole(fs, inner, body)
+        RunFolder(self.run_uri).write_json(LEASE_NAME, {**_holder(), "token": self.token, "renewed_at": time.time()})
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_EVERY_SECONDS):
@@ -93,11 +87,10 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        uri = join(self.run_uri, LEASE_NAME)
-        fs, inner = filesystem_for(uri)
+        folder = RunFolder(self.run_uri)
         try:
-            current = read_json(uri)
+            current = folder.read_json(LEASE_NAME)
             if current and current.get("token") == self.token:
-                fs.rm_file(inner)
+                folder.remove(LEASE_NAME)
         except (UserError, OSError):
             pass  # an expired lease is as good as a removed one

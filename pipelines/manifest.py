@@ -3,29 +3,22 @@ from __future__ import annotations
 
 import json
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from llmbatch.errors import UserError
+from llmbatch.pipelines.readback import read_back
+from llmbatch.pipelines.run_files import MANIFEST_NAME, RunFolder, output_parts
 from llmbatch.run_manifest import Manifest
-from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
-
-MANIFEST_NAME = "_manifest.json"
-STAGING_DIR = "_staging"  # parts of a pass that a later pass (a judge) rewrites; never part of the output
+from llmbatch.storage import filesystem_for, storage_errors
 
 
 def staging_uri(run_uri: str, number: int) -> str:
-    return join(run_uri, STAGING_DIR, f"pass-{number}")
+    return RunFolder(run_uri).staging(number)
 
-
-def output_parts(fs, inner: str) -> list[str]:
-    """The run's committed-to-be parquet parts: everything but staging."""
-    staging = f"/{STAGING_DIR}/"
-    return sorted(p for p in fs.find(inner) if p.endswith(".parquet") and staging not in p[len(inner):])
 
 
 def remove_tree(uri: str, action: str = "remove") -> None:
@@ -41,40 +34,46 @@ def remove_staging(uri: str) -> None:
 
 @dataclass
 class OutputTally:
-    files: list[str]
+    """Counts of what the run's parts hold; a read-back visitor (pipelines/readback.py)."""
+    files: list[str] = field(default_factory=list)
     rows: int = 0
-    ok: int = 0
     errors: int = 0
     input_tokens: int = 0
     generated_tokens: int = 0
-    distinct_ids: int = 0
+    _ids: array = field(default_factory=lambda: array("q"), repr=False)  # 8 bytes a row: millions fit in MBs
+
+    @property
+    def ok(self) -> int:
+        return self.rows - self.errors
+
+    @property
+    def distinct_ids(self) -> int:
+        ordered = np.sort(np.frombuffer(self._ids, dtype=np.int64))
+        return int(1 + np.count_nonzero(ordered[1:] != ordered[:-1])) if len(ordered) else 0
+
+    def columns(self, part) -> list[str]:
+        return ["id", "error", "num_input_tokens", "num_generated_tokens"]
+
+    def batch(self, batch) -> None:
+        data = batch.to_pydict()
+        self.rows += batch.num_rows
+        self.errors += sum(e is not None for e in data["error"])
+        self.input_tokens += sum(n or 0 for n in data["num_input_tokens"])
+        self.generated_tokens += sum(n or 0 for n in data["num_generated_tokens"])
+        self._ids.extend(hash(i) for i in data["id"])
+
+    def part_done(self, number: int) -> None:
+        pass
+
+    def finish(self, stack) -> None:
+        pass
 
 
 def tally_output(run_uri: str) -> OutputTally:
     """Count what the run's parquet parts hold (streamed by column, never the whole table at once)."""
-    fs, inner = filesystem_for(run_uri)
-    with storage_errors(run_uri, "read back output"):
-        names = output_parts(fs, inner)
-        tally = OutputTally(files=[p[len(inner):].lstrip("/") for p in names])
-        id_hashes = array("q")  # 8 bytes a row, so millions of ids fit in a few MB
-        for name in names:
-            with fs.open(name, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                for batch in parquet.iter_batches(columns=["id", "error", "num_input_tokens", "num_generated_tokens"]):
-                    data = batch.to_pydict()
-                    tally.rows += batch.num_rows
-                    tally.errors += sum(e is not None for e in data["error"])
-                    tally.input_tokens += sum(n or 0 for n in data["num_input_tokens"])
-                    tally.generated_tokens += sum(n or 0 for n in data["num_generated_tokens"])
-                    id_hashes.extend(hash(i) for i in data["id"])
-        tally.ok = tally.rows - tally.errors
-        tally.distinct_ids = _count_distinct(id_hashes)
+    tally = OutputTally()
+    tally.files = read_back(run_uri, [tally])
     return tally
-
-
-def _count_distinct(values: array) -> int:
-    ordered = np.sort(np.frombuffer(values, dtype=np.int64))
-    return int(1 + np.count_nonzero(ordered[1:] != ordered[:-1])) if len(ordered) else 0
 
 
 def clear_uncommitted(run_uri: str, *, keep_staging: bool = False) -> int:
@@ -101,24 +100,18 @@ def remove_run(run_uri: str) -> None:
 
 
 def manifest_uri(run_uri: str) -> str:
-    return join(run_uri, MANIFEST_NAME)
+    return RunFolder(run_uri).path(MANIFEST_NAME)
 
 
 def manifest_exists(run_uri: str) -> bool:
-    fs, inner = filesystem_for(manifest_uri(run_uri))
-    with storage_errors(run_uri, "check for an earlier run at"):
-        return fs.exists(inner)
+    return RunFolder(run_uri).exists(MANIFEST_NAME)
 
 
 def write_manifest(run_uri: str, manifest: Manifest | dict[str, Any]) -> str:
     """Write `_manifest.json` in one step (rename locally, a single PUT on S3). A dict is checked against
     `Manifest` first, so a manifest of the wrong shape fails before the run is committed."""
     body = Manifest.model_validate(manifest).model_dump(mode="json", fallback=str)
-    uri = manifest_uri(run_uri)
-    fs, inner = filesystem_for(uri)
-    with storage_errors(uri, "write manifest"):
-        write_whole(fs, inner, json.dumps(body, indent=2).encode())
-    return uri
+    return RunFolder(run_uri).write_json(MANIFEST_NAME, body, action="write manifest")
 
 
 def read_manifest(run_uri: str) -> Manifest:

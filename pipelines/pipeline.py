@@ -11,7 +11,7 @@ from llmbatch.pipelines.columns import INFERENCE_ERROR
 from llmbatch.errors import UserError
 from llmbatch.pipelines.infer import STAGE_CPUS, EngineSettings, build_infer_stage
 from llmbatch.pipelines.judge import JudgeRenderStage, after_judge
-from llmbatch.pipelines.manifest import output_parts
+from llmbatch.pipelines.run_files import output_parts
 from llmbatch.pipelines.output import conform_output, to_output_row
 from llmbatch.pipelines.read import (
     InputFile, ReadShards, ShardScan, ShardTask, id_hashes, input_shape_problems, mark_duplicate_ids, plan_shard_tasks,

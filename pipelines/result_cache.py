@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import structlog
 
 from llmbatch.pipelines.columns import CACHED_COLUMN, HIT_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN, stable_hash
-from llmbatch.pipelines.manifest import output_parts
+from llmbatch.pipelines.readback import read_back
 from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
 
 CACHE_FORMAT = 1
@@ -140,32 +140,50 @@ def write_key_file(plan: CacheNamespace, model_source: str) -> None:
             write_whole(fs, inner, json.dumps({**plan.key_fields, "model_source": model_source}, indent=2).encode())
 
 
-def write_entries(run_uri: str, plan: CacheNamespace, run_id: str) -> dict[str, int]:
-    """Add the rows this run generated (not those it took from the cache) to the namespace, one entry file
-    per output part; returns {hits, entries_written}. Streams part by part."""
-    fs, inner = filesystem_for(run_uri)
-    cache_fs, cache_inner = filesystem_for(plan.uri)
-    hits = written = 0
-    with storage_errors(run_uri, "read back output for the result cache from"):
-        parts = output_parts(fs, inner)
-    for number, part in enumerate(parts):
-        with storage_errors(run_uri, "read back output for the result cache from"), fs.open(part, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            names = [n for n in (PROMPT_COLUMN, CACHED_COLUMN, TOP_LOGPROBS, *RESULT_COLUMNS)
-                     if n in parquet.schema_arrow.names]
-            table = parquet.read(columns=names)
+class CacheEntriesWriter:
+    """A read-back visitor (pipelines/readback.py) that adds the rows this run generated (not those it took
+    from the cache) to the namespace, one entry file per output part, and counts the hits."""
+
+    def __init__(self, cache: CacheNamespace, run_id: str):
+        self.cache, self.run_id = cache, run_id
+        self.hits = self.written = 0
+        self._batches: list[pa.RecordBatch] = []
+
+    def finish(self, stack) -> None:
+        pass
+
+    def columns(self, part) -> list[str]:
+        return [n for n in (PROMPT_COLUMN, CACHED_COLUMN, TOP_LOGPROBS, *RESULT_COLUMNS)
+                if n in part.schema_arrow.names]
+
+    def batch(self, batch) -> None:
+        self._batches.append(batch)
+
+    def part_done(self, number: int) -> None:
+        batches, self._batches = self._batches, []
+        if not batches:
+            return
+        table = pa.Table.from_batches(batches)
         cached = table.column(CACHED_COLUMN).fill_null(False)
-        hits += pc.sum(cached.cast(pa.int64())).as_py() or 0
+        self.hits += pc.sum(cached.cast(pa.int64())).as_py() or 0
         fresh = table.filter(pc.and_(pc.invert(cached), pc.is_valid(table.column("generated_text"))))
         if not fresh.num_rows:
-            continue
+            return
         keys = pa.array([prompt_key(p) for p in fresh.column(PROMPT_COLUMN).to_pylist()], pa.string())
         entries = fresh.drop_columns([PROMPT_COLUMN, CACHED_COLUMN]).add_column(0, "key", keys)
-        target = f"{cache_inner}/{run_id}-{number:05d}.parquet"
+        cache_fs, cache_inner = filesystem_for(self.cache.uri)
         sink = pa.BufferOutputStream()
         pq.write_table(entries, sink)
-        with storage_errors(plan.uri, "write the result cache at"):
-            write_whole(cache_fs, target, sink.getvalue().to_pybytes())
-        written += entries.num_rows
-    return {"hits": int(hits), "entries_written": written}
+        with storage_errors(self.cache.uri, "write the result cache at"):
+            write_whole(cache_fs, f"{cache_inner}/{self.run_id}-{number:05d}.parquet", sink.getvalue().to_pybytes())
+        self.written += entries.num_rows
 
+    def result(self) -> dict[str, int]:
+        return {"hits": int(self.hits), "entries_written": self.written}
+
+
+def write_entries(run_uri: str, cache: CacheNamespace, run_id: str) -> dict[str, int]:
+    """Add the rows this run generated to the namespace; returns {hits, entries_written}."""
+    writer = CacheEntriesWriter(cache, run_id)
+    read_back(run_uri, [writer])
+    return writer.result()

@@ -6,7 +6,6 @@ hashes; rows whose key is there are not read again.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmbatch.pipelines.columns import row_key_hashes
-from llmbatch.pipelines.manifest import output_parts
-from llmbatch.storage import filesystem_for, is_s3, join, read_json, storage_errors
+from llmbatch.pipelines.run_files import output_parts
+from llmbatch.pipelines.run_files import ATTEMPT_NAME, RunFolder
+from llmbatch.storage import filesystem_for, storage_errors
 
-ATTEMPT_NAME = "_attempt.json"
 # Settings a resumed run may change: they decide how fast rows are made, not what a row holds.
 FREE_TO_CHANGE = ("resources", "cache")
 
@@ -59,16 +58,11 @@ def finished_work(uri: str) -> FinishedWork:
 def write_attempt(run_uri: str, attempt: dict[str, Any]) -> None:
     """Record what this run computes (resolved spec, input files), so a resume can tell whether the job
     still means the same rows."""
-    uri = join(run_uri, ATTEMPT_NAME)
-    fs, inner = filesystem_for(uri)
-    with storage_errors(uri, "write"):
-        if not is_s3(uri):  # on S3 a key needs no folder, and makedirs would create a missing bucket
-            fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(inner, json.dumps(attempt, indent=2, default=str).encode())
+    RunFolder(run_uri).write_json(ATTEMPT_NAME, attempt)
 
 
 def read_attempt(run_uri: str) -> dict[str, Any] | None:
-    return read_json(join(run_uri, ATTEMPT_NAME))
+    return RunFolder(run_uri).read_json(ATTEMPT_NAME)
 
 
 def input_files_changed(earlier: dict[str, Any], input_files: list[list[Any]]) -> bool:

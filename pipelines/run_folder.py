@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmbatch.errors import UserError
-from llmbatch.pipelines.error_rows import ERRORS_DIR
 from llmbatch.pipelines.manifest import clear_uncommitted, manifest_exists, remove_run, remove_tree, staging_uri
 from llmbatch.pipelines.resume import (
-    ATTEMPT_NAME, FinishedWork, changed_settings, finished_work, input_files_changed, read_attempt,
+    FinishedWork, changed_settings, finished_work, input_files_changed, read_attempt,
 )
+from llmbatch.pipelines.run_files import ATTEMPT_NAME, ERRORS_DIR
 from llmbatch.storage import join
 
 FRESH = "fresh"                        # nothing to keep: an empty folder, or --overwrite of an uncommitted one

@@ -1,20 +1,16 @@
 """`_summary.json`: what a run's scores say, aggregated from its output parts (streamed, by column)."""
 from __future__ import annotations
 
-import json
 import math
 from array import array
 from collections import Counter
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from llmbatch.pipelines.manifest import output_parts
+from llmbatch.pipelines.readback import read_back
+from llmbatch.pipelines.run_files import SUMMARY_NAME, RunFolder
 from llmbatch.pipelines.scorers import BOOLEAN_KINDS, score_column
 from llmbatch.run_manifest import Manifest
-from llmbatch.storage import filesystem_for, join, storage_errors
 
-SUMMARY_NAME = "_summary.json"
 BUCKETS = 10
 
 
@@ -71,34 +67,54 @@ def _buckets(ordered: list[float], scale: list[int] | None) -> list[dict[str, An
             for i, c in enumerate(counts)]
 
 
+class ScoreStats:
+    """A read-back visitor (pipelines/readback.py) gathering the summary's figures: each scorer's values, the
+    intrinsic scores, finish reasons, and which rows failed in which scorer."""
+
+    def __init__(self, scorers: list[dict[str, Any]]):
+        self.intrinsic = {name: _Stat(False) for name in ("mean_logprob", "perplexity", "num_generated_tokens")}
+        self.scores = {s["name"]: _Stat(_is_boolean(s)) for s in scorers}
+        self.scorer_errors: Counter[str] = Counter()
+        self.finish_reasons: Counter[str] = Counter()
+        self.other_errors = 0
+
+    def columns(self, part) -> list[str]:
+        wanted = ["error", "finish_reason", *self.intrinsic, *(score_column(s) for s in self.scores)]
+        return [c for c in wanted if c in part.schema_arrow.names]
+
+    def batch(self, batch) -> None:
+        data = batch.to_pydict()
+        for error in data.get("error", []):
+            if error is None:
+                continue
+            named = [s for s in self.scores if f"{score_column(s)}:" in error]
+            self.scorer_errors.update(named)
+            self.other_errors += not named
+        self.finish_reasons.update(r for r in data.get("finish_reason", []) if r is not None)
+        for column, stat in self.intrinsic.items():
+            stat.add(data.get(column, []))
+        for scorer, stat in self.scores.items():
+            stat.add(data.get(score_column(scorer), []))
+
+    def part_done(self, number: int) -> None:
+        pass
+
+    def finish(self, stack) -> None:
+        pass
+
+
 def summarize(run_uri: str, scorers: list[dict[str, Any]], manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
     """Per-scorer figures, intrinsic scores, errors, tokens, throughput and cost of one run."""
+    stats = ScoreStats(scorers)
+    read_back(run_uri, [stats])
+    return summary_of(stats, scorers, manifest)
+
+
+def summary_of(stats: ScoreStats, scorers: list[dict[str, Any]],
+               manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
     manifest = Manifest.model_validate(manifest)
-    fs, inner = filesystem_for(run_uri)
-    intrinsic = {name: _Stat(False) for name in ("mean_logprob", "perplexity", "num_generated_tokens")}
-    scores = {s["name"]: _Stat(_is_boolean(s)) for s in scorers}
-    scorer_errors = Counter()
-    finish = Counter()
-    other_errors = 0
-    with storage_errors(run_uri, "summarize"):
-        for name in output_parts(fs, inner):
-            with fs.open(name, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                wanted = ["error", "finish_reason", *intrinsic, *(score_column(s) for s in scores)]
-                columns = [c for c in wanted if c in parquet.schema_arrow.names]
-                for batch in parquet.iter_batches(columns=columns):
-                    data = batch.to_pydict()
-                    for error in data["error"]:
-                        if error is None:
-                            continue
-                        named = [s for s in scores if f"{score_column(s)}:" in error]
-                        scorer_errors.update(named)
-                        other_errors += not named
-                    finish.update(r for r in data.get("finish_reason", []) if r is not None)
-                    for column, stat in intrinsic.items():
-                        stat.add(data.get(column, []))
-                    for scorer, stat in scores.items():
-                        stat.add(data.get(score_column(scorer), []))
+    scores, scorer_errors, other_errors = stats.scores, stats.scorer_errors, stats.other_errors
+    intrinsic, finish = stats.intrinsic, stats.finish_reasons
     by_name = {s["name"]: s for s in scorers}
     tokens = manifest.tokens
     cost = manifest.cost.usd if manifest.cost is not None else None
@@ -128,21 +144,12 @@ def summarize(run_uri: str, scorers: list[dict[str, Any]], manifest: Manifest | 
 
 
 def write_summary(run_uri: str, summary: dict[str, Any]) -> None:
-    fs, inner = filesystem_for(run_uri)
-    with storage_errors(run_uri, "write the summary to"):
-        with fs.open(f"{inner.rstrip('/')}/{SUMMARY_NAME}", "w") as handle:
-            handle.write(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    RunFolder(run_uri).write_json(SUMMARY_NAME, summary, action="write the summary to")
 
 
 def read_summary(run_uri: str) -> dict[str, Any] | None:
-    fs, inner = filesystem_for(run_uri)
-    path = f"{inner.rstrip('/')}/{SUMMARY_NAME}"
-    with storage_errors(run_uri, "read the summary from"):
-        if not fs.exists(path):
-            return None
-        with fs.open(path, "r") as handle:
-            return json.loads(handle.read())
+    return RunFolder(run_uri).read_json(SUMMARY_NAME, action="read the summary from")
 
 
 def summary_uri(run_uri: str) -> str:
-    return join(run_uri, SUMMARY_NAME)
+    return RunFolder(run_uri).path(SUMMARY_NAME)

@@ -19,7 +19,8 @@ from llmbatch.jobs.feedback import record_run
 from llmbatch.jobs.remote import manifest_counts
 from llmbatch.jobs.results import load_run, render_results
 from llmbatch.jobs.summary import render_summary
-from llmbatch.pipelines.manifest import MANIFEST_NAME, manifest_exists, read_manifest, write_manifest
+from llmbatch.pipelines.manifest import manifest_exists, read_manifest, write_manifest
+from llmbatch.pipelines.run_files import MANIFEST_NAME
 from llmbatch.pipelines.run_summary import summarize
 from llmbatch.run_manifest import CacheNotUsed, CacheUsed, Manifest
 from manifest_samples import EARLIER_MANIFEST, earlier_manifest

@@ -7,7 +7,7 @@ import pytest
 import structlog
 
 from llmbatch.errors import UserError
-from llmbatch.pipelines.manifest import MANIFEST_NAME
+from llmbatch.pipelines.run_files import MANIFEST_NAME
 from llmbatch.pipelines.resume import write_attempt
 from llmbatch.pipelines.run_folder import (
     AUTOMATIC_RESUME, FRESH, REPLACE, RESTART, RESUME, FolderState, RunStart, decide_start, prepare_run_folder,

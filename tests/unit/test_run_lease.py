@@ -11,7 +11,8 @@ import pytest
 
 from llmbatch.errors import UserError
 from llmbatch.pipelines import lease as leases
-from llmbatch.pipelines.lease import LEASE_NAME, RunLease, check_not_running, live_holder
+from llmbatch.pipelines.lease import RunLease, check_not_running, live_holder
+from llmbatch.pipelines.run_files import LEASE_NAME
 
 
 def _dead_pid() -> int:
