@@ -21,7 +21,7 @@ from llmbatch.jobs.spec import JobSpec
 from llmbatch.pipelines.read import FORMAT_BY_EXTENSION, InputFile, input_shape_problems, list_input_files
 from llmbatch.pipelines.render import RenderSettings, template_fields
 from llmbatch.pipelines.schema import output_schema, task_fields
-from llmbatch.pipelines.scorers import check_scorers, score_fields
+from llmbatch.pipelines.scorers import check_scorers
 from llmbatch.storage import check_bucket
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -148,7 +148,8 @@ def required_input_columns(spec: JobSpec) -> dict[str, str]:
 def schema_problems(spec: JobSpec, input_schema: pa.Schema, *, cache: bool | None = None) -> list[str]:
     """Scorers checked against the columns the output will have: python functions import, rubrics name columns."""
     cached = spec.cache is not None if cache is None else cache
-    fields = task_fields(spec.task, bool(spec.sampling.logprobs), cached) + score_fields(_scorer_dicts(spec))
+    fields = task_fields(spec.task, bool(spec.sampling.logprobs), cached)
+    fields += [field for scorer in spec.scoring for field in scorer.output_fields()]
     return check_scorers(_scorer_dicts(spec), output_schema(input_schema, fields).names, input_schema.names)
 
 

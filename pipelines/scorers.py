@@ -29,15 +29,18 @@ def score_column(name: str) -> str:
     return SCORE_PREFIX + name
 
 
+def output_fields(kind: str, name: str, returns: str | None = None) -> list[pa.Field]:
+    """The output columns one scorer adds: its score, and a judge's raw answer."""
+    boolean = kind in BOOLEAN_KINDS or (kind == "python" and returns == "boolean")
+    fields = [pa.field(score_column(name), pa.bool_() if boolean else pa.float64())]
+    if kind == "judge":
+        fields.append(pa.field(score_column(name) + JUDGE_TEXT_SUFFIX, pa.string()))
+    return fields
+
+
 def score_fields(scorers: list[dict[str, Any]]) -> list[pa.Field]:
     """The output columns the scorers add, in spec order."""
-    fields = []
-    for scorer in scorers:
-        boolean = scorer["kind"] in BOOLEAN_KINDS or (scorer["kind"] == "python" and scorer["returns"] == "boolean")
-        fields.append(pa.field(score_column(scorer["name"]), pa.bool_() if boolean else pa.float64()))
-        if scorer["kind"] == "judge":
-            fields.append(pa.field(score_column(scorer["name"]) + JUDGE_TEXT_SUFFIX, pa.string()))
-    return fields
+    return [f for s in scorers for f in output_fields(s["kind"], s["name"], s.get("returns"))]
 
 
 def reference_columns(scorers: list[dict[str, Any]]) -> list[str]:

@@ -398,3 +398,16 @@ def test_spec_reference_parses_as_yaml_with_the_real_defaults():
     assert ref["resources"] == defaults["resources"]
     assert ref["model"]["engine"] == defaults["model"]["engine"]
     assert ref["name"] == "(required)"
+
+
+def test_each_scorer_spec_names_the_output_columns_it_adds():
+    from llmbatch.pipelines.scorers import score_fields
+
+    spec = validate_spec({**minimal_raw(), "scoring": [
+        {"name": "exact", "kind": "exact_match", "reference_column": "answer"},
+        {"name": "mine", "kind": "python", "function": "m:f", "returns": "boolean"},
+        {"name": "helpful", "kind": "judge", "rubric": "Rate {generated_text}"}]})
+    typed = [(f.name, str(f.type)) for scorer in spec.scoring for f in scorer.output_fields()]
+    assert typed == [("score_exact", "bool"), ("score_mine", "bool"), ("score_helpful", "double"),
+                     ("score_helpful_raw", "string")]
+    assert typed == [(f.name, str(f.type)) for f in score_fields([s.model_dump(mode="json") for s in spec.scoring])]
