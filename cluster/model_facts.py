@@ -40,11 +40,11 @@ def _first(config: dict, *keys: str, default=None):
 
 def context_of(config: dict[str, Any]) -> int | None:
     """The context length a config declares (a multimodal model's is in its text_config)."""
-    text = config.get("text_config") or config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = text.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+    for section in (config.get("text_config") or {}, config):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
     return None
 
 

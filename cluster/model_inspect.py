@@ -134,7 +134,9 @@ def _is_encoder_decoder(found: Inspection) -> bool:
 
 
 def has_chat_template(path: Path) -> bool:
-    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+    """Whether the checkpoint's tokenizer files carry a chat template, where transformers' tokenizer reads one:
+    chat_template.jinja, additional_chat_templates/*.jinja, or tokenizer_config.json."""
+    if (path / "chat_template.jinja").is_file() or any((path / "additional_chat_templates").glob("*.jinja")):
         return True
     try:
         tokenizer_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))

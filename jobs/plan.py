@@ -136,7 +136,7 @@ def assumed_rates(params: int, device: Accelerator) -> profiles.Rates:
 def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) -> Plan:
     """The plan of a job that resolves: a job `submit` would refuse is refused here too (UserError)."""
     device = accelerator_for(spec, accelerator_name)
-    job = resolve(spec, fetch_models=True, log=log)
+    job = resolve(spec, fetch_models=True, fetch_judges=False, log=log)
     model_path = job.model.path
     facts = facts_for_checkpoint(model_path)
     max_len = job.model.max_len or 2048

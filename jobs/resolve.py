@@ -17,7 +17,7 @@ from llmbatch.cluster import model_store
 from llmbatch.cluster.model_facts import context_of
 from llmbatch.cluster.model_inspect import engine_for_checkpoint, has_chat_template
 from llmbatch.errors import UserError
-from llmbatch.jobs.spec import JobSpec
+from llmbatch.jobs.spec import EngineSpec, JobSpec
 from llmbatch.pipelines.read import FORMAT_BY_EXTENSION, InputFile, input_shape_problems, list_input_files
 from llmbatch.pipelines.render import RenderSettings, template_fields
 from llmbatch.pipelines.schema import output_schema, task_fields
@@ -62,13 +62,14 @@ class ResolvedJob:
         return 1 if self.spec.task == "score" else self.spec.sampling.max_tokens
 
 
-def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = False, scan_input: bool = True,
-            log=None) -> ResolvedJob:
+def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = False,
+            fetch_judges: bool | None = None, scan_input: bool = True, log=None) -> ResolvedJob:
     """Check `spec` against its storage, input and models, and derive the settings every command uses.
 
-    `fetch_models` prepares, copies or downloads models that are not on this machine (submit does; validate and
-    plan read only what is here). `scan_input` reads every input shard's row count and schema here; submit
-    leaves that to its pre-pass on Ray and calls `schema_problems` with what the pre-pass found."""
+    `fetch_models` prepares, copies or downloads the job's model when it is not on this machine yet, and the
+    judges' models too unless `fetch_judges` is False; nothing is fetched for a job already found wrong.
+    `scan_input` reads every input shard's row count and schema here; submit leaves that to its pre-pass on
+    Ray and calls `schema_problems` with what the pre-pass found."""
     from llmbatch.pipelines.infer import sampling_params, scoring_params
 
     problems = overlap_problems(spec, run_uri)
@@ -80,14 +81,18 @@ def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = F
         problems += exc.lines
     problems += format_problems(spec, files)
 
-    model = _resolve_model(spec.model, "model", fetch_models, log, problems)
+    fetch_judges = fetch_models if fetch_judges is None else fetch_judges
+    model = _resolve_model(spec.model, "model", fetch_models and not problems, log, problems)
     if model is not None:
         problems += model_problems(spec, model)
     judges = []
     for number, scorer in enumerate(spec.scoring):
         if scorer.kind == "judge":
             where = f"scoring.{number}"
-            judge = _resolve_model(scorer.model or spec.model, f"{where}.model", fetch_models, log, problems)
+            if scorer.model is None:  # the job's own model, resolved above
+                judge = model
+            else:
+                judge = _resolve_model(scorer.model, f"{where}.model", fetch_judges and not problems, log, problems)
             if judge is not None:
                 if judge.engine != "vllm":
                     problems.append(f"{where}.model: a judge answers through vLLM's structured outputs; "
@@ -175,15 +180,16 @@ def model_problems(spec: JobSpec, model: ResolvedModel) -> list[str]:
     if model.engine == "seq2seq" and engine.tensor_parallel_size > 1:
         problems.append("model.engine.tensor_parallel_size: the seq2seq engine runs a replica on one device; "
                         "set 1")
-    if model.context and engine.max_model_len and engine.max_model_len > model.context:
-        problems.append(f"model.engine.max_model_len: {engine.max_model_len} is beyond the model's context of "
+    if model.engine == "vllm" and model.context and model.max_len and model.max_len > model.context:
+        problems.append(f"model.engine.max_model_len: {model.max_len} is beyond the model's context of "
                         f"{model.context} tokens (its config.json); set at most {model.context}")
     limit = model.max_len
-    if limit and spec.task == "generate" and spec.sampling.max_tokens >= limit:
-        field = "model.engine.max_model_len" if engine.max_model_len else "the model's context"
-        problems.append(f"sampling.max_tokens: {spec.sampling.max_tokens} leaves no room for a prompt within "
-                        f"{limit} tokens ({field}); set it below {limit}")
-    if spec.input.messages_column and model.chat_template is False:
+    if model.engine == "vllm" and limit and spec.task == "generate" and spec.sampling.max_tokens > limit:
+        problems.append(f"sampling.max_tokens: {spec.sampling.max_tokens} is beyond the {limit}-token context that "
+                        f"prompt and output share (model.engine.max_model_len); set max_tokens at most {limit}, "
+                        "or raise max_model_len")
+    if spec.input.messages_column and model.chat_template is False and not _tokenizer_has_chat_template(
+            model.path, engine.trust_remote_code):
         problems.append(f"input.messages_column: the model at {model.path} has no chat template; "
                         "use prompt_column (or template) instead")
     return problems
@@ -193,6 +199,33 @@ def model_max_len(model_path: Path, configured: int | None) -> int | None:
     if configured is not None:
         return configured
     return _context_of(model_path)
+
+
+def _context_limit(path: Path) -> int | None:
+    """The context vLLM holds a model to: None (no limit to check here) when the config scales its rotary
+    embeddings, or VLLM_ALLOW_LONG_MAX_MODEL_LEN lets a longer max_model_len through."""
+    if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true"):
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config") or {}
+    if config.get("rope_scaling") or text.get("rope_scaling"):
+        return None
+    return context_of(config)
+
+
+def _tokenizer_has_chat_template(path: Path | None, trust_remote_code: bool) -> bool:
+    """A checkpoint whose own code sets its chat template shows it only in its loaded tokenizer."""
+    if path is None or not trust_remote_code:
+        return False
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    return getattr(tokenizer, "chat_template", None) is not None
 
 
 def overlap_problems(spec: JobSpec, run_uri: str | None = None) -> list[str]:
@@ -261,9 +294,20 @@ def _resolve_model(model, where: str, fetch: bool, log, problems: list[str]) -> 
     if not _has_weights(path):
         problems.append(f"{where}.source: {path} holds config.json but no weights ({', '.join(WEIGHT_SUFFIXES)} "
                         "files); copy the whole checkpoint")
-    context = _context_of(path)
-    return ResolvedModel(model.source, ref.kind, path, engine, context, model.engine.max_model_len or context,
-                         has_chat_template(path))
+    context = _context_limit(path)
+    return ResolvedModel(model.source, ref.kind, path, engine, context,
+                         _max_len(model.engine.max_model_len, context, engine), has_chat_template(path))
+
+
+def _max_len(configured: int | None, context: int | None, engine: str) -> int | None:
+    """max_model_len as the engine gets it: the configured one, the model's own without one, and the model's
+    own when the configured one is the spec's default and the model holds less (GPT-2: 1024)."""
+    if configured is None:
+        return context
+    default = EngineSpec.model_fields["max_model_len"].default
+    if engine == "vllm" and context and configured == default and context < configured:
+        return context
+    return configured
 
 
 def _checkpoint_here(ref: model_store.ModelRef) -> Path | None:

@@ -89,13 +89,15 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     started_at = datetime.now(timezone.utc).isoformat()
     run_uri = join(spec.output.path, run_id)
 
-    job = resolve(spec, run_uri=run_uri, fetch_models=True, scan_input=False, log=log)
+    job = resolve(spec, run_uri=run_uri, scan_input=False, log=log)
     files = job.input.files
     log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
     check_not_running(run_uri, run_id)
     attempt = {"spec": spec.model_dump(mode="json"), "input_files": [[f.uri, f.size] for f in files]}
     start = decide_start(read_folder_state(run_uri), attempt, resume=resume, overwrite=overwrite, run_id=run_id,
                          run_uri=run_uri)
+    if any(model.path is None for model in (job.model, *job.judges)):  # only now that nothing refuses the run
+        job = resolve(spec, run_uri=run_uri, fetch_models=True, scan_input=False, log=log)
     if job.model.engine == "vllm":
         preload_engine_stage()
     fingerprint = model_store.fingerprint(job.model.path)

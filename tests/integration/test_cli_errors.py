@@ -104,7 +104,7 @@ def test_validate_catches_what_submit_would_refuse_without_starting_ray(tmp_path
                                                                   "rubric": "Is {rationale} right?"}]},
         "input.format: csv, but prompts.jsonl is jsonl by its name; set input.format: jsonl": {
             "input": {"format": "csv"}},
-        "sampling.max_tokens: 600 leaves no room for a prompt within 512 tokens": {"sampling": {"max_tokens": 600}},
+        "sampling.max_tokens: 600 is beyond the 512-token context": {"sampling": {"max_tokens": 600}},
         "model.engine.max_model_len: 100000 is beyond the model's context of 8192 tokens": {
             "model": {"engine": {"max_model_len": 100000}}},
         f"model.source: {tmp_path / 'no-weights'} holds config.json but no weights": {

@@ -143,3 +143,55 @@ def test_eager_mode_defaults_to_the_device_and_can_be_set_either_way():
     assert "enforce_eager" not in engine_kwargs_for(EngineSpec(), "gpu", 256, 1)
     assert engine_kwargs_for(EngineSpec(enforce_eager=True), "gpu", 256, 1)["enforce_eager"] is True
     assert "enforce_eager" not in engine_kwargs_for(EngineSpec(enforce_eager=False), "cpu", 256, 1)
+
+
+# ---- the model's context in resolve ------------------------------------------------------------------
+
+def _model_dir(tmp_path, config: dict):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                    **config}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def _problems(tmp_path, config: dict, engine: dict | None = None, max_tokens: int = 64) -> list[str]:
+    from llmbatch.jobs.resolve import model_problems, _resolve_model
+    from llmbatch.jobs.spec import validate_spec
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    spec = validate_spec({"name": "ctx", "model": {"source": str(_model_dir(tmp_path, config)),
+                                                   "engine": engine or {}},
+                          "input": {"path": str(data)}, "sampling": {"max_tokens": max_tokens},
+                          "output": {"path": str(tmp_path / "out")}})
+    found: list[str] = []
+    model = _resolve_model(spec.model, "model", False, None, found)
+    return found + model_problems(spec, model), model
+
+
+def test_a_max_model_len_beyond_the_models_context_is_refused_unless_rope_scaling_stretches_it(tmp_path):
+    problems, _ = _problems(tmp_path, {"max_position_embeddings": 4096}, {"max_model_len": 16384})
+    assert problems == ["model.engine.max_model_len: 16384 is beyond the model's context of 4096 tokens (its "
+                        "config.json); set at most 4096"]
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    problems, _ = _problems(scaled, {"max_position_embeddings": 4096,
+                                     "rope_scaling": {"type": "linear", "factor": 4.0}}, {"max_model_len": 16384})
+    assert problems == []
+
+
+def test_the_default_max_model_len_shrinks_to_a_smaller_models_context(tmp_path):
+    problems, model = _problems(tmp_path, {"max_position_embeddings": 1024})
+    assert problems == [] and model.max_len == 1024
+
+
+def test_max_tokens_may_fill_the_context_but_not_go_beyond_it(tmp_path):
+    problems, _ = _problems(tmp_path, {"max_position_embeddings": 8192}, {"max_model_len": 512}, max_tokens=512)
+    assert problems == []
+    other = tmp_path / "other"
+    other.mkdir()
+    problems, _ = _problems(other, {"max_position_embeddings": 8192}, {"max_model_len": 512}, max_tokens=600)
+    assert problems == ["sampling.max_tokens: 600 is beyond the 512-token context that prompt and output share "
+                        "(model.engine.max_model_len); set max_tokens at most 512, or raise max_model_len"]
