@@ -41,6 +41,7 @@ class Execution:
     cache: CacheNamespace | None             # the result cache this run reads and adds to
     judge_stats: dict[str, Any]
     sizing: Any                               # jobs.plan.Plan, or None without a prediction
+    device: Any                               # the priced accelerator (cluster.accelerators), or None
     cost: dict[str, Any] | None
     judges_staged: bool
 

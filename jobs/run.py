@@ -32,8 +32,10 @@ from llmbatch.pipelines.judge import judge_sampling_params
 from llmbatch.pipelines.lease import RunLease, check_not_running
 from llmbatch.pipelines.manifest import remove_staging, staging_uri
 from llmbatch.pipelines.result_cache import CacheNamespace, cache_namespace, is_deterministic, write_key_file
-from llmbatch.pipelines.resume import write_attempt
-from llmbatch.pipelines.run_folder import AUTOMATIC_RESUME, decide_start, prepare_run_folder, read_folder_state
+from llmbatch.pipelines.resume import FinishedWork, write_attempt
+from llmbatch.pipelines.run_folder import (
+    AUTOMATIC_RESUME, RunStart, decide_start, prepare_run_folder, read_folder_state,
+)
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import join
 
@@ -75,105 +77,49 @@ class Pool:
     prediction: Future               # (device, sizing plan) from the planner
 
 
+@dataclass
+class Stages:
+    """The passes of a run, built once the input is scanned on Ray."""
+    inputs: Any                      # pipelines.pipeline.ScannedInput
+    engine: EngineSettings
+    cache: CacheNamespace | None
+    context: Any                     # pipelines.pipeline.OutputContext
+    judges: list[tuple[dict[str, Any], EngineSettings, int | None]]
+    first_pass: str                  # where the first pass writes: the run folder, or staging before judges
+
+
 def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False,
             on_cluster: bool = False, measurement_source: str = "run", overwrite: bool = False,
             resume: bool = False) -> RunResult:
-    """Run `spec` end to end and commit its output with a manifest.
+    """Run `spec` end to end and commit its output with a manifest: resolve, decide how the run folder starts,
+    build the passes on Ray, prepare the folder, execute, commit.
 
     With `resume`, an uncommitted earlier attempt at `run_id` keeps the rows it wrote and only the rest are
     computed; `overwrite` replaces a committed run (see pipelines/run_folder.py for every case)."""
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     log = (log or structlog.get_logger()).bind(job=spec.name, run_id=run_id)
-    started = time.time()
-    marks: dict[str, float | None] = {"process": _process_started(), "started": started}
+    marks: dict[str, float | None] = {"process": _process_started(), "started": time.time()}
     started_at = datetime.now(timezone.utc).isoformat()
     run_uri = join(spec.output.path, run_id)
 
-    job = resolve(spec, run_uri=run_uri, scan_input=False, log=log)
-    files = job.input.files
-    log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
-    check_not_running(run_uri, run_id)
-    attempt = {"spec": spec.model_dump(mode="json"), "input_files": [[f.uri, f.size] for f in files]}
-    start = decide_start(read_folder_state(run_uri), attempt, resume=resume, overwrite=overwrite, run_id=run_id,
-                         run_uri=run_uri)
-    if any(model.path is None for model in (job.model, *job.judges)):  # only now that nothing refuses the run
-        job = resolve(spec, run_uri=run_uri, fetch_models=True, scan_input=False, log=log)
-    if job.model.engine == "vllm":
-        preload_engine_stage()
+    job, start, attempt = _resolve_and_decide(spec, run_id, run_uri, resume=resume, overwrite=overwrite, log=log)
     fingerprint = model_store.fingerprint(job.model.path)
-
     marks["started_ray"] = time.time()
     cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
     marks["ray_ready"] = time.time()
     pool = _size_pool(job, cluster, fingerprint, log)
     if on_cluster:
         _copy_model_to_hosts(job.model, pool.shape, pool.nodes, spec.resources.accelerator_type)
+    stages = _build_stages(job, pool, run_id, run_uri, fingerprint, on_cluster, marks, log)
 
-    from llmbatch.pipelines.pipeline import OutputContext, build_dataset, scan_inputs
-    from llmbatch.pipelines.progress import ProgressCounter, progress_actor_name
-
-    inputs = scan_inputs(list(files), spec.input.limit, dict(job.required_columns), spec.input.id_column,
-                         rows_per_task=spec.resources.batch_size)
-    marks["pre_pass_done"] = time.time()
-    log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names, duplicate_ids=inputs.duplicate_ids)
-    engine = engine_stage(job.model, spec.model.engine, job.sampling, accelerator=pool.accelerator, shape=pool.shape,
-                        replicas=pool.replicas, nodes=pool.nodes, accelerator_type=spec.resources.accelerator_type,
-                        batch_size=spec.resources.batch_size, rows=inputs.rows,
-                        progress_actor=progress_actor_name(run_id))
-    cache = result_cache_for(spec, fingerprint, engine.engine_kwargs, job.sampling, log)
-    context = OutputContext(run_id, spec.model.source, job.model.max_len, task=spec.task,
-                            logprobs=spec.sampling.logprobs,
-                            scorers=tuple(s.model_dump(mode="json") for s in spec.scoring),
-                            cache_uri=cache.uri if cache else None)
-    problems = schema_problems(spec, inputs.schema, cache=cache is not None)
-    if problems:
-        raise UserError(problems[0], lines=problems)
-    judges = _judge_stages(job, pool, on_cluster, inputs.rows)
-
-    target = staging_uri(run_uri, 0) if judges else run_uri
-    finished = prepare_run_folder(start, run_uri, target, len(judges), log)
+    finished = prepare_run_folder(start, run_uri, stages.first_pass, len(stages.judges), log)
     write_attempt(run_uri, attempt)
     lease = RunLease.acquire(run_uri)
     try:
-        if cache is not None:
-            write_key_file(cache, spec.model.source)
-            log.info("cache_opened", cache=cache.uri)
-        counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
-        to_do = inputs.rows - (finished.rows if finished else 0)
-        log.info("run_started", rows=to_do, replicas=pool.replicas[1], accelerator=pool.accelerator,
-                 model=spec.model.source, output=run_uri)
-        if to_do > 0:
-            ds = build_dataset(inputs, spec.input.id_column, job.render, engine, context, counter,
-                               done=finished.done if finished else None)
-            marks["dataset_started"] = time.time()
-            _execute(ds, target, counter, to_do, started, log, spec.output.rows_per_part)
-            marks["dataset_done"] = time.time()
-        else:
-            log.info("nothing_left", note="every row was written by the earlier attempt; committing it")
-        generation_seconds = time.time() - started
-        import ray
-
-        replicas = ray.get(counter.snapshot.remote())["replicas"]
-        device, sizing = _prediction(pool, log)
-        judge_stats = _judge_passes(judges, target, run_uri, run_id, inputs, context, spec.model.source, log)
-        marks["judges_done"] = time.time() if judges else None
-        engine_section = {"accelerator": pool.accelerator,
-                          "replicas": pool.replicas[0] if pool.auto else spec.resources.replicas,
-                          **engine.engine_kwargs}
-        run = Execution(
-            run_id=run_id, run_uri=run_uri, started=started, started_at=started_at, marks=marks,
-            input_rows=inputs.rows, duplicate_ids=inputs.duplicate_ids, rows_per_file=inputs.rows_per_file,
-            replicas=replicas, engine=engine_section, fingerprint=fingerprint, generation_seconds=generation_seconds,
-            finished=finished, automatic_resume=start.mode == AUTOMATIC_RESUME, cache=cache,
-            judge_stats=judge_stats, sizing=sizing,
-            cost=run_cost(generation_seconds, pool.replicas[1] * pool.shape.workers_per_replica, device, judge_stats),
-            judges_staged=bool(judges))
+        run = _execute_passes(job, stages, pool, run_id, run_uri, start, finished, fingerprint, started_at, marks,
+                              log)
         manifest, summary = commit(job, run, log)
-        reused = bool(finished and finished.rows) or bool(manifest.cache and getattr(manifest.cache, "hits", 0))
-        if device is not None and spec.task == "generate" and not reused:
-            # score runs generate nothing to measure; a resumed or cached run's totals mix earlier work in
-            record_run(manifest, fingerprint, device, plan_engine_settings(spec, device), sizing, measurement_source,
-                       log)
+        _record_measurement(job, run, manifest, measurement_source, log)
         phases = manifest.timings.model_dump() if manifest.timings else {}
         log.info("run_finished", status=manifest.status, rows_ok=manifest.rows.ok, rows_error=manifest.rows.error,
                  wall_seconds=round(manifest.wall_seconds, 1),
@@ -183,6 +129,104 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         return RunResult(run_id, run_uri, manifest.status, manifest, summary)
     finally:
         lease.release()
+
+
+def _resolve_and_decide(spec: JobSpec, run_id: str, run_uri: str, *, resume: bool, overwrite: bool,
+                        log) -> tuple[ResolvedJob, RunStart, dict[str, Any]]:
+    """The resolved job, how its run folder starts, and this attempt's record; models are fetched only once
+    nothing refuses the run."""
+    job = resolve(spec, run_uri=run_uri, scan_input=False, log=log)
+    files = job.input.files
+    log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
+    check_not_running(run_uri, run_id)
+    attempt = {"spec": spec.model_dump(mode="json"), "input_files": [[f.uri, f.size] for f in files]}
+    start = decide_start(read_folder_state(run_uri), attempt, resume=resume, overwrite=overwrite, run_id=run_id,
+                         run_uri=run_uri)
+    if any(model.path is None for model in (job.model, *job.judges)):
+        job = resolve(spec, run_uri=run_uri, fetch_models=True, scan_input=False, log=log)
+    if job.model.engine == "vllm":
+        preload_engine_stage()
+    return job, start, attempt
+
+
+def _build_stages(job: ResolvedJob, pool: Pool, run_id: str, run_uri: str, fingerprint: str, on_cluster: bool,
+                  marks: dict[str, float | None], log) -> Stages:
+    """Scan the input on Ray (the pre-pass), then settle the engine, the cache, the output and the judges."""
+    from llmbatch.pipelines.pipeline import OutputContext, scan_inputs
+    from llmbatch.pipelines.progress import progress_actor_name
+
+    spec = job.spec
+    inputs = scan_inputs(list(job.input.files), spec.input.limit, dict(job.required_columns), spec.input.id_column,
+                         rows_per_task=spec.resources.batch_size)
+    marks["pre_pass_done"] = time.time()
+    log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names, duplicate_ids=inputs.duplicate_ids)
+    engine = engine_stage(job.model, spec.model.engine, job.sampling, accelerator=pool.accelerator, shape=pool.shape,
+                          replicas=pool.replicas, nodes=pool.nodes, accelerator_type=spec.resources.accelerator_type,
+                          batch_size=spec.resources.batch_size, rows=inputs.rows,
+                          progress_actor=progress_actor_name(run_id))
+    cache = result_cache_for(spec, fingerprint, engine.engine_kwargs, job.sampling, log)
+    context = OutputContext(run_id, spec.model.source, job.model.max_len, task=spec.task,
+                            logprobs=spec.sampling.logprobs,
+                            scorers=tuple(s.model_dump(mode="json") for s in spec.scoring),
+                            cache_uri=cache.uri if cache else None)
+    problems = schema_problems(spec, inputs.schema, cache=cache is not None)
+    if problems:
+        raise UserError(problems[0], lines=problems)
+    judges = _judge_stages(job, pool, on_cluster, inputs.rows)
+    return Stages(inputs, engine, cache, context, judges, staging_uri(run_uri, 0) if judges else run_uri)
+
+
+def _execute_passes(job: ResolvedJob, stages: Stages, pool: Pool, run_id: str, run_uri: str, start: RunStart,
+                    finished: FinishedWork | None, fingerprint: str, started_at: str,
+                    marks: dict[str, float | None], log) -> Execution:
+    """The first pass over the rows not yet written, then each judge pass; what they did, for the manifest."""
+    import ray
+
+    from llmbatch.pipelines.pipeline import build_dataset
+    from llmbatch.pipelines.progress import ProgressCounter, progress_actor_name
+
+    spec, inputs, started = job.spec, stages.inputs, marks["started"]
+    if stages.cache is not None:
+        write_key_file(stages.cache, spec.model.source)
+        log.info("cache_opened", cache=stages.cache.uri)
+    counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
+    to_do = inputs.rows - (finished.rows if finished else 0)
+    log.info("run_started", rows=to_do, replicas=pool.replicas[1], accelerator=pool.accelerator,
+             model=spec.model.source, output=run_uri)
+    if to_do > 0:
+        ds = build_dataset(inputs, spec.input.id_column, job.render, stages.engine, stages.context, counter,
+                           done=finished.done if finished else None)
+        marks["dataset_started"] = time.time()
+        _execute(ds, stages.first_pass, counter, to_do, started, log, spec.output.rows_per_part)
+        marks["dataset_done"] = time.time()
+    else:
+        log.info("nothing_left", note="every row was written by the earlier attempt; committing it")
+    generation_seconds = time.time() - started
+    replicas = ray.get(counter.snapshot.remote())["replicas"]
+    device, sizing = _prediction(pool, log)
+    judge_stats = _judge_passes(stages.judges, stages.first_pass, run_uri, run_id, inputs, stages.context,
+                                spec.model.source, log)
+    marks["judges_done"] = time.time() if stages.judges else None
+    engine_section = {"accelerator": pool.accelerator,
+                      "replicas": pool.replicas[0] if pool.auto else spec.resources.replicas,
+                      **stages.engine.engine_kwargs}
+    return Execution(
+        run_id=run_id, run_uri=run_uri, started=started, started_at=started_at, marks=marks, input_rows=inputs.rows,
+        duplicate_ids=inputs.duplicate_ids, rows_per_file=inputs.rows_per_file, replicas=replicas,
+        engine=engine_section, fingerprint=fingerprint, generation_seconds=generation_seconds, finished=finished,
+        automatic_resume=start.mode == AUTOMATIC_RESUME, cache=stages.cache, judge_stats=judge_stats,
+        sizing=sizing, device=device,
+        cost=run_cost(generation_seconds, pool.replicas[1] * pool.shape.workers_per_replica, device, judge_stats),
+        judges_staged=bool(stages.judges))
+
+
+def _record_measurement(job: ResolvedJob, run: Execution, manifest: Manifest, source: str, log) -> None:
+    """Add the run's measured speed to the model's profile, when it measured the engine alone."""
+    reused = bool(run.finished and run.finished.rows) or bool(manifest.cache and getattr(manifest.cache, "hits", 0))
+    if run.device is not None and job.spec.task == "generate" and not reused:
+        # score runs generate nothing to measure; a resumed or cached run's totals mix earlier work in
+        record_run(manifest, run.fingerprint, run.device, plan_engine_settings(job.spec, run.device), run.sizing,
+                   source, log)
 
 
 def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, log) -> Pool:
