@@ -5,7 +5,6 @@ from typing import Any
 
 from llmbatch.cluster import profiles
 from llmbatch.cluster.accelerators import ACCELERATORS, Accelerator
-from llmbatch.errors import UserError
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.run_manifest import Manifest
 
@@ -27,17 +26,18 @@ def predict(spec: JobSpec, accelerator: str, fingerprint: str, log, *, required:
     `replicas: auto`; for a fixed pool, sizing is advice and its failures only warn."""
     from llmbatch.jobs.plan import engine_settings, plan_job
 
+    device = None
     try:
         device = device_for(spec, accelerator)
         if not required and profiles.load(profiles.profile_key(fingerprint, device.name,
                                                                engine_settings(spec, device))) is None:
             return device, None
         return device, plan_job(spec, device.name, log=log)
-    except (UserError, ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # for a fixed pool the plan is advice: the run goes on, priced when the device is known
         if required:
             raise
-        log.warning("no_prediction", reason=str(exc))
-        return None, None
+        log.warning("no_prediction", reason=f"{type(exc).__name__}: {exc}")
+        return device, None
 
 
 def record_run(manifest: Manifest | dict[str, Any], fingerprint: str, device: Accelerator, engine: dict[str, Any],

@@ -8,7 +8,7 @@ import re
 import secrets
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -42,6 +42,7 @@ from llmbatch.storage import join
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROGRESS_EVERY_SECONDS = 10.0
 STALL_WARNING_SECONDS = 600.0
+PREDICTION_WAIT_SECONDS = 60.0
 
 
 def new_run_id(job_name: str) -> str:
@@ -108,9 +109,14 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
     marks["ray_ready"] = time.time()
     pool = _size_pool(job, cluster, fingerprint, log)
-    if on_cluster:
-        _copy_model_to_hosts(job.model, pool.shape, pool.nodes, spec.resources.accelerator_type)
-    stages = _build_stages(job, pool, run_id, run_uri, fingerprint, on_cluster, marks, log)
+    try:
+        if on_cluster:
+            _copy_model_to_hosts(job.model, pool.shape, pool.nodes, spec.resources.accelerator_type)
+        stages = _build_stages(job, pool, run_id, run_uri, fingerprint, on_cluster, marks, log)
+    except BaseException:
+        # the planner's thread may be inside native code (a tokenizer, Arrow): a process that exits under it aborts
+        wait([pool.prediction], timeout=PREDICTION_WAIT_SECONDS)
+        raise
 
     finished = prepare_run_folder(start, run_uri, stages.first_pass, len(stages.judges), log)
     write_attempt(run_uri, attempt)

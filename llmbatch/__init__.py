@@ -2,6 +2,7 @@
 
 Layers, each importing only the ones below it:
 - `llmbatch.jobs`: the job spec, the CLI and the control path of a run;
-- `llmbatch.pipelines` (the data path) and `llmbatch.cluster` (models, resources, the Ray cluster);
-- `llmbatch` itself: what every layer shares (errors, storage).
+- `llmbatch.cluster`: models, replica resources, the Ray cluster;
+- `llmbatch.pipelines`: the data path, the row contract, the run folder;
+- `llmbatch` itself: what every layer shares (errors, storage, the manifest's shape).
 """

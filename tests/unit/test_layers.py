@@ -16,8 +16,9 @@ import llmbatch.jobs
 import llmbatch.pipelines
 
 REPO = Path(__file__).resolve().parents[2]
-# A layer may import itself and the layers after it in this list, never one before it.
-LAYERS = ["llmbatch.jobs", "llmbatch.pipelines|llmbatch.cluster", "llmbatch"]
+# A layer may import itself and the layers after it in this list, never one before it (DESIGN.md: jobs ->
+# cluster -> pipelines -> the shared root).
+LAYERS = ["llmbatch.jobs", "llmbatch.cluster", "llmbatch.pipelines", "llmbatch"]
 
 
 def modules() -> dict[str, Path]:
