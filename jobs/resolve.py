@@ -63,11 +63,13 @@ class ResolvedJob:
 
 
 def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = False,
-            fetch_judges: bool | None = None, scan_input: bool = True, log=None) -> ResolvedJob:
+            fetch_judges: bool | None = None, fetch_later: bool = False, scan_input: bool = True,
+            log=None) -> ResolvedJob:
     """Check `spec` against its storage, input and models, and derive the settings every command uses.
 
     `fetch_models` prepares, copies or downloads the job's model when it is not on this machine yet, and the
     judges' models too unless `fetch_judges` is False; nothing is fetched for a job already found wrong.
+    `fetch_later` accepts a hub model that is not downloaded yet (submit fetches it once nothing refuses the run).
     `scan_input` reads every input shard's row count and schema here; submit leaves that to its pre-pass on
     Ray and calls `schema_problems` with what the pre-pass found."""
     from llmbatch.pipelines.infer import sampling_params, scoring_params
@@ -82,7 +84,7 @@ def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = F
     problems += format_problems(spec, files)
 
     fetch_judges = fetch_models if fetch_judges is None else fetch_judges
-    model = _resolve_model(spec.model, "model", fetch_models and not problems, log, problems)
+    model = _resolve_model(spec.model, "model", fetch_models and not problems, log, problems, fetch_later)
     if model is not None:
         problems += model_problems(spec, model)
     judges = []
@@ -92,7 +94,8 @@ def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = F
             if scorer.model is None:  # the job's own model, resolved above
                 judge = model
             else:
-                judge = _resolve_model(scorer.model, f"{where}.model", fetch_judges and not problems, log, problems)
+                judge = _resolve_model(scorer.model, f"{where}.model", fetch_judges and not problems, log, problems,
+                                       fetch_later)
             if judge is not None:
                 if judge.engine != "vllm":
                     problems.append(f"{where}.model: a judge answers through vLLM's structured outputs; "
@@ -272,11 +275,14 @@ def _storage_problems(spec: JobSpec) -> list[str]:
     return problems
 
 
-def _resolve_model(model, where: str, fetch: bool, log, problems: list[str]) -> ResolvedModel | None:
+def _resolve_model(model, where: str, fetch: bool, log, problems: list[str],
+                   fetch_later: bool = False) -> ResolvedModel | None:
     try:
         ref = model_store.classify_source(model.source)
         if fetch:
             path: Path | None = model_store.resolve_local(model.source, log=log)
+        elif fetch_later and ref.kind == "hub":
+            path = _checkpoint_here(ref)
         else:
             model_store.check_source(model.source)
             path = _checkpoint_here(ref)

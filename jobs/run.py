@@ -141,7 +141,7 @@ def _resolve_and_decide(spec: JobSpec, run_id: str, run_uri: str, *, resume: boo
                         log) -> tuple[ResolvedJob, RunStart, dict[str, Any]]:
     """The resolved job, how its run folder starts, and this attempt's record; models are fetched only once
     nothing refuses the run."""
-    job = resolve(spec, run_uri=run_uri, scan_input=False, log=log)
+    job = resolve(spec, run_uri=run_uri, fetch_later=True, scan_input=False, log=log)
     files = job.input.files
     log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
     check_not_running(run_uri, run_id)

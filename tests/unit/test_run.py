@@ -195,3 +195,18 @@ def test_max_tokens_may_fill_the_context_but_not_go_beyond_it(tmp_path):
     problems, _ = _problems(other, {"max_position_embeddings": 8192}, {"max_model_len": 512}, max_tokens=600)
     assert problems == ["sampling.max_tokens: 600 is beyond the 512-token context that prompt and output share "
                         "(model.engine.max_model_len); set max_tokens at most 512, or raise max_model_len"]
+
+
+def test_a_hub_model_not_downloaded_yet_is_refused_by_validate_but_left_for_submit_to_fetch(tmp_path, monkeypatch):
+    from llmbatch.jobs.resolve import _resolve_model
+    from llmbatch.jobs.spec import ModelSpec
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    model = ModelSpec.model_validate({"source": "some-org/not-downloaded"})
+    found: list[str] = []
+    assert _resolve_model(model, "model", False, None, found) is None
+    assert found and "not in the local Hugging Face cache" in found[0]
+    later: list[str] = []
+    resolved = _resolve_model(model, "model", False, None, later, fetch_later=True)
+    assert later == [] and resolved.path is None and resolved.kind == "hub"
