@@ -50,7 +50,7 @@ def commit(job: ResolvedJob, run: Execution, log) -> tuple[Manifest, dict[str, A
     """Read the parts back once (tally, error rows, the summary's figures, new cache entries), write the
     summary, then the manifest (the commit marker). Returns (manifest, summary)."""
     spec = job.spec
-    scorers = [s.model_dump(mode="json") for s in spec.scoring]
+    scorers = list(spec.scoring)
     tally, errors, stats = OutputTally(), ErrorRowsWriter(run.run_uri), ScoreStats(scorers)
     entries = CacheEntriesWriter(run.cache, run.run_id) if run.cache else None
     tally.files = read_back(run.run_uri, [tally, errors, stats] + ([entries] if entries else []))

@@ -21,7 +21,7 @@ from llmbatch.jobs.spec import EngineSpec, JobSpec
 from llmbatch.pipelines.read import FORMAT_BY_EXTENSION, InputFile, input_shape_problems, list_input_files
 from llmbatch.pipelines.render import RenderSettings, template_fields
 from llmbatch.pipelines.schema import output_schema, task_fields
-from llmbatch.pipelines.scorers import check_scorers
+from llmbatch.pipelines.scorer_specs import score_fields, scorer_problems
 from llmbatch.storage import check_bucket
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -60,6 +60,11 @@ class ResolvedJob:
     @property
     def max_tokens(self) -> int:
         return 1 if self.spec.task == "score" else self.spec.sampling.max_tokens
+
+    @property
+    def rows_per_read_task(self) -> int:
+        """The read granularity: input.rows_per_read_task, else one engine batch."""
+        return self.spec.input.rows_per_read_task or self.spec.resources.batch_size
 
 
 def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = False,
@@ -148,8 +153,8 @@ def required_input_columns(spec: JobSpec) -> dict[str, str]:
         if column:
             fields.setdefault(column, f"input.{field}")
     for number, scorer in enumerate(spec.scoring):
-        if getattr(scorer, "reference_column", None):
-            fields.setdefault(scorer.reference_column, f"scoring.{number}.reference_column")
+        for column in scorer.input_columns():
+            fields.setdefault(column, f"scoring.{number}.reference_column")
     return fields
 
 
@@ -157,8 +162,8 @@ def schema_problems(spec: JobSpec, input_schema: pa.Schema, *, cache: bool | Non
     """Scorers checked against the columns the output will have: python functions import, rubrics name columns."""
     cached = spec.cache is not None if cache is None else cache
     fields = task_fields(spec.task, bool(spec.sampling.logprobs), cached)
-    fields += [field for scorer in spec.scoring for field in scorer.output_fields()]
-    return check_scorers(_scorer_dicts(spec), output_schema(input_schema, fields).names, input_schema.names)
+    fields += score_fields(list(spec.scoring))
+    return scorer_problems(list(spec.scoring), output_schema(input_schema, fields).names, input_schema.names)
 
 
 def format_problems(spec: JobSpec, files: list[InputFile]) -> list[str]:
@@ -350,6 +355,3 @@ def _scan(files: list[InputFile]) -> InputFacts:
     rows = sum(s.rows for s in scans)
     return InputFacts(tuple(files), rows, unify_input_schema(scans) if rows else None)
 
-
-def _scorer_dicts(spec: JobSpec) -> list[dict[str, Any]]:
-    return [s.model_dump(mode="json") for s in spec.scoring]

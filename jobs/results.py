@@ -23,7 +23,7 @@ def load_run(run_uri: str) -> tuple[Manifest, dict[str, Any]]:
     manifest = read_manifest(run_uri)
     summary = read_summary(run_uri)
     if summary is None:
-        summary = summarize(run_uri, manifest.spec.get("scoring", []), manifest)
+        summary = summarize(run_uri, manifest)
     return manifest, summary
 
 

@@ -163,7 +163,7 @@ def _build_stages(job: ResolvedJob, pool: Pool, run_id: str, run_uri: str, finge
 
     spec = job.spec
     inputs = scan_inputs(list(job.input.files), spec.input.limit, dict(job.required_columns), spec.input.id_column,
-                         rows_per_task=spec.resources.batch_size)
+                         rows_per_task=job.rows_per_read_task)
     marks["pre_pass_done"] = time.time()
     log.info("input_scanned", rows=inputs.rows, columns=inputs.schema.names, duplicate_ids=inputs.duplicate_ids)
     engine = engine_stage(job.model, spec.model.engine, job.sampling, accelerator=pool.accelerator, shape=pool.shape,
@@ -173,7 +173,7 @@ def _build_stages(job: ResolvedJob, pool: Pool, run_id: str, run_uri: str, finge
     cache = result_cache_for(spec, fingerprint, engine.engine_kwargs, job.sampling, log)
     context = OutputContext(run_id, spec.model.source, job.model.max_len, task=spec.task,
                             logprobs=spec.sampling.logprobs,
-                            scorers=tuple(s.model_dump(mode="json") for s in spec.scoring),
+                            scorers=tuple(spec.scoring),
                             cache_uri=cache.uri if cache else None)
     problems = schema_problems(spec, inputs.schema, cache=cache is not None)
     if problems:
@@ -297,7 +297,7 @@ def _judge_stages(job: ResolvedJob, pool: Pool, on_cluster: bool,
                              accelerator=pool.accelerator, shape=shape, replicas=replicas, nodes=pool.nodes,
                              accelerator_type=spec.resources.accelerator_type, batch_size=spec.resources.batch_size,
                              rows=rows)
-        stages.append((scorer.model_dump(mode="json"), stage, model.max_len))
+        stages.append((scorer, stage, model.max_len))
     return stages
 
 
@@ -323,11 +323,11 @@ def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inpu
     for number, (scorer, judge_engine, judge_max_len) in enumerate(judges, start=1):
         started = time.time()
         source, target = target, staging_uri(run_uri, number) if number < len(judges) else run_uri
-        name = scorer["name"]
-        log.info("judge_pass_started", scorer=name, model=(scorer.get("model") or {}).get("source") or model_source,
+        name = scorer.name
+        log.info("judge_pass_started", scorer=name, model=scorer.model.source if scorer.model else model_source,
                  replicas=judge_engine.replicas[1])
         counter = ProgressCounter.options(name=f"{progress_actor_name(run_id)}-judge-{name}").remote(run_id)
-        ds = build_judge_pass(read_output_parts(source), scorer, judge_engine, inputs, context, judge_max_len, counter)
+        ds = build_judge_pass(read_output_parts(source), scorer.grading(), judge_engine, inputs, context, judge_max_len, counter)
         _execute(ds, target, counter, inputs.rows, started, log.bind(judge=name))
         if source != first_pass:  # the first pass stays until the manifest is written: a resume starts from it
             remove_staging(source)

@@ -58,6 +58,11 @@ class InputSpec(_Section):
         None, description="Python format string over the row's columns that builds the prompt, e.g. 'Q: {question}'.")
     system_prompt: Optional[str] = Field(None, description="System message put before every prompt.")
     limit: Optional[int] = Field(None, gt=0, description="Process only the first N rows (smoke runs).")
+    rows_per_read_task: Optional[int] = Field(
+        None, ge=1, description="Rows each read task covers (a large shard is read in ranges; parquet by whole "
+                                "row groups, CSV whole). A read task's rows reach one engine replica together, "
+                                "so smaller ranges spread a job over more replicas. null = resources.batch_size; "
+                                "never more than 256 read tasks.")
     completion_column: Optional[str] = Field(
         None, description="task: score - column holding the completion whose log-likelihood is scored.")
     choices_column: Optional[str] = Field(
@@ -111,6 +116,10 @@ class JudgeScorer(JudgeScorerBase):
     model: Optional[ModelSpec] = Field(None, description="The judge model and engine; null = the job's model.")
     replicas: Optional[int] = Field(
         None, ge=1, description="Judge engine replicas; null = the job's own replica count or range.")
+
+    def grading(self) -> JudgeScorerBase:
+        """How this judge grades, without its engine: what the judge pass's Ray stages carry."""
+        return JudgeScorerBase.model_validate(self.model_dump(exclude={"model", "replicas"}))
 
 
 Scorer = Annotated[

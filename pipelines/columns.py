@@ -24,10 +24,15 @@ ray.data.llm's engine stage skips every row whose INFERENCE_ERROR is set and cop
 markers use that to carry rows past the engine without generating for them:
 - HIT_MARKER: the row's result came from the result cache (HIT_COLUMN holds it); output clears the error.
 - JUDGE_SKIPPED: the row failed before its judge; the judge's score stays empty and the first error stays.
+
+Each stage declares what it reads and adds as a StageColumns next to its code; pipeline.py checks the chain
+of declarations (check_chain) whenever it composes a pass, and the stages that check a batch use theirs.
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -45,11 +50,43 @@ TOKEN_LOGPROBS_COLUMN = "token_logprobs"    # seq2seq engine: each generated tok
 JUDGED_ROW = "_judged_row"                  # the output row being judged, carried through the engine
 CACHED_COLUMN = "cached"                    # output: the row's result came from the cache
 
+# What the engine stages (vLLM's and the seq2seq one) add for every row, whatever the task.
+ENGINE_RESULT_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens")
+
 HIT_MARKER = "__cached__"
 JUDGE_SKIPPED = "not judged"
 
 # A row whose id repeats an earlier row's gets this error, followed by where it sits in the input.
 DUPLICATE_ID_ERROR = "duplicate id "
+
+
+@dataclass(frozen=True)
+class StageColumns:
+    """The columns one stage reads from a row and those it adds. A stage that builds a new row (`keeps`
+    False) passes on only what it adds."""
+    stage: str
+    needs: tuple[str, ...] = ()
+    adds: tuple[str, ...] = ()
+    keeps: bool = True
+
+    def check(self, names: Iterable[str]) -> None:
+        """Refuse a batch that lacks a column this stage needs."""
+        present = set(names)
+        missing = [c for c in self.needs if c not in present]
+        if missing:
+            raise KeyError(f"{self.stage}: missing input column(s) {missing}")
+
+
+def check_chain(stages: list[StageColumns]) -> None:
+    """Each stage finds what it needs among the columns the stages before it added, so a pass composed in the
+    wrong order, or a stage that stopped adding a column a later one reads, fails when it is built."""
+    present: set[str] = set()
+    for stage in stages:
+        missing = [c for c in stage.needs if c not in present]
+        if missing:
+            raise RuntimeError(f"the {stage.stage} stage needs column(s) {', '.join(missing)}, which no stage "
+                               f"before it adds (they add: {', '.join(sorted(present)) or 'nothing'})")
+        present = (present if stage.keeps else set()) | set(stage.adds)
 
 
 def stable_hash(text: str) -> int:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmbatch.pipelines.columns import (CHOICE_RESULTS_COLUMN, CHOICES_COLUMN, HIT_COLUMN, HIT_MARKER, INFERENCE_ERROR,
-                                        PROMPT_COLUMN, RENDERED_PROMPT, ROW_ERROR_COLUMN, TOKENS_COLUMN)
+from llmbatch.pipelines.columns import (CHOICE_RESULTS_COLUMN, CHOICES_COLUMN, ENGINE_RESULT_COLUMNS, HIT_COLUMN,
+                                        HIT_MARKER, INFERENCE_ERROR, PROMPT_COLUMN, RENDERED_PROMPT, ROW_ERROR_COLUMN,
+                                        TOKENS_COLUMN, StageColumns)
 
 
 STAGE_CPUS = 0.25  # CPU share of each light (non-engine) step
@@ -63,6 +64,20 @@ def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: in
 def scoring_params() -> dict[str, Any]:
     """task: score - one greedy token; what matters is the logprob of every prompt token."""
     return dict(max_tokens=1, temperature=0.0, prompt_logprobs=0, logprobs=None)
+
+
+def engine_columns(engine: str, task: str = "generate") -> StageColumns:
+    """What the engine stage reads and adds: vLLM's through ray.data.llm (a cache hit's HIT_COLUMN is read
+    when the job has a cache), or the seq2seq stage's."""
+    if engine == "seq2seq":
+        from llmbatch.pipelines.seq2seq import Seq2SeqEngineStage
+
+        return Seq2SeqEngineStage.columns
+    scoring = task == "score"
+    return StageColumns("engine",
+                        needs=(PROMPT_COLUMN, TOKENS_COLUMN, ROW_ERROR_COLUMN) + ((CHOICES_COLUMN,) * scoring),
+                        adds=(RENDERED_PROMPT, INFERENCE_ERROR, *ENGINE_RESULT_COLUMNS)
+                        + ((CHOICE_RESULTS_COLUMN,) * scoring))
 
 
 def build_infer_stage(settings: EngineSettings):

@@ -9,9 +9,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from llmbatch.pipelines.columns import JUDGED_ROW, JUDGE_SKIPPED, PROMPT_COLUMN, ROW_ERROR_COLUMN, TOKENS_COLUMN
+from llmbatch.pipelines.scorer_specs import JudgeScorerBase
+
+from llmbatch.pipelines.columns import (INFERENCE_ERROR, JUDGED_ROW, JUDGE_SKIPPED, PROMPT_COLUMN, ROW_ERROR_COLUMN,
+                                        TOKENS_COLUMN, StageColumns)
 from llmbatch.pipelines.render import RowError
-from llmbatch.pipelines.scorers import JUDGE_TEXT_SUFFIX, add_error, score_column
+from llmbatch.pipelines.scorers import JUDGE_TEXT_SUFFIX, add_error
 
 
 
@@ -25,17 +28,17 @@ def judge_sampling_params(scale: list[int]) -> dict[str, Any]:
                 structured_outputs={"choice": judge_choices(scale)})
 
 
-def judge_messages(row: dict[str, Any], scorer: dict[str, Any]) -> list[dict[str, str]]:
-    lo, hi = scorer["scale"]
+def judge_messages(row: dict[str, Any], scorer: JudgeScorerBase) -> list[dict[str, str]]:
+    lo, hi = scorer.scale
     try:
-        rubric = scorer["rubric"].format_map(row)
+        rubric = scorer.rubric.format_map(row)
     except KeyError as exc:
         raise RowError(f"rubric: the row has no column {exc}") from None
     except (IndexError, ValueError, AttributeError, TypeError) as exc:
         raise RowError(f"rubric: {exc}") from None
     messages = [{"role": "user", "content": f"{rubric}\n\nAnswer with one whole number from {lo} to {hi}."}]
-    if scorer.get("system_prompt"):
-        messages.insert(0, {"role": "system", "content": scorer["system_prompt"]})
+    if scorer.system_prompt:
+        messages.insert(0, {"role": "system", "content": scorer.system_prompt})
     return messages
 
 
@@ -45,7 +48,10 @@ class JudgeRenderStage:
     Nests the output row under `_judged_row`; rows without a generation are marked to skip the engine.
     """
 
-    def __init__(self, model_path: str, scorer: dict[str, Any], input_columns: dict[str, str],
+    columns = StageColumns("judge render", needs=("generated_text", "prompt"),
+                           adds=(JUDGED_ROW, PROMPT_COLUMN, TOKENS_COLUMN, ROW_ERROR_COLUMN), keeps=False)
+
+    def __init__(self, model_path: str, scorer: JudgeScorerBase, input_columns: dict[str, str],
                  max_model_len: int | None, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
@@ -65,7 +71,7 @@ class JudgeRenderStage:
                 try:
                     prompt, ids = self.render(row)
                 except RowError as exc:
-                    skip = f"{score_column(self.scorer['name'])}: {exc}"
+                    skip = f"{self.scorer.column}: {exc}"
             prompts.append(prompt)
             tokens.append(ids)
             skips.append(skip)
@@ -95,10 +101,17 @@ def parse_judgement(text: str | None, scale: list[int]) -> int:
     return int(value)
 
 
-def after_judge(row: dict[str, Any], *, scorer: dict[str, Any], inference_error: str) -> dict[str, Any]:
+def after_judge_columns(scorer: JudgeScorerBase, output_names: list[str]) -> StageColumns:
+    """after_judge rebuilds the judged output row (`output_names`) with the judge's two columns."""
+    return StageColumns(f"after judge {scorer.name}", needs=(JUDGED_ROW, INFERENCE_ERROR, "generated_text"),
+                        adds=tuple(dict.fromkeys([*output_names, *(f.name for f in scorer.output_fields())])),
+                        keeps=False)
+
+
+def after_judge(row: dict[str, Any], *, scorer: JudgeScorerBase, inference_error: str) -> dict[str, Any]:
     """The judged output row with score_<name> and score_<name>_raw filled in (or the reason in `error`)."""
     out = dict(row[JUDGED_ROW])
-    column = score_column(scorer["name"])
+    column = scorer.column
     out[column] = None
     out[column + JUDGE_TEXT_SUFFIX] = None
     failure = row.get(inference_error) or row.get(ROW_ERROR_COLUMN) or ""
@@ -110,7 +123,7 @@ def after_judge(row: dict[str, Any], *, scorer: dict[str, Any], inference_error:
     text = row.get("generated_text")
     out[column + JUDGE_TEXT_SUFFIX] = text
     try:
-        out[column] = float(parse_judgement(text, scorer["scale"]))
+        out[column] = float(parse_judgement(text, scorer.scale))
     except ValueError as exc:
         add_error(out, f"{column}: {exc}")
     return out

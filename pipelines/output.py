@@ -8,10 +8,22 @@ import pyarrow.compute as pc
 
 from llmbatch.pipelines.columns import (CACHED_COLUMN, CHOICES_COLUMN, CHOICE_RESULTS_COLUMN, HIT_COLUMN,
                                         ID_COLUMN, INFERENCE_ERROR, INPUT_COLUMN, RENDERED_PROMPT,
-                                        ROW_ERROR_COLUMN, TOKENS_COLUMN, TOKEN_LOGPROBS_COLUMN)
+                                        ROW_ERROR_COLUMN, TOKENS_COLUMN, TOKEN_LOGPROBS_COLUMN, StageColumns)
 from llmbatch.pipelines.result_cache import cached_result
 from llmbatch.pipelines.logprobs import cumulative_logprob, finish_reason, mean_logprob, perplexity, top_logprobs
 
+
+
+def output_row_columns(task: str, output_names: list[str]) -> StageColumns:
+    """What to_output_row reads, and the output row it builds (`output_names`: the output schema's columns
+    without the scorers')."""
+    scoring = task == "score"
+    return StageColumns("output", needs=(ID_COLUMN, INPUT_COLUMN, RENDERED_PROMPT, INFERENCE_ERROR)
+                        + ((CHOICES_COLUMN, CHOICE_RESULTS_COLUMN) * scoring), adds=tuple(output_names), keeps=False)
+
+
+def conform_columns(schema: pa.Schema) -> StageColumns:
+    return StageColumns("conform", needs=("error", "num_generated_tokens"), adds=tuple(schema.names), keeps=False)
 
 
 def to_output_row(row: dict[str, Any], *, input_columns: dict[str, str], model: str, run_id: str,

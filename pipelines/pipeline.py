@@ -7,20 +7,21 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from llmbatch.pipelines.columns import INFERENCE_ERROR
+from llmbatch.pipelines.columns import INFERENCE_ERROR, StageColumns, check_chain
 from llmbatch.errors import UserError
-from llmbatch.pipelines.infer import STAGE_CPUS, EngineSettings, build_infer_stage
-from llmbatch.pipelines.judge import JudgeRenderStage, after_judge
+from llmbatch.pipelines.infer import STAGE_CPUS, EngineSettings, build_infer_stage, engine_columns
+from llmbatch.pipelines.judge import JudgeRenderStage, after_judge, after_judge_columns
 from llmbatch.pipelines.run_files import output_parts
-from llmbatch.pipelines.output import conform_output, to_output_row
+from llmbatch.pipelines.output import conform_columns, conform_output, output_row_columns, to_output_row
 from llmbatch.pipelines.read import (
     InputFile, ReadShards, ShardScan, ShardTask, id_hashes, input_shape_problems, mark_duplicate_ids, plan_shard_tasks,
     read_task_rows, scan_shard, shard_task_rows, split_tasks, unify_input_schema,
 )
-from llmbatch.pipelines.render import RenderSettings, RenderStage
+from llmbatch.pipelines.render import RenderSettings, RenderStage, render_columns
 from llmbatch.pipelines.result_cache import CacheLookupStage
 from llmbatch.pipelines.schema import output_names_for_inputs, output_schema, task_fields
-from llmbatch.pipelines.scorers import ENGINE_KINDS, ScoreStage, score_fields
+from llmbatch.pipelines.scorer_specs import score_fields
+from llmbatch.pipelines.scorers import ScoreStage
 from llmbatch.storage import filesystem_for, is_s3, join, storage_errors
 
 CPU_STAGE_CPUS = STAGE_CPUS
@@ -92,7 +93,7 @@ class OutputContext:
     max_model_len: int | None
     task: str = "generate"
     logprobs: int | None = None                        # sampling.logprobs: keep the top K per position
-    scorers: tuple[dict[str, Any], ...] = ()            # scoring section, as plain dicts
+    scorers: tuple[Any, ...] = ()                       # scoring section: scorer specs (pipelines/scorer_specs.py)
     cache_uri: str | None = None                        # result cache namespace: look rows up before the engine
 
     def extra_fields(self) -> list[pa.Field]:
@@ -104,9 +105,27 @@ def output_schema_for(inputs: "ScannedInput", output: OutputContext) -> pa.Schem
     return output_schema(inputs.schema, output.extra_fields())
 
 
+def first_pass_columns(inputs: ScannedInput, render: RenderSettings, engine: EngineSettings,
+                       output: OutputContext) -> list[StageColumns]:
+    """The first pass's stages, in order, as each declares the columns it reads and adds."""
+    out_schema = output_schema_for(inputs, output)
+    row_scorers = [s for s in output.scorers if not s.needs_engine]
+    scored = {s.column for s in output.scorers} | {f.name for s in output.scorers for f in s.output_fields()}
+    return [
+        ReadShards.columns,
+        render_columns(render.task),
+        *([CacheLookupStage.columns] if output.cache_uri is not None else []),
+        engine_columns(engine.engine, output.task),
+        output_row_columns(output.task, [n for n in out_schema.names if n not in scored]),
+        *([ScoreStage.columns_for(row_scorers)] if row_scorers else []),
+        conform_columns(out_schema),
+    ]
+
+
 def build_dataset(inputs: ScannedInput, id_column: str | None, render: RenderSettings, engine: EngineSettings,
                   output: OutputContext, counter=None, done=None) -> ray.data.Dataset:
     """The first pass. `done`: sorted key hashes of rows an earlier attempt wrote, which are not read again."""
+    check_chain(first_pass_columns(inputs, render, engine, output))
     schema_bytes = inputs.schema.serialize().to_pybytes()
     out_schema = output_schema_for(inputs, output)
     columns = output_names_for_inputs(inputs.schema.names, [f.name for f in output.extra_fields()])
@@ -125,7 +144,7 @@ def build_dataset(inputs: ScannedInput, id_column: str | None, render: RenderSet
         max_tokens=engine.sampling_params["max_tokens"], max_model_len=output.max_model_len,
         task=output.task, logprobs=output.logprobs,
     ), num_cpus=CPU_STAGE_CPUS)
-    row_scorers = [s for s in output.scorers if s["kind"] not in ENGINE_KINDS]
+    row_scorers = [s for s in output.scorers if not s.needs_engine]
     if row_scorers:
         ds = ds.map_batches(ScoreStage, fn_constructor_args=(row_scorers, columns), batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
@@ -135,9 +154,17 @@ def build_dataset(inputs: ScannedInput, id_column: str | None, render: RenderSet
     return ds
 
 
-def build_judge_pass(ds: ray.data.Dataset, scorer: dict[str, Any], judge: EngineSettings, inputs: ScannedInput,
+def judge_pass_columns(scorer: Any, judge: EngineSettings, inputs: ScannedInput,
+                       output: OutputContext) -> list[StageColumns]:
+    out_schema = output_schema_for(inputs, output)
+    return [StageColumns("earlier pass", adds=tuple(out_schema.names), keeps=False), JudgeRenderStage.columns,
+            engine_columns(judge.engine), after_judge_columns(scorer, out_schema.names), conform_columns(out_schema)]
+
+
+def build_judge_pass(ds: ray.data.Dataset, scorer: Any, judge: EngineSettings, inputs: ScannedInput,
                      output: OutputContext, judge_max_len: int | None, counter=None) -> ray.data.Dataset:
     """A second pass over finished output rows: the judge model grades each one into score_<name>."""
+    check_chain(judge_pass_columns(scorer, judge, inputs, output))
     columns = output_names_for_inputs(inputs.schema.names, [f.name for f in output.extra_fields()])
     ds = ds.map_batches(JudgeRenderStage, fn_constructor_args=(judge.model_path, scorer, columns, judge_max_len,
                                                                bool(judge.engine_kwargs.get("trust_remote_code"))),

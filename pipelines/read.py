@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from llmbatch.pipelines.columns import (DUPLICATE_ID_ERROR, ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN, is_done,
-                                        row_key_hashes, stable_hash)
+from llmbatch.pipelines.columns import (DUPLICATE_ID_ERROR, ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN, StageColumns,
+                                        is_done, row_key_hashes, stable_hash)
 from llmbatch.errors import UserError
 from llmbatch.storage import check_bucket, filesystem_for, full_uri, is_s3, storage_errors
 
@@ -497,6 +497,8 @@ def stable_id(relpath: str, row_number: int) -> str:
 
 class ReadShards:
     """Ray Data stage: one shard task in, that shard's rows out (streamed), with `id` and `_input`."""
+
+    columns = StageColumns("read", adds=(ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN), keeps=False)
 
     def __init__(self, schema_bytes: bytes, id_column: str | None, done: np.ndarray | None = None):
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from llmbatch.pipelines.columns import (CHOICES_COLUMN, ID_COLUMN, INPUT_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN,
-                                        TOKENS_COLUMN)
+                                        TOKENS_COLUMN, StageColumns)
 
 
 CHOICES_TYPE = pa.list_(pa.struct([("text", pa.string()), ("tokens", pa.list_(pa.int32()))]))
@@ -100,14 +100,17 @@ def render_plain(row: dict[str, Any], settings: RenderSettings) -> str:
     return f"{settings.system_prompt}\n\n{text}" if settings.system_prompt else text
 
 
-class RenderStage:
-    """Ray Data stage (actor): loads the tokenizer once, renders and tokenizes each row.
+def render_columns(task: str) -> StageColumns:
+    return StageColumns("render", needs=(ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN),
+                        adds=(PROMPT_COLUMN, TOKENS_COLUMN, ROW_ERROR_COLUMN) + ((CHOICES_COLUMN,) if task == "score"
+                                                                                 else ()))
 
-    Needs columns `id`, `_input`, `_row_error`; adds `prompt` and `tokenized_prompt`.
+
+class RenderStage:
+    """Ray Data stage (actor): loads the tokenizer once, renders and tokenizes each row (render_columns).
+
     Rows that cannot be rendered keep a null prompt and get `_row_error`.
     """
-
-    required_columns = (ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN)
 
     def __init__(self, model_path: str, settings: RenderSettings):
         from transformers import AutoTokenizer
@@ -117,9 +120,7 @@ class RenderStage:
         self.chat = getattr(self.tokenizer, "chat_template", None) is not None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        missing = [c for c in self.required_columns if c not in batch.column_names]
-        if missing:
-            raise KeyError(f"RenderStage: missing input column(s) {missing}")
+        render_columns(self.settings.task).check(batch.column_names)
         rows = batch.column(INPUT_COLUMN).to_pylist()
         errors = batch.column(ROW_ERROR_COLUMN).to_pylist()
         prompts: list[str | None] = []

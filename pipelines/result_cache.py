@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
-from llmbatch.pipelines.columns import CACHED_COLUMN, HIT_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN, stable_hash
+from llmbatch.pipelines.columns import (CACHED_COLUMN, HIT_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN, StageColumns,
+                                        stable_hash)
 from llmbatch.pipelines.readback import read_back
 from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
 
@@ -104,20 +105,16 @@ def load_index(uri: str, log=None) -> CacheIndex:
 
 class CacheLookupStage:
     """Ray Data stage (actor): loads a namespace's entries once; a row whose rendered prompt is there gets
-    the cached result in `_cached_result` and skips the engine.
-
-    Needs columns `prompt` (as rendered) and `_row_error`.
+    the cached result in `_cached_result` and skips the engine. Reads the prompt as rendered.
     """
 
-    required_columns = (PROMPT_COLUMN, ROW_ERROR_COLUMN)
+    columns = StageColumns("cache lookup", needs=(PROMPT_COLUMN, ROW_ERROR_COLUMN), adds=(HIT_COLUMN,))
 
     def __init__(self, uri: str):
         self.index = load_index(uri)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        missing = [c for c in self.required_columns if c not in batch.column_names]
-        if missing:
-            raise KeyError(f"CacheLookupStage: missing input column(s) {missing}")
+        self.columns.check(batch.column_names)
         prompts = batch.column(PROMPT_COLUMN).to_pylist()
         errors = batch.column(ROW_ERROR_COLUMN).to_pylist()
         hits = []

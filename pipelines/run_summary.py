@@ -8,14 +8,11 @@ from typing import Any
 
 from llmbatch.pipelines.readback import read_back
 from llmbatch.pipelines.run_files import SUMMARY_NAME, RunFolder
-from llmbatch.pipelines.scorers import BOOLEAN_KINDS, score_column
+from llmbatch.pipelines.scorer_specs import read_scorers
+from llmbatch.pipelines.scorers import score_column
 from llmbatch.run_manifest import Manifest
 
 BUCKETS = 10
-
-
-def _is_boolean(scorer: dict[str, Any]) -> bool:
-    return scorer["kind"] in BOOLEAN_KINDS or (scorer["kind"] == "python" and scorer.get("returns") == "boolean")
 
 
 class _Stat:
@@ -71,9 +68,9 @@ class ScoreStats:
     """A read-back visitor (pipelines/readback.py) gathering the summary's figures: each scorer's values, the
     intrinsic scores, finish reasons, and which rows failed in which scorer."""
 
-    def __init__(self, scorers: list[dict[str, Any]]):
+    def __init__(self, scorers: list):
         self.intrinsic = {name: _Stat(False) for name in ("mean_logprob", "perplexity", "num_generated_tokens")}
-        self.scores = {s["name"]: _Stat(_is_boolean(s)) for s in scorers}
+        self.scores = {s.name: _Stat(s.is_boolean) for s in scorers}
         self.scorer_errors: Counter[str] = Counter()
         self.finish_reasons: Counter[str] = Counter()
         self.other_errors = 0
@@ -103,19 +100,21 @@ class ScoreStats:
         pass
 
 
-def summarize(run_uri: str, scorers: list[dict[str, Any]], manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
-    """Per-scorer figures, intrinsic scores, errors, tokens, throughput and cost of one run."""
+def summarize(run_uri: str, manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
+    """Per-scorer figures, intrinsic scores, errors, tokens, throughput and cost of one run, from its parts."""
+    manifest = Manifest.model_validate(manifest)
+    scorers = read_scorers(manifest.spec.get("scoring", []))
     stats = ScoreStats(scorers)
     read_back(run_uri, [stats])
     return summary_of(stats, scorers, manifest)
 
 
-def summary_of(stats: ScoreStats, scorers: list[dict[str, Any]],
-               manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
+def summary_of(stats: ScoreStats, scorers: list, manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
+    """`scorers`: the job's scorer specs (pipelines/scorer_specs.py)."""
     manifest = Manifest.model_validate(manifest)
     scores, scorer_errors, other_errors = stats.scores, stats.scorer_errors, stats.other_errors
     intrinsic, finish = stats.intrinsic, stats.finish_reasons
-    by_name = {s["name"]: s for s in scorers}
+    by_name = {s.name: s for s in scorers}
     tokens = manifest.tokens
     cost = manifest.cost.usd if manifest.cost is not None else None
     return {
@@ -128,8 +127,8 @@ def summary_of(stats: ScoreStats, scorers: list[dict[str, Any]],
         "rows": manifest.rows.model_dump(mode="json"),
         "errors": {"failed_rows": other_errors, "by_scorer": {s: scorer_errors.get(s, 0) for s in scores}},
         "scores": {
-            name: {"kind": by_name[name]["kind"], "type": "boolean" if stat.boolean else "number",
-                   **stat.figures(by_name[name].get("scale") if by_name[name]["kind"] == "judge" else None)}
+            name: {"kind": by_name[name].kind, "type": "boolean" if stat.boolean else "number",
+                   **stat.figures(getattr(by_name[name], "scale", None))}
             for name, stat in scores.items()
         },
         "intrinsic": {**{name: stat.figures() for name, stat in intrinsic.items()},

@@ -1,17 +1,19 @@
-"""The scorers' settings: one typed spec per kind, with the output columns each adds.
+"""The scorers' settings: one typed spec per kind, with the output columns each adds, the input columns it
+reads, the checks it needs before an engine starts, and (row-by-row kinds) the function that scores a row.
 
 jobs/spec.py puts them into the job spec; the judge's spec gains its model and replicas there, since those
-are the job's engine settings.
+are the job's engine settings. The same spec objects travel to the Ray stages that score.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llmbatch.pipelines.scorers import output_fields
+from llmbatch.pipelines import scorers
+from llmbatch.pipelines.scorers import JUDGE_TEXT_SUFFIX, RowScorer, score_column
 
 
 class _Section(BaseModel):
@@ -27,9 +29,33 @@ class _ScorerSpec(_Section):
     name: str = Field(..., pattern=SCORER_NAME,
                       description="Adds the column score_<name>; lowercase letters, digits and '_'.")
 
+    boolean: ClassVar[bool] = True       # the score column holds booleans (else float64)
+    needs_engine: ClassVar[bool] = False  # scored in an engine pass of its own (judges), not row by row
+
+    @property
+    def column(self) -> str:
+        return score_column(self.name)
+
+    @property
+    def is_boolean(self) -> bool:
+        return self.boolean
+
     def output_fields(self) -> list[pa.Field]:
         """The output columns this scorer adds."""
-        return output_fields(self.kind, self.name, getattr(self, "returns", None))
+        return [pa.field(self.column, pa.bool_() if self.is_boolean else pa.float64())]
+
+    def input_columns(self) -> list[str]:
+        """Input columns this scorer reads, so that the input can be checked for them."""
+        column = getattr(self, "reference_column", None)
+        return [column] if column else []
+
+    def problems(self, where: str, known_columns: set[str]) -> list[str]:
+        """What would make this scorer fail on every row, found before an engine starts."""
+        return []
+
+    def build(self, columns: dict[str, str]) -> RowScorer:
+        """The function output row -> score (raises ScoreError). `columns` maps input names to output names."""
+        raise TypeError(f"a {self.kind} scorer is not scored row by row")
 
 
 class ExactMatchScorer(_ScorerSpec):
@@ -38,6 +64,9 @@ class ExactMatchScorer(_ScorerSpec):
     normalize: list[Normalization] = Field(
         default_factory=lambda: ["strip"],
         description="Applied to both sides first: strip, lowercase, whitespace, punctuation, articles.")
+
+    def build(self, columns: dict[str, str]) -> RowScorer:
+        return scorers.exact_match(self.reference_column, list(self.normalize), columns)
 
 
 class ContainsScorer(_ScorerSpec):
@@ -53,6 +82,9 @@ class ContainsScorer(_ScorerSpec):
         if (self.reference_column is None) == (self.text is None):
             raise ValueError("give exactly one of reference_column or text")
         return self
+
+    def build(self, columns: dict[str, str]) -> RowScorer:
+        return scorers.contains(self.reference_column, self.text, list(self.normalize), columns)
 
 
 class RegexScorer(_ScorerSpec):
@@ -70,10 +102,16 @@ class RegexScorer(_ScorerSpec):
             raise ValueError(f"not a valid regular expression ({exc})") from None
         return value
 
+    def build(self, columns: dict[str, str]) -> RowScorer:
+        return scorers.regex(self.pattern, self.full_match, self.ignore_case)
+
 
 class JsonValidScorer(_ScorerSpec):
     kind: Literal["json_valid"] = Field(..., description="True when the output parses as JSON.")
     strip_code_fence: bool = Field(True, description="Accept output wrapped in a ```json ... ``` fence.")
+
+    def build(self, columns: dict[str, str]) -> RowScorer:
+        return scorers.json_parses(self.strip_code_fence)
 
 
 class JsonSchemaScorer(_ScorerSpec):
@@ -94,10 +132,18 @@ class JsonSchemaScorer(_ScorerSpec):
             raise ValueError(f"not a valid JSON Schema ({exc.message})") from None
         return value
 
+    def build(self, columns: dict[str, str]) -> RowScorer:
+        return scorers.json_parses(self.strip_code_fence, self.schema_)
+
 
 class ChrfScorer(_ScorerSpec):
     kind: Literal["chrf"] = Field(..., description="chrF (sacrebleu) of the output against a reference, 0-100.")
     reference_column: str = Field(..., min_length=1, description="Input column holding the reference text.")
+
+    boolean: ClassVar[bool] = False
+
+    def build(self, columns: dict[str, str]) -> RowScorer:
+        return scorers.chrf(self.reference_column, columns)
 
 
 class JudgeScorerBase(_ScorerSpec):
@@ -106,6 +152,21 @@ class JudgeScorerBase(_ScorerSpec):
                         description="Format string over the output row: {prompt}, {generated_text} and input columns.")
     scale: list[int] = Field(default_factory=lambda: [1, 5], description="[lowest, highest] whole-number score.")
     system_prompt: Optional[str] = Field(None, description="System message for the judge.")
+
+    boolean: ClassVar[bool] = False
+    needs_engine: ClassVar[bool] = True
+
+    def output_fields(self) -> list[pa.Field]:
+        return super().output_fields() + [pa.field(self.column + JUDGE_TEXT_SUFFIX, pa.string())]
+
+    def problems(self, where: str, known_columns: set[str]) -> list[str]:
+        from llmbatch.pipelines.render import template_fields
+
+        missing = [f for f in template_fields(self.rubric) if f not in known_columns]
+        if not missing:
+            return []
+        return [f"{where}.rubric: no column {', '.join(repr(m) for m in missing)}; "
+                f"the rubric can use {', '.join(sorted(known_columns))}"]
 
     @field_validator("scale")
     @classmethod
@@ -129,3 +190,45 @@ class PythonScorer(_ScorerSpec):
                           description="package.module:function; called as function(row, **options).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the function.")
     returns: Literal["number", "boolean"] = Field("number", description="Column type of the score.")
+
+    @property
+    def is_boolean(self) -> bool:
+        return self.returns == "boolean"
+
+    def problems(self, where: str, known_columns: set[str]) -> list[str]:
+        try:
+            scorers.load_function(self.function)
+        except ImportError as exc:
+            return [f"{where}.function: {exc} (the module must be importable where the job runs, "
+                    "e.g. through PYTHONPATH or an installed package)"]
+        return []
+
+    def build(self, columns: dict[str, str]) -> RowScorer:
+        return scorers.python_function(self.function, self.options, self.is_boolean)
+
+
+ROW_SCORERS = (ExactMatchScorer, ContainsScorer, RegexScorer, JsonValidScorer, JsonSchemaScorer, ChrfScorer,
+               PythonScorer)
+KINDS: dict[str, type[_ScorerSpec]] = {
+    cls.model_fields["kind"].annotation.__args__[0]: cls for cls in (*ROW_SCORERS, JudgeScorerBase)}
+
+
+def score_fields(specs: list[_ScorerSpec]) -> list[pa.Field]:
+    """The output columns the scorers add, in spec order."""
+    return [field for spec in specs for field in spec.output_fields()]
+
+
+def scorer_problems(specs: list[_ScorerSpec], output_columns: list[str], input_columns: list[str]) -> list[str]:
+    """Problems found before any engine starts: python scorers that do not import, rubrics naming no column."""
+    known = set(output_columns) | set(input_columns)
+    return [line for number, spec in enumerate(specs) for line in spec.problems(f"scoring.{number}", known)]
+
+
+def read_scorers(recorded: list[dict[str, Any]]) -> list[_ScorerSpec]:
+    """Scorer specs as a manifest recorded them; fields of the job's engine settings (a judge's model) dropped."""
+    specs = []
+    for entry in recorded:
+        cls = KINDS[entry["kind"]]
+        specs.append(cls.model_validate({k: v for k, v in entry.items()
+                                         if k in cls.model_fields or k == "schema"}))
+    return specs

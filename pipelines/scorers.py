@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from llmbatch.pipelines.columns import StageColumns
+
 SCORE_PREFIX = "score_"
 JUDGE_TEXT_SUFFIX = "_raw"
-BOOLEAN_KINDS = {"exact_match", "contains", "regex", "json_valid", "json_schema"}
-ENGINE_KINDS = {"judge"}  # scored in a pass of their own, with an engine
 
 
 class ScoreError(ValueError):
@@ -27,25 +27,6 @@ class ScoreError(ValueError):
 
 def score_column(name: str) -> str:
     return SCORE_PREFIX + name
-
-
-def output_fields(kind: str, name: str, returns: str | None = None) -> list[pa.Field]:
-    """The output columns one scorer adds: its score, and a judge's raw answer."""
-    boolean = kind in BOOLEAN_KINDS or (kind == "python" and returns == "boolean")
-    fields = [pa.field(score_column(name), pa.bool_() if boolean else pa.float64())]
-    if kind == "judge":
-        fields.append(pa.field(score_column(name) + JUDGE_TEXT_SUFFIX, pa.string()))
-    return fields
-
-
-def score_fields(scorers: list[dict[str, Any]]) -> list[pa.Field]:
-    """The output columns the scorers add, in spec order."""
-    return [f for s in scorers for f in output_fields(s["kind"], s["name"], s.get("returns"))]
-
-
-def reference_columns(scorers: list[dict[str, Any]]) -> list[str]:
-    """Input columns the scorers read, so the input pre-pass can check they exist."""
-    return [s["reference_column"] for s in scorers if s.get("reference_column")]
 
 
 def normalize(text: str, steps: list[str]) -> str:
@@ -74,48 +55,39 @@ def _reference(row: dict[str, Any], column: str, columns: dict[str, str]) -> str
     return value if isinstance(value, str) else str(value)
 
 
-def build_scorer(scorer: dict[str, Any], columns: dict[str, str]) -> Callable[[dict[str, Any]], Any]:
-    """A function output row -> score (raises ScoreError). `columns` maps input names to output names."""
-    kind = scorer["kind"]
-    if kind == "exact_match":
-        steps = scorer["normalize"]
-        return lambda row: normalize(row["generated_text"], steps) == normalize(
-            _reference(row, scorer["reference_column"], columns), steps)
-    if kind == "contains":
-        steps = scorer["normalize"]
-        if scorer.get("text") is not None:
-            needle = normalize(scorer["text"], steps)
-            return lambda row: needle in normalize(row["generated_text"], steps)
-        return lambda row: normalize(_reference(row, scorer["reference_column"], columns), steps) in normalize(
-            row["generated_text"], steps)
-    if kind == "regex":
-        pattern = re.compile(scorer["pattern"], re.IGNORECASE if scorer["ignore_case"] else 0)
-        match = pattern.fullmatch if scorer["full_match"] else pattern.search
-        return lambda row: match(row["generated_text"]) is not None
-    if kind in ("json_valid", "json_schema"):
-        return _json_scorer(scorer)
-    if kind == "chrf":
-        from sacrebleu.metrics import CHRF
-
-        metric = CHRF()
-        return lambda row: float(metric.sentence_score(
-            row["generated_text"], [_reference(row, scorer["reference_column"], columns)]).score)
-    if kind == "python":
-        return _python_scorer(scorer)
-    raise ValueError(f"scorer kind {kind} is not scored row by row")
+RowScorer = Callable[[dict[str, Any]], Any]
 
 
-def _json_scorer(scorer: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
+def exact_match(reference_column: str, steps: list[str], columns: dict[str, str]) -> RowScorer:
+    return lambda row: normalize(row["generated_text"], steps) == normalize(
+        _reference(row, reference_column, columns), steps)
+
+
+def contains(reference_column: str | None, text: str | None, steps: list[str], columns: dict[str, str]) -> RowScorer:
+    if text is not None:
+        needle = normalize(text, steps)
+        return lambda row: needle in normalize(row["generated_text"], steps)
+    return lambda row: normalize(_reference(row, reference_column, columns), steps) in normalize(
+        row["generated_text"], steps)
+
+
+def regex(pattern: str, full_match: bool, ignore_case: bool) -> RowScorer:
+    compiled = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+    match = compiled.fullmatch if full_match else compiled.search
+    return lambda row: match(row["generated_text"]) is not None
+
+
+def json_parses(strip_fence: bool, schema: dict[str, Any] | None = None) -> RowScorer:
+    """True when the output parses as JSON (and, given a schema, matches it)."""
     validator = None
-    if scorer["kind"] == "json_schema":
+    if schema is not None:
         import jsonschema
 
-        schema = scorer["schema"]
         validator = jsonschema.validators.validator_for(schema)(schema)
 
     def score(row: dict[str, Any]) -> bool:
         text = row["generated_text"]
-        if scorer["strip_code_fence"]:
+        if strip_fence:
             text = strip_code_fence(text)
         try:
             value = json.loads(text)
@@ -124,6 +96,14 @@ def _json_scorer(scorer: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
         return validator is None or validator.is_valid(value)
 
     return score
+
+
+def chrf(reference_column: str, columns: dict[str, str]) -> RowScorer:
+    from sacrebleu.metrics import CHRF
+
+    metric = CHRF()
+    return lambda row: float(metric.sentence_score(
+        row["generated_text"], [_reference(row, reference_column, columns)]).score)
 
 
 def load_function(path: str) -> Callable[..., Any]:
@@ -138,50 +118,28 @@ def load_function(path: str) -> Callable[..., Any]:
     return function
 
 
-def _python_scorer(scorer: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
-    function = load_function(scorer["function"])
-    options = dict(scorer.get("options") or {})
-    boolean = scorer["returns"] == "boolean"
+def python_function(path: str, options: dict[str, Any], boolean: bool) -> RowScorer:
+    """The user's function(row, **options), its answer checked against the declared type."""
+    function = load_function(path)
+    options = dict(options)
 
     def score(row: dict[str, Any]) -> Any:
         try:
             value = function(dict(row), **options)
         except Exception as exc:
-            raise ScoreError(f"{scorer['function']} raised {type(exc).__name__}: {exc}") from None
+            raise ScoreError(f"{path} raised {type(exc).__name__}: {exc}") from None
         if value is None:
             return None
         if boolean:
             if type(value).__name__ not in ("bool", "bool_"):  # Python's or numpy's
-                raise ScoreError(f"{scorer['function']} returned {type(value).__name__}, expected bool")
+                raise ScoreError(f"{path} returned {type(value).__name__}, expected bool")
             return bool(value)
         if type(value).__name__ in ("bool", "bool_") or not isinstance(value, numbers.Real) \
                 or not math.isfinite(float(value)):
-            raise ScoreError(f"{scorer['function']} returned {value!r}, expected a finite number")
+            raise ScoreError(f"{path} returned {value!r}, expected a finite number")
         return float(value)
 
     return score
-
-
-def check_scorers(scorers: list[dict[str, Any]], output_columns: list[str], input_columns: list[str]) -> list[str]:
-    """Problems found before any engine starts: python scorers that do not import, rubrics naming no column."""
-    from llmbatch.pipelines.render import template_fields
-
-    problems = []
-    known = set(output_columns) | set(input_columns)
-    for number, scorer in enumerate(scorers):
-        where = f"scoring.{number}"
-        if scorer["kind"] == "python":
-            try:
-                load_function(scorer["function"])
-            except ImportError as exc:
-                problems.append(f"{where}.function: {exc} (the module must be importable where the job runs, "
-                                "e.g. through PYTHONPATH or an installed package)")
-        if scorer["kind"] == "judge":
-            missing = [f for f in template_fields(scorer["rubric"]) if f not in known]
-            if missing:
-                problems.append(f"{where}.rubric: no column {', '.join(repr(m) for m in missing)}; "
-                                f"the rubric can use {', '.join(sorted(known))}")
-    return problems
 
 
 def add_error(row: dict[str, Any], message: str) -> None:
@@ -189,10 +147,16 @@ def add_error(row: dict[str, Any], message: str) -> None:
 
 
 class ScoreStage:
-    """Ray Data stage (actor): builds the row scorers once, then scores each batch of output rows."""
+    """Ray Data stage (actor): builds the row scorers once, then scores each batch of output rows.
 
-    def __init__(self, scorers: list[dict[str, Any]], columns: dict[str, str]):
-        self.scorers = [(s["name"], build_scorer(s, columns)) for s in scorers if s["kind"] not in ENGINE_KINDS]
+    `scorers`: the row-by-row scorer specs (pipelines/scorer_specs.py), each building its own function."""
+
+    def __init__(self, scorers: list, columns: dict[str, str]):
+        self.scorers = [(s.name, s.build(columns)) for s in scorers]
+
+    @staticmethod
+    def columns_for(scorers: list) -> StageColumns:
+        return StageColumns("score", needs=("generated_text", "error"), adds=tuple(s.column for s in scorers))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

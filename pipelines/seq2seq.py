@@ -12,8 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from llmbatch.pipelines.columns import (HIT_COLUMN, HIT_MARKER, INFERENCE_ERROR, PROMPT_COLUMN, RENDERED_PROMPT,
-                                        ROW_ERROR_COLUMN, TOKENS_COLUMN, TOKEN_LOGPROBS_COLUMN)
+from llmbatch.pipelines.columns import (ENGINE_RESULT_COLUMNS, HIT_COLUMN, HIT_MARKER, INFERENCE_ERROR, PROMPT_COLUMN,
+                                        RENDERED_PROMPT, ROW_ERROR_COLUMN, TOKENS_COLUMN, TOKEN_LOGPROBS_COLUMN,
+                                        StageColumns)
 
 
 TOP_LOGPROBS_TYPE = pa.list_(pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())])))
@@ -49,7 +50,8 @@ class Seq2SeqEngineStage:
     on which rows share its batch (the result cache relies on that).
     """
 
-    required_columns = (TOKENS_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN)
+    columns = StageColumns("seq2seq engine", needs=(TOKENS_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN),
+                           adds=(RENDERED_PROMPT, INFERENCE_ERROR, *ENGINE_RESULT_COLUMNS, TOKEN_LOGPROBS_COLUMN))
 
     def __init__(self, model_path: str, engine_kwargs: dict, sampling_params: dict,
                  progress_actor: str | None = None):
@@ -90,9 +92,7 @@ class Seq2SeqEngineStage:
     # ---- the batch ---------------------------------------------------------------------------------
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        missing = [c for c in self.required_columns if c not in batch.column_names]
-        if missing:
-            raise KeyError(f"Seq2SeqEngineStage: missing input column(s) {missing}")
+        self.columns.check(batch.column_names)
         started = time.time()
         n = batch.num_rows
         prompts = batch.column(PROMPT_COLUMN).to_pylist()

@@ -210,3 +210,15 @@ def test_a_hub_model_not_downloaded_yet_is_refused_by_validate_but_left_for_subm
     later: list[str] = []
     resolved = _resolve_model(model, "model", False, None, later, fetch_later=True)
     assert later == [] and resolved.path is None and resolved.kind == "hub"
+
+
+def test_the_read_granularity_is_its_own_setting_defaulting_to_one_engine_batch(tmp_path):
+    from llmbatch.jobs.resolve import resolve
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    raw = {"name": "granularity", "model": {"source": str(_model_dir(tmp_path, {"max_position_embeddings": 4096}))},
+           "input": {"path": str(data)}, "output": {"path": str(tmp_path / "out")}, "resources": {"batch_size": 16}}
+    assert resolve(validate_spec(raw)).rows_per_read_task == 16
+    raw["input"]["rows_per_read_task"] = 500
+    assert resolve(validate_spec(raw)).rows_per_read_task == 500

@@ -14,6 +14,7 @@ from llmbatch.pipelines.manifest import OutputTally
 from llmbatch.pipelines.readback import has_values, read_back
 from llmbatch.pipelines.run_files import ATTEMPT_NAME, ERRORS_DIR, ERRORS_FILE, STAGING_DIR, RunFolder
 from llmbatch.pipelines.run_summary import ScoreStats
+from llmbatch.pipelines.scorer_specs import ExactMatchScorer
 
 
 def test_a_json_file_is_written_whole_and_read_back(tmp_path):
@@ -51,7 +52,7 @@ def test_one_pass_feeds_the_tally_the_error_rows_and_the_summary(tmp_path):
     _part(run / "b.parquet", ["c"], [None], [False])
     _part(run / STAGING_DIR / "pass-1" / "c.parquet", ["x"], ["not part of the output"], [True])
     tally, errors = OutputTally(), ErrorRowsWriter(str(run))
-    stats = ScoreStats([{"name": "ok", "kind": "exact_match"}])
+    stats = ScoreStats([ExactMatchScorer(name="ok", kind="exact_match", reference_column="answer")])
     files = read_back(str(run), [tally, errors, stats])
     assert files == ["a.parquet", "b.parquet"]
     assert (tally.rows, tally.ok, tally.errors, tally.distinct_ids, tally.generated_tokens) == (3, 2, 1, 3, 6)

@@ -13,16 +13,22 @@ from llmbatch.pipelines.columns import JUDGE_SKIPPED
 from llmbatch.pipelines.judge import after_judge, judge_messages, judge_sampling_params, parse_judgement
 from llmbatch.pipelines.render import RowError
 from llmbatch.pipelines.run_summary import summarize
-from llmbatch.pipelines.scorers import ScoreStage, build_scorer, normalize, score_fields, strip_code_fence
+from llmbatch.pipelines.scorer_specs import JudgeScorerBase, read_scorers, score_fields, scorer_problems
+from llmbatch.pipelines.scorers import ScoreStage, normalize, strip_code_fence
 from llmbatch.run_manifest import Rows
 from manifest_samples import earlier_manifest
 
 BASE = {"name": "j", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"}}
 
 
-def scorers(*items: dict) -> list[dict]:
-    """Scorer specs as the pipeline receives them: validated, then dumped."""
-    return [s.model_dump(mode="json") for s in validate_spec({**BASE, "scoring": list(items)}).scoring]
+def scorers(*items: dict) -> list:
+    """Scorer specs as the job spec holds them (a judge's as its pass carries it: without its engine)."""
+    specs = validate_spec({**BASE, "scoring": list(items)}).scoring
+    return [s.grading() if s.kind == "judge" else s for s in specs]
+
+
+def build_scorer(spec, columns: dict[str, str]):
+    return spec.build(columns)
 
 
 def row(text: str | None = "Paris.", **extra) -> dict:
@@ -135,7 +141,7 @@ def test_judge_is_constrained_to_the_scale_and_parsed_strictly():
     with pytest.raises(ValueError):
         parse_judgement("four", [1, 5])
     with pytest.raises(RowError):
-        judge_messages({"generated_text": "x"}, {"rubric": "{missing}", "scale": [1, 5]})
+        judge_messages({"generated_text": "x"}, JudgeScorerBase(name="j", kind="judge", rubric="{missing}"))
 
 
 def test_after_judge_fills_scores_or_errors():
@@ -152,11 +158,12 @@ def test_after_judge_fills_scores_or_errors():
     assert failed["error"] == "score_q: judge failed: engine died" and failed["generated_text"] == "Paris"
 
 
-def manifest(run_id: str = "r", cost: float | None = 0.5, generated: int = 1000) -> dict:
+def manifest(run_id: str = "r", cost: float | None = 0.5, generated: int = 1000, scoring: list | None = None) -> dict:
     earlier = earlier_manifest()
     return earlier_manifest(
         run_id=run_id, job="j", status="succeeded", model={**earlier["model"], "source": "m"},
-        spec={**earlier["spec"], "task": "generate", "sampling": {"temperature": 0.0, "max_tokens": 8}},
+        spec={**earlier["spec"], "task": "generate", "sampling": {"temperature": 0.0, "max_tokens": 8},
+              "scoring": scoring or []},
         rows={"in": 4, "out": 4, "ok": 3, "error": 1}, tokens={"input": 10, "generated": generated},
         wall_seconds=10.0, output_tokens_per_second=100.0,
         cost={**earlier["cost"], "usd": cost} if cost is not None else None)
@@ -174,7 +181,7 @@ def test_summary_aggregates_scores_from_the_output_parts(tmp_path):
     pq.write_table(table, tmp_path / "part-0.parquet")
     (tmp_path / "_staging").mkdir()
     pq.write_table(table, tmp_path / "_staging" / "ignored.parquet")
-    summary = summarize(str(tmp_path), specs, manifest())
+    summary = summarize(str(tmp_path), manifest(scoring=[s.model_dump(mode="json") for s in specs]))
     assert summary["scores"]["ok"] == {"kind": "regex", "type": "boolean", "scored": 3, "null": 1,
                                        "passed": 2, "pass_rate": pytest.approx(2 / 3, abs=1e-6)}
     judge = summary["scores"]["q"]
@@ -226,11 +233,9 @@ def test_a_scorer_library_failure_is_one_rows_error():
 
 
 def test_check_scorers_finds_missing_functions_and_rubric_columns():
-    from llmbatch.pipelines.scorers import check_scorers
-
     specs = scorers({"name": "p", "kind": "python", "function": "no_such_module_here:f"},
                     {"name": "q", "kind": "judge", "rubric": "{question} -> {generated_text} vs {answr}"})
-    problems = check_scorers(specs, ["id", "generated_text", "prompt"], ["question", "answer"])
+    problems = scorer_problems(specs, ["id", "generated_text", "prompt"], ["question", "answer"])
     assert problems[0].startswith("scoring.0.function: python scorer no_such_module_here:f: cannot import")
     assert problems[1].startswith("scoring.1.rubric: no column 'answr'; the rubric can use answer, generated_text")
 
@@ -255,3 +260,18 @@ def test_run_cost_counts_generation_and_each_judge_pass():
     assert cost["generation_usd"] == pytest.approx(2 * price) and cost["judges_usd"] == pytest.approx(price / 2)
     assert cost["usd"] == pytest.approx(2.5 * price)
     assert run_cost(10, 1, None, {}) is None
+
+
+def test_a_recorded_judge_reads_back_without_its_engine_and_every_kind_round_trips():
+    specs = validate_spec({**BASE, "scoring": [
+        {"name": "a", "kind": "exact_match", "reference_column": "answer"},
+        {"name": "b", "kind": "json_schema", "schema": {"type": "object"}},
+        {"name": "c", "kind": "python", "function": "m:f", "returns": "boolean"},
+        {"name": "q", "kind": "judge", "rubric": "{generated_text}", "model": {"source": "judge-m"}, "replicas": 2},
+    ]}).scoring
+    read = read_scorers([s.model_dump(mode="json") for s in specs])
+    assert [type(s).__name__ for s in read] == [
+        "ExactMatchScorer", "JsonSchemaScorer", "PythonScorer", "JudgeScorerBase"]
+    assert read[1].schema_ == {"type": "object"} and read[2].is_boolean and not read[3].is_boolean
+    assert read[3] == specs[3].grading() and read[3].needs_engine and not read[0].needs_engine
+    assert [s.input_columns() for s in read] == [["answer"], [], [], []]

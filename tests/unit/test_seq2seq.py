@@ -306,7 +306,7 @@ def test_seeded_sampling_is_repeatable_and_independent_of_the_batch(t5_path, tok
 def test_missing_column_raises_keyerror_naming_the_stage(t5_path, tokenizer, column):
     stage = Seq2SeqEngineStage(str(t5_path), ENGINE, params(max_tokens=2))
     batch = input_batch(tokenizer, PROMPTS[:1]).drop_columns([column])
-    with pytest.raises(KeyError, match=rf"Seq2SeqEngineStage: missing input column\(s\) \['{column}'\]"):
+    with pytest.raises(KeyError, match=rf"seq2seq engine: missing input column\(s\) \['{column}'\]"):
         stage(batch)
 
 

@@ -401,7 +401,7 @@ def test_spec_reference_parses_as_yaml_with_the_real_defaults():
 
 
 def test_each_scorer_spec_names_the_output_columns_it_adds():
-    from llmbatch.pipelines.scorers import score_fields
+    from llmbatch.pipelines.scorer_specs import score_fields
 
     spec = validate_spec({**minimal_raw(), "scoring": [
         {"name": "exact", "kind": "exact_match", "reference_column": "answer"},
@@ -410,4 +410,4 @@ def test_each_scorer_spec_names_the_output_columns_it_adds():
     typed = [(f.name, str(f.type)) for scorer in spec.scoring for f in scorer.output_fields()]
     assert typed == [("score_exact", "bool"), ("score_mine", "bool"), ("score_helpful", "double"),
                      ("score_helpful_raw", "string")]
-    assert typed == [(f.name, str(f.type)) for f in score_fields([s.model_dump(mode="json") for s in spec.scoring])]
+    assert typed == [(f.name, str(f.type)) for f in score_fields(list(spec.scoring))]
