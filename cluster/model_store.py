@@ -16,7 +16,7 @@ from typing import Iterator
 from llmbatch.cluster.home import llmbatch_home, models_dir
 from llmbatch.cluster.model_catalog import CATALOG, CatalogModel
 from llmbatch.errors import UserError
-from llmbatch.storage import filesystem_for, is_s3, storage_errors
+from llmbatch.storage import filesystem_for, is_s3, local_child, storage_errors, write_local
 
 SOURCE_FILE = ".llmbatch-source.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -141,8 +141,9 @@ def _copy_s3(source: str, target: Path) -> None:
             files = [f for f in fs.find(inner) if not f.endswith("/")]
             if f"{inner}/config.json" not in files:
                 raise UserError(f"model.source: {source} holds no config.json; expected a Hugging Face checkpoint prefix")
-            for remote in files:
-                local = staging / remote[len(inner) + 1:]
+            targets = [Path(local_child(str(staging), remote[len(inner) + 1:], source=f"model.source {source}"))
+                       for remote in files]
+            for remote, local in zip(files, targets):
                 local.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(remote, str(local))
         if target.exists():
@@ -189,7 +190,7 @@ def _lock(target: Path) -> Iterator[None]:
 
 
 def _write_source_note(target: Path, ref: ModelRef) -> None:
-    (target / SOURCE_FILE).write_text(json.dumps({"source": ref.source, "kind": ref.kind}))
+    write_local(target / SOURCE_FILE, json.dumps({"source": ref.source, "kind": ref.kind}).encode())
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,5 @@ def fingerprint(path: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     value = "sha256:" + digest.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(value)
+    write_local(memo, value.encode())
     return value

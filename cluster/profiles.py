@@ -15,7 +15,7 @@ from typing import Any
 
 from llmbatch.cluster.home import llmbatch_home
 from llmbatch.run_manifest import Manifest
-from llmbatch.storage import filesystem_for, join, read_json, storage_errors
+from llmbatch.storage import filesystem_for, join, read_json, storage_errors, write_whole
 
 STORE_ENV = "LLMBATCH_PROFILE_STORE"
 
@@ -117,8 +117,7 @@ def save(profile: dict[str, Any]) -> str:
     uri = join(store_root(), f"{profile['key']}.json")
     fs, inner = filesystem_for(uri)
     with storage_errors(uri, "write profile"):
-        fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(inner, json.dumps(profile, indent=2).encode())
+        write_whole(fs, inner, json.dumps(profile, indent=2).encode())
     return uri
 
 

@@ -10,15 +10,15 @@ from typing import Any
 from llmbatch.jobs.resolve import ResolvedJob
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.pipelines.error_rows import ErrorRowsWriter
-from llmbatch.pipelines.manifest import OutputTally, remove_staging, write_manifest
+from llmbatch.pipelines.manifest import OutputTally, remove_parts, remove_staging, write_manifest
 from llmbatch.pipelines.readback import read_back
 from llmbatch.pipelines.result_cache import CacheEntriesWriter, CacheNamespace
 from llmbatch.pipelines.resume import FinishedWork
-from llmbatch.pipelines.run_files import ERRORS_DIR, STAGING_DIR, SUMMARY_NAME
+from llmbatch.pipelines.run_files import ERRORS_DIR, STAGING_DIR, SUMMARY_NAME, output_parts, part_generation
 from llmbatch.pipelines.run_summary import ScoreStats, summary_of, write_summary
 from llmbatch.pipelines.timings import run_timings
 from llmbatch.run_manifest import Manifest
-from llmbatch.storage import join
+from llmbatch.storage import filesystem_for, join, storage_errors
 
 
 @dataclass
@@ -46,16 +46,36 @@ class Execution:
     judges_staged: bool
 
 
-def commit(job: ResolvedJob, run: Execution, log) -> tuple[Manifest, dict[str, Any]]:
+def own_parts(run: Execution, generation: int) -> set[str]:
+    """The parts that make this run's output: those this attempt's lock generation wrote, and those the resume
+    kept (when the first pass wrote into the run folder itself)."""
+    fs, inner = filesystem_for(run.run_uri)
+    with storage_errors(run.run_uri, "list the parts of"):
+        names = [p[len(inner):].lstrip("/") for p in output_parts(fs, inner)]
+    kept = set(run.finished.kept) if run.finished and not run.judges_staged else set()
+    return {name for name in names if part_generation(name) == generation} | kept
+
+
+def commit(job: ResolvedJob, run: Execution, lock, log) -> tuple[Manifest, dict[str, Any]]:
     """Read the parts back once (tally, error rows, the summary's figures, new cache entries), write the
-    summary, then the manifest (the commit marker). Returns (manifest, summary)."""
+    summary, then the manifest (the commit marker). Returns (manifest, summary). Only while `lock` (the run's
+    RunLock) is held: the run's parts are this attempt's and those the resume kept, and nothing is written for
+    a run another driver took."""
     spec = job.spec
+    lock.check("committing")
+    strays = remove_parts(run.run_uri, own_parts(run, lock.generation))
+    if strays:
+        log.warning("stray_parts_removed", parts=strays, note="written under an earlier lock generation after "
+                    "this attempt started; their rows are in this attempt's own parts")
     scorers = list(spec.scoring)
     tally, errors, stats = OutputTally(), ErrorRowsWriter(run.run_uri), ScoreStats(scorers)
     entries = CacheEntriesWriter(run.cache, run.run_id) if run.cache else None
     tally.files = read_back(run.run_uri, [tally, errors, stats] + ([entries] if entries else []))
     cache_stats = entries.result() if entries else None
-    if cache_stats:
+    if cache_stats and cache_stats.get("write_error"):
+        log.warning("cache_write_failed", error=cache_stats["write_error"], entries_written=cache_stats[
+            "entries_written"], note="the run commits without adding the rest of its rows to the cache")
+    elif cache_stats:
         log.info("cache_updated", hits=cache_stats["hits"], entries_written=cache_stats["entries_written"],
                  cache=run.cache.uri)
     error_rows = errors.result()
@@ -99,6 +119,7 @@ def commit(job: ResolvedJob, run: Execution, log) -> tuple[Manifest, dict[str, A
         "cost": run.cost,
     }
     summary = summary_of(stats, scorers, record)
+    lock.check("writing the manifest")
     write_summary(run.run_uri, summary)
     manifest = Manifest.model_validate({**record, "summary": SUMMARY_NAME})
     write_manifest(run.run_uri, manifest)
@@ -131,7 +152,8 @@ def cache_section(spec: JobSpec, cache: CacheNamespace | None, stats: dict[str, 
     hits = stats["hits"] if stats else 0
     return {"path": spec.cache.path, "used": True, "namespace": cache.namespace, "hits": hits,
             "hit_rate": round(hits / rows, 4) if rows else 0.0,
-            "entries_written": stats["entries_written"] if stats else 0}
+            "entries_written": stats["entries_written"] if stats else 0,
+            **({"write_error": stats["write_error"]} if stats and stats.get("write_error") else {})}
 
 
 def run_cost(generation_seconds: float, devices: int, device, judges: dict[str, Any]) -> dict[str, Any] | None:

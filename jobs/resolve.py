@@ -249,7 +249,24 @@ def overlap_problems(spec: JobSpec, run_uri: str | None = None) -> list[str]:
     if run_uri is not None and is_within(spec.input.path, run_uri):
         return [f"input.path: {spec.input.path} is inside this run's output folder {run_uri}, which the run "
                 "clears and rewrites; use another --run-id or move the input"]
+    if spec.cache is not None and run_uri is not None and (is_within(spec.cache.path, run_uri)
+                                                           or is_within(run_uri, spec.cache.path)):
+        return [f"cache.path: {spec.cache.path} overlaps this run's folder {run_uri}; a run's folder and the "
+                "result cache must not hold each other. Keep the cache elsewhere, or use another --run-id"]
+    if run_uri is not None and _is_run_folder(spec.output.path):
+        return [f"output.path: {spec.output.path} is itself a run's folder; runs are written one level below "
+                "output.path, so give the folder that holds the runs"]
     return []
+
+
+def _is_run_folder(path: str) -> bool:
+    from llmbatch.pipelines.run_files import ATTEMPT_NAME, LOCK_DIR, MANIFEST_NAME, RunFolder
+
+    folder = RunFolder(path)
+    try:
+        return any(folder.exists(name) for name in (MANIFEST_NAME, ATTEMPT_NAME, LOCK_DIR))
+    except UserError:
+        return False  # storage problems are reported for the output's bucket
 
 
 def input_could_list(input_path: str, output_path: str) -> bool:

@@ -29,13 +29,13 @@ from llmbatch.jobs.resolve import ResolvedJob, ResolvedModel, resolve, schema_pr
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.pipelines.infer import EngineSettings, preload_engine_stage
 from llmbatch.pipelines.judge import judge_sampling_params
-from llmbatch.pipelines.lease import RunLease, check_not_running
 from llmbatch.pipelines.manifest import remove_staging, staging_uri
 from llmbatch.pipelines.result_cache import CacheNamespace, cache_namespace, is_deterministic, write_key_file
 from llmbatch.pipelines.resume import FinishedWork, write_attempt
 from llmbatch.pipelines.run_folder import (
-    AUTOMATIC_RESUME, RunStart, decide_start, prepare_run_folder, read_folder_state,
+    AUTOMATIC_RESUME, RunStart, check_same_engine, decide_start, prepare_run_folder, read_folder_state,
 )
+from llmbatch.pipelines.run_lock import RunLock, RunLockLost
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import join
 
@@ -103,8 +103,25 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     started_at = datetime.now(timezone.utc).isoformat()
     run_uri = join(spec.output.path, run_id)
 
-    job, start, attempt = _resolve_and_decide(spec, run_id, run_uri, resume=resume, overwrite=overwrite, log=log)
+    job = resolve(spec, run_uri=run_uri, fetch_later=True, scan_input=False, log=log)
+    log.info("input_listed", files=len(job.input.files), bytes=sum(f.size for f in job.input.files))
+    lock = RunLock.acquire(run_uri, run_id, log)
+    try:
+        return _run_held(job, lock, run_id, run_uri, marks, started_at, log, show_worker_logs=show_worker_logs,
+                         on_cluster=on_cluster, measurement_source=measurement_source, overwrite=overwrite,
+                         resume=resume)
+    finally:
+        lock.release()
+
+
+def _run_held(job: ResolvedJob, lock: RunLock, run_id: str, run_uri: str, marks: dict[str, float | None],
+              started_at: str, log, *, show_worker_logs: bool, on_cluster: bool, measurement_source: str,
+              overwrite: bool, resume: bool) -> RunResult:
+    """The run, once this driver holds its lock: nothing is deleted or written before."""
+    spec = job.spec
+    job, start, attempt = _decide_and_fetch(job, run_id, run_uri, resume=resume, overwrite=overwrite, log=log)
     fingerprint = model_store.fingerprint(job.model.path)
+    lock.check("starting Ray")
     marks["started_ray"] = time.time()
     cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
     marks["ray_ready"] = time.time()
@@ -113,38 +130,33 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
         if on_cluster:
             _copy_model_to_hosts(job.model, pool.shape, pool.nodes, spec.resources.accelerator_type)
         stages = _build_stages(job, pool, run_id, run_uri, fingerprint, on_cluster, marks, log)
+        engine = {"dtype": stages.engine.engine_kwargs.get("dtype"), "engine": stages.engine.engine}
+        check_same_engine(start, engine, run_id)
+        lock.check("clearing the run folder")
+        finished = prepare_run_folder(start, run_uri, stages.first_pass, len(stages.judges), log)
+        write_attempt(run_uri, {**attempt, "engine": engine})
     except BaseException:
         # the planner's thread may be inside native code (a tokenizer, Arrow): a process that exits under it aborts
         wait([pool.prediction], timeout=PREDICTION_WAIT_SECONDS)
         raise
-
-    finished = prepare_run_folder(start, run_uri, stages.first_pass, len(stages.judges), log)
-    write_attempt(run_uri, attempt)
-    lease = RunLease.acquire(run_uri)
-    try:
-        run = _execute_passes(job, stages, pool, run_id, run_uri, start, finished, fingerprint, started_at, marks,
-                              log)
-        manifest, summary = commit(job, run, log)
-        _record_measurement(job, run, manifest, measurement_source, log)
-        phases = manifest.timings.model_dump() if manifest.timings else {}
-        log.info("run_finished", status=manifest.status, rows_ok=manifest.rows.ok, rows_error=manifest.rows.error,
-                 wall_seconds=round(manifest.wall_seconds, 1),
-                 **{f"{phase}_s": seconds for phase, seconds in phases.items() if seconds is not None})
-        if manifest.status == "failed":
-            raise JobFailed("; ".join(manifest.problems))
-        return RunResult(run_id, run_uri, manifest.status, manifest, summary)
-    finally:
-        lease.release()
+    run = _execute_passes(job, stages, pool, run_id, run_uri, start, finished, fingerprint, started_at, marks,
+                          lock, log)
+    manifest, summary = commit(job, run, lock, log)
+    _record_measurement(job, run, manifest, measurement_source, log)
+    phases = manifest.timings.model_dump() if manifest.timings else {}
+    log.info("run_finished", status=manifest.status, rows_ok=manifest.rows.ok, rows_error=manifest.rows.error,
+             wall_seconds=round(manifest.wall_seconds, 1),
+             **{f"{phase}_s": seconds for phase, seconds in phases.items() if seconds is not None})
+    if manifest.status == "failed":
+        raise JobFailed("; ".join(manifest.problems))
+    return RunResult(run_id, run_uri, manifest.status, manifest, summary)
 
 
-def _resolve_and_decide(spec: JobSpec, run_id: str, run_uri: str, *, resume: bool, overwrite: bool,
-                        log) -> tuple[ResolvedJob, RunStart, dict[str, Any]]:
-    """The resolved job, how its run folder starts, and this attempt's record; models are fetched only once
-    nothing refuses the run."""
-    job = resolve(spec, run_uri=run_uri, fetch_later=True, scan_input=False, log=log)
-    files = job.input.files
-    log.info("input_listed", files=len(files), bytes=sum(f.size for f in files))
-    check_not_running(run_uri, run_id)
+def _decide_and_fetch(job: ResolvedJob, run_id: str, run_uri: str, *, resume: bool, overwrite: bool,
+                      log) -> tuple[ResolvedJob, RunStart, dict[str, Any]]:
+    """How the run folder starts and this attempt's record, decided under the run's lock; the models are
+    fetched only once nothing refuses the run."""
+    spec, files = job.spec, job.input.files
     attempt = {"spec": spec.model_dump(mode="json"), "input_files": [[f.uri, f.size] for f in files]}
     start = decide_start(read_folder_state(run_uri), attempt, resume=resume, overwrite=overwrite, run_id=run_id,
                          run_uri=run_uri)
@@ -184,7 +196,7 @@ def _build_stages(job: ResolvedJob, pool: Pool, run_id: str, run_uri: str, finge
 
 def _execute_passes(job: ResolvedJob, stages: Stages, pool: Pool, run_id: str, run_uri: str, start: RunStart,
                     finished: FinishedWork | None, fingerprint: str, started_at: str,
-                    marks: dict[str, float | None], log) -> Execution:
+                    marks: dict[str, float | None], lock: RunLock, log) -> Execution:
     """The first pass over the rows not yet written, then each judge pass; what they did, for the manifest."""
     import ray
 
@@ -203,7 +215,7 @@ def _execute_passes(job: ResolvedJob, stages: Stages, pool: Pool, run_id: str, r
         ds = build_dataset(inputs, spec.input.id_column, job.render, stages.engine, stages.context, counter,
                            done=finished.done if finished else None)
         marks["dataset_started"] = time.time()
-        _execute(ds, stages.first_pass, counter, to_do, started, log, spec.output.rows_per_part)
+        _execute(ds, stages.first_pass, counter, to_do, started, lock, log, spec.output.rows_per_part)
         marks["dataset_done"] = time.time()
     else:
         log.info("nothing_left", note="every row was written by the earlier attempt; committing it")
@@ -211,7 +223,7 @@ def _execute_passes(job: ResolvedJob, stages: Stages, pool: Pool, run_id: str, r
     replicas = ray.get(counter.snapshot.remote())["replicas"]
     device, sizing = _prediction(pool, log)
     judge_stats = _judge_passes(stages.judges, stages.first_pass, run_uri, run_id, inputs, stages.context,
-                                spec.model.source, log)
+                                spec.model.source, lock, log)
     marks["judges_done"] = time.time() if stages.judges else None
     engine_section = {"accelerator": pool.accelerator,
                       "replicas": pool.replicas[0] if pool.auto else spec.resources.replicas,
@@ -314,7 +326,7 @@ def result_cache_for(spec: JobSpec, fingerprint: str, engine_kwargs: dict[str, A
 
 
 def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inputs, context, model_source: str,
-                  log) -> dict[str, Any]:
+                  lock: RunLock, log) -> dict[str, Any]:
     """Each judge rereads the previous pass's parts and writes the next; the last writes the run's output."""
     from llmbatch.pipelines.pipeline import build_judge_pass, read_output_parts
     from llmbatch.pipelines.progress import ProgressCounter, progress_actor_name
@@ -327,8 +339,9 @@ def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inpu
         log.info("judge_pass_started", scorer=name, model=scorer.model.source if scorer.model else model_source,
                  replicas=judge_engine.replicas[1])
         counter = ProgressCounter.options(name=f"{progress_actor_name(run_id)}-judge-{name}").remote(run_id)
-        ds = build_judge_pass(read_output_parts(source), scorer.grading(), judge_engine, inputs, context, judge_max_len, counter)
-        _execute(ds, target, counter, inputs.rows, started, log.bind(judge=name))
+        ds = build_judge_pass(read_output_parts(source), scorer.grading(), judge_engine, inputs, context,
+                              judge_max_len, counter)
+        _execute(ds, target, counter, inputs.rows, started, lock, log.bind(judge=name))
         if source != first_pass:  # the first pass stays until the manifest is written: a resume starts from it
             remove_staging(source)
         stats[name] = {"wall_seconds": round(time.time() - started, 3), "replicas": judge_engine.replicas[1],
@@ -337,19 +350,22 @@ def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inpu
     return stats
 
 
-def _execute(ds, target: str, counter, total_rows: int, started: float, log, rows_per_part: int | None = None) -> None:
-    """Run a dataset to its parquet target, reporting progress while it runs."""
+def _execute(ds, target: str, counter, total_rows: int, started: float, lock: RunLock, log,
+             rows_per_part: int | None = None) -> None:
+    """Run a dataset to its parquet target, reporting progress while it runs; its write tasks stop when another
+    driver takes the run."""
     from llmbatch.pipelines.pipeline import write_dataset
 
     stop = threading.Event()
     reporter = threading.Thread(target=_report_progress, args=(counter, total_rows, started, stop, log), daemon=True)
     reporter.start()
     try:
-        write_dataset(ds, target, rows_per_part)
+        write_dataset(ds, target, lock.fence, rows_per_part)
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:
         log.error("run_failed", error=type(exc).__name__)
+        lock.check("writing more output")
         raise JobFailed(explain_failure(exc, since=started)) from exc
     finally:
         stop.set()

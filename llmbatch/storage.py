@@ -57,6 +57,13 @@ def write_whole(fs: fsspec.AbstractFileSystem, inner: str, body: bytes) -> None:
         fs.pipe_file(inner, body)
 
 
+def write_local(path, body: bytes) -> None:
+    """Write a local file in one step: a crash leaves the old file or the new one, never half of either."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    write_whole(LocalFileSystem(), os.path.abspath(path), body)
+
+
 @contextmanager
 def atomic_writer(fs: fsspec.AbstractFileSystem, inner: str) -> Iterator:
     """A binary file handle whose content appears whole at `inner` when the block ends, or not at all when it
@@ -97,6 +104,20 @@ def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return posixpath.join(base.rstrip("/"), *parts)
     return os.path.join(base, *parts)
+
+
+def local_child(root: str, relative: str, *, source: str) -> str:
+    """`root/relative` for a name that came from remote storage (an S3 key below a prefix), refused when it is
+    absolute or would climb out of `root`: a remote listing must never choose where a local file lands."""
+    parts = relative.replace("\\", "/").split("/")
+    if not relative or relative.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in relative:
+        raise UserError(f"{source}: the key {relative!r} would be written outside {root}; "
+                        "refusing to copy it (remove or rename that key)")
+    path = os.path.realpath(os.path.join(root, *parts))
+    if not path.startswith(os.path.realpath(root).rstrip("/") + "/"):
+        raise UserError(f"{source}: the key {relative!r} would be written outside {root} (through a link); "
+                        "refusing to copy it")
+    return path
 
 
 def location(path: str) -> str:

@@ -11,7 +11,9 @@ from pydantic import ValidationError
 
 from llmbatch.errors import UserError
 from llmbatch.pipelines.readback import read_back
-from llmbatch.pipelines.run_files import MANIFEST_NAME, RunFolder, output_parts
+from llmbatch.pipelines.run_files import (
+    ATTEMPT_NAME, ERRORS_DIR, ERRORS_FILE, MANIFEST_NAME, STAGING_DIR, SUMMARY_NAME, RunFolder, output_parts,
+)
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import filesystem_for, storage_errors
 
@@ -77,26 +79,40 @@ def tally_output(run_uri: str) -> OutputTally:
 
 
 def clear_uncommitted(run_uri: str, *, keep_staging: bool = False) -> int:
-    """Delete parquet parts that an earlier attempt at this run id wrote but never committed."""
+    """Delete the parts an earlier attempt at this run id wrote but never committed (and, unless
+    `keep_staging`, its staging passes). Only llmbatch's own parts: any other file stays."""
     fs, inner = filesystem_for(run_uri)
     with storage_errors(run_uri, "clear an uncommitted attempt at"):
-        if not fs.exists(inner):
-            return 0
-        stale = output_parts(fs, inner) if keep_staging else [p for p in fs.find(inner) if p.endswith(".parquet")]
+        stale = output_parts(fs, inner)
         for path in stale:
             fs.rm_file(path)
+    if not keep_staging:
+        remove_tree(RunFolder(run_uri).path(STAGING_DIR))
     return len(stale)
 
 
-def remove_run(run_uri: str) -> None:
-    """Delete a committed run: its manifest first, so no reader ever sees a manifest without its parts."""
+def remove_parts(run_uri: str, keep: set[str]) -> list[str]:
+    """Delete this run's parts whose names (relative to the run folder) are not in `keep`; the names deleted."""
     fs, inner = filesystem_for(run_uri)
-    with storage_errors(run_uri, "replace the committed run at"):
-        manifest = f"{inner}/{MANIFEST_NAME}"
-        if fs.exists(manifest):
-            fs.rm_file(manifest)
-        if fs.exists(inner):
-            fs.rm(inner, recursive=True)
+    removed = []
+    with storage_errors(run_uri, "remove parts another driver left in"):
+        for path in output_parts(fs, inner):
+            name = path[len(inner):].lstrip("/")
+            if name not in keep:
+                fs.rm_file(path)
+                removed.append(name)
+    return removed
+
+
+def remove_run(run_uri: str) -> None:
+    """Delete a committed run: its manifest first, so no reader ever sees a manifest without its parts; then
+    the files llmbatch wrote there (parts, summary, attempt, error rows, staging), and nothing else."""
+    folder = RunFolder(run_uri)
+    folder.remove(MANIFEST_NAME, action="replace the committed run at")
+    clear_uncommitted(run_uri)
+    for name in (SUMMARY_NAME, ATTEMPT_NAME):
+        folder.remove(name, action="replace the committed run at")
+    folder.remove(f"{ERRORS_DIR}/{ERRORS_FILE}", action="replace the committed run at")
 
 
 def manifest_uri(run_uri: str) -> str:

@@ -6,12 +6,14 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.data.datasource import FilenameProvider
 
 from llmbatch.pipelines.columns import INFERENCE_ERROR, StageColumns, check_chain
 from llmbatch.errors import UserError
 from llmbatch.pipelines.infer import STAGE_CPUS, EngineSettings, build_infer_stage, engine_columns
 from llmbatch.pipelines.judge import JudgeRenderStage, after_judge, after_judge_columns
-from llmbatch.pipelines.run_files import output_parts
+from llmbatch.pipelines.run_files import output_parts, part_name
+from llmbatch.pipelines.run_lock import Fence
 from llmbatch.pipelines.output import conform_columns, conform_output, output_row_columns, to_output_row
 from llmbatch.pipelines.read import (
     InputFile, ReadShards, ShardScan, ShardTask, id_hashes, input_shape_problems, mark_duplicate_ids, plan_shard_tasks,
@@ -206,18 +208,37 @@ def _read_shards(batch: pa.Table, *, schema_bytes: bytes, id_column: str | None,
     yield from ReadShards(schema_bytes, id_column, done)(batch.to_pydict())
 
 
-def write_dataset(ds: ray.data.Dataset, run_uri: str, rows_per_part: int | None = None) -> None:
+class PartNames(FilenameProvider):
+    """Parts named for the lock generation that writes them (run_files.PART_NAME)."""
+
+    def __init__(self, generation: int):
+        super().__init__(file_format="parquet")
+        self.generation = generation
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return part_name(self.generation, write_uuid.replace("-", ""), task_index)
+
+
+def _fenced(batch: pa.Table, *, fence: Fence) -> pa.Table:
+    fence.check()
+    return batch
+
+
+def write_dataset(ds: ray.data.Dataset, target: str, fence: Fence, rows_per_part: int | None = None) -> None:
     """Write parquet parts as rows finish; a part is written once it holds `rows_per_part` rows (the last
-    one may be smaller), so a crash loses at most the parts not yet written."""
-    fs, inner = filesystem_for(run_uri)
+    one may be smaller), so a crash loses at most the parts not yet written. A write that finds the run taken
+    by a later lock generation than `fence`'s stops the pass."""
+    fs, inner = filesystem_for(target)
     # At Ray's default of a whole CPU a write task waits until the engines give theirs back, so on a small
     # machine no part would be written before the last row is generated.
     light = {"num_cpus": CPU_STAGE_CPUS}
-    with storage_errors(run_uri, "write output to"):
-        if is_s3(run_uri):
+    ds = ds.map_batches(_fenced, fn_kwargs={"fence": fence}, batch_size=None, batch_format="pyarrow", **light)
+    names = PartNames(fence.generation)
+    with storage_errors(target, "write output to"):
+        if is_s3(target):
             import pyarrow.fs as pafs
 
-            ds.write_parquet(inner, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
+            ds.write_parquet(inner, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), filename_provider=names,
                              min_rows_per_file=rows_per_part, ray_remote_args=light)
         else:
-            ds.write_parquet(inner, min_rows_per_file=rows_per_part, ray_remote_args=light)
+            ds.write_parquet(inner, filename_provider=names, min_rows_per_file=rows_per_part, ray_remote_args=light)

@@ -20,6 +20,7 @@ import structlog
 
 from llmbatch.pipelines.columns import (CACHED_COLUMN, HIT_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN, StageColumns,
                                         stable_hash)
+from llmbatch.errors import UserError
 from llmbatch.pipelines.readback import read_back
 from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
 
@@ -139,11 +140,16 @@ def write_key_file(plan: CacheNamespace, model_source: str) -> None:
 
 class CacheEntriesWriter:
     """A read-back visitor (pipelines/readback.py) that adds the rows this run generated (not those it took
-    from the cache) to the namespace, one entry file per output part, and counts the hits."""
+    from the cache) to the namespace, one entry file per output part, and counts the hits.
+
+    The cache never costs a run its commit: once a write fails (a read-only or throttled cache), no more
+    entries are written, and `write_error` says why. Parts without a `cached` column (written before the job
+    had a cache) are all fresh rows."""
 
     def __init__(self, cache: CacheNamespace, run_id: str):
         self.cache, self.run_id = cache, run_id
         self.hits = self.written = 0
+        self.write_error: str | None = None
         self._batches: list[pa.RecordBatch] = []
 
     def finish(self, stack) -> None:
@@ -161,22 +167,32 @@ class CacheEntriesWriter:
         if not batches:
             return
         table = pa.Table.from_batches(batches)
-        cached = table.column(CACHED_COLUMN).fill_null(False)
+        cached = (table.column(CACHED_COLUMN).fill_null(False) if CACHED_COLUMN in table.column_names
+                  else pa.array([False] * table.num_rows))
         self.hits += pc.sum(cached.cast(pa.int64())).as_py() or 0
         fresh = table.filter(pc.and_(pc.invert(cached), pc.is_valid(table.column("generated_text"))))
-        if not fresh.num_rows:
+        if not fresh.num_rows or self.write_error is not None:
             return
         keys = pa.array([prompt_key(p) for p in fresh.column(PROMPT_COLUMN).to_pylist()], pa.string())
-        entries = fresh.drop_columns([PROMPT_COLUMN, CACHED_COLUMN]).add_column(0, "key", keys)
-        cache_fs, cache_inner = filesystem_for(self.cache.uri)
+        entries = fresh.drop_columns([c for c in (PROMPT_COLUMN, CACHED_COLUMN) if c in fresh.column_names])
+        entries = entries.add_column(0, "key", keys)
         sink = pa.BufferOutputStream()
         pq.write_table(entries, sink)
-        with storage_errors(self.cache.uri, "write the result cache at"):
-            write_whole(cache_fs, f"{cache_inner}/{self.run_id}-{number:05d}.parquet", sink.getvalue().to_pybytes())
+        try:
+            cache_fs, cache_inner = filesystem_for(self.cache.uri)
+            with storage_errors(self.cache.uri, "write the result cache at"):
+                write_whole(cache_fs, f"{cache_inner}/{self.run_id}-{number:05d}.parquet",
+                            sink.getvalue().to_pybytes())
+        except (UserError, OSError) as exc:
+            self.write_error = str(exc)
+            return
         self.written += entries.num_rows
 
-    def result(self) -> dict[str, int]:
-        return {"hits": int(self.hits), "entries_written": self.written}
+    def result(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"hits": int(self.hits), "entries_written": self.written}
+        if self.write_error is not None:
+            stats["write_error"] = self.write_error
+        return stats
 
 
 def write_entries(run_uri: str, cache: CacheNamespace, run_id: str) -> dict[str, int]:

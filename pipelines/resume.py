@@ -28,6 +28,7 @@ class FinishedWork:
     rows: int = 0
     parts_kept: int = 0
     parts_removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)   # the kept parts' names, relative to the folder read
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows_skipped": self.rows, "parts_kept": self.parts_kept, "parts_removed": self.parts_removed}
@@ -39,7 +40,7 @@ def finished_work(uri: str) -> FinishedWork:
     hashes: list[np.ndarray] = []
     work = FinishedWork(done=np.array([], dtype=np.int64))
     with storage_errors(uri, "read the earlier attempt at"):
-        for part in output_parts(fs, inner) if fs.exists(inner) else []:
+        for part in output_parts(fs, inner):
             try:
                 with fs.open(part, "rb") as handle:
                     table = pq.ParquetFile(handle).read(columns=["id", "error"])
@@ -50,6 +51,7 @@ def finished_work(uri: str) -> FinishedWork:
             hashes.append(row_key_hashes(table.column("id").to_pylist(), table.column("error").to_pylist()))
             work.rows += table.num_rows
             work.parts_kept += 1
+            work.kept.append(part[len(inner):].lstrip("/"))
     if hashes:
         work.done = np.sort(np.concatenate(hashes))
     return work

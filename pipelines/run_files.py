@@ -6,6 +6,7 @@ or none, even when the writer dies halfway.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -14,17 +15,35 @@ from llmbatch.storage import atomic_writer, filesystem_for, join, read_json, sto
 
 MANIFEST_NAME = "_manifest.json"   # written last: the commit marker
 ATTEMPT_NAME = "_attempt.json"     # the spec and input files of the latest attempt
-LEASE_NAME = "_lease.json"         # held by the running driver
+LOCK_DIR = "_lock"                 # the run lock's generations (pipelines/run_lock.py)
 SUMMARY_NAME = "_summary.json"     # per-scorer statistics, intrinsic figures
 STAGING_DIR = "_staging"           # parts of a pass that a later pass (a judge) rewrites; never output
 ERRORS_DIR = "errors"
 ERRORS_FILE = "errors.jsonl"       # every error row, for a quick look (the parquet parts stay the record)
 
 
+# A part this run wrote: part-g<lock generation>-<write id>_<task>.parquet, directly in the run folder (or in a
+# staging pass folder). Nothing else in the folder, and nothing below it, is ever counted or deleted as a part.
+PART_NAME = re.compile(r"^part-g(\d{6})-[0-9a-f]+_\d{6}\.parquet$")
+
+
+def part_name(generation: int, write_id: str, task_index: int) -> str:
+    return f"part-g{generation:06d}-{write_id}_{task_index:06d}.parquet"
+
+
+def part_generation(path: str) -> int | None:
+    """The lock generation that wrote this part, or None when the name is not one of llmbatch's parts."""
+    match = PART_NAME.match(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
 def output_parts(fs, inner: str) -> list[str]:
-    """The run's committed-to-be parquet parts: everything but staging."""
-    staging = f"/{STAGING_DIR}/"
-    return sorted(p for p in fs.find(inner) if p.endswith(".parquet") and staging not in p[len(inner):])
+    """The parquet parts llmbatch wrote directly in the folder `inner` (a run folder, or a staging pass)."""
+    try:
+        listed = fs.ls(inner, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in listed if part_generation(p) is not None)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from llmbatch.pipelines.manifest import clear_uncommitted, manifest_exists, remo
 from llmbatch.pipelines.resume import (
     FinishedWork, changed_settings, finished_work, input_files_changed, read_attempt,
 )
-from llmbatch.pipelines.run_files import ATTEMPT_NAME, ERRORS_DIR
-from llmbatch.storage import join
+from llmbatch.pipelines.run_files import ATTEMPT_NAME, ERRORS_DIR, ERRORS_FILE, RunFolder
 
 FRESH = "fresh"                        # nothing to keep: an empty folder, or --overwrite of an uncommitted one
 RESUME = "resume"                      # --resume: keep the earlier attempt's rows
@@ -33,6 +32,7 @@ class FolderState:
 class RunStart:
     mode: str
     changed: tuple[str, ...] = field(default=())   # RESTART: what differs from the earlier attempt
+    earlier_engine: dict[str, Any] | None = None   # a resume: the engine settings the earlier attempt recorded
 
     @property
     def resumes(self) -> bool:
@@ -68,13 +68,28 @@ def decide_start(state: FolderState, attempt: dict[str, Any], *, resume: bool, o
         if input_files_changed(earlier, attempt["input_files"]):
             raise UserError(f"--resume {run_id}: the input files changed since the earlier attempt (names or "
                             "sizes), so its finished rows would not match; submit under a new --run-id")
-        return RunStart(RESUME)
+        return RunStart(RESUME, earlier_engine=earlier.get("engine"))
     if overwrite or earlier is None:
         return RunStart(FRESH)
     changed = changed_settings(earlier["spec"], attempt["spec"])
     if input_files_changed(earlier, attempt["input_files"]):
         changed.append("input files")
-    return RunStart(RESTART, tuple(changed)) if changed else RunStart(AUTOMATIC_RESUME)
+    return RunStart(RESTART, tuple(changed)) if changed else RunStart(AUTOMATIC_RESUME,
+                                                                      earlier_engine=earlier.get("engine"))
+
+
+def check_same_engine(start: RunStart, engine: dict[str, Any], run_id: str) -> None:
+    """A resume keeps rows an engine made; refuse one whose engine would make the rest differently (a new
+    `resources.accelerator` that turns float32 into bfloat16, say)."""
+    if not start.resumes or start.earlier_engine is None:
+        return
+    changed = sorted(k for k in set(engine) | set(start.earlier_engine)
+                     if engine.get(k) != start.earlier_engine.get(k))
+    if changed:
+        what = ", ".join(f"{k} {start.earlier_engine.get(k)} -> {engine.get(k)}" for k in changed)
+        raise UserError(f"run {run_id}: resuming would finish the rows with another engine setting ({what}) than "
+                        "the earlier attempt wrote its rows with; set resources back, or pass --overwrite to start "
+                        "over")
 
 
 def prepare_run_folder(start: RunStart, run_uri: str, first_pass: str, judge_passes: int, log) -> FinishedWork | None:
@@ -99,5 +114,5 @@ def prepare_run_folder(start: RunStart, run_uri: str, first_pass: str, judge_pas
         stale = clear_uncommitted(run_uri)
         if stale:
             log.warning("uncommitted_parts_removed", parts=stale, output=run_uri)
-    remove_tree(join(run_uri, ERRORS_DIR))
+    RunFolder(run_uri).remove(f"{ERRORS_DIR}/{ERRORS_FILE}")
     return finished

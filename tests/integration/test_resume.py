@@ -18,7 +18,11 @@ ROWS = 40
 
 
 def _parts(run: Path) -> list[Path]:
-    return [p for p in run.glob("*.parquet")]
+    return [p for p in run.glob("part-g*.parquet")]
+
+
+def _lock_records(run: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / "_lock").glob("g*.json"))]
 
 
 def _rows_written(run: Path) -> int:
@@ -61,14 +65,17 @@ def test_driver_killed_mid_run_then_resume_keeps_finished_rows(tmp_path: Path, d
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
-        while not (run / "_lease.json").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        # the engine is starting: a second driver for the same run id is refused
+        while not (run / "_lock").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        # the run is starting: a second driver for the same run id is refused
         live = run_cli("submit", str(job), "--run-id", "kill-1")
         assert live.returncode == 2 and "run kill-1 is still running" in live.stderr, live.stderr
         while _rows_written(run) < 8 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert proc.poll() is None, "the run ended before it could be killed"
+        # and while its engine writes rows
+        busy = run_cli("submit", str(job), "--run-id", "kill-1", "--overwrite")
+        assert busy.returncode == 2 and "run kill-1 is still running" in busy.stderr, busy.stderr
         written_at_kill = _rows_written(run)
     finally:
         _kill_session(proc)
@@ -79,15 +86,24 @@ def test_driver_killed_mid_run_then_resume_keeps_finished_rows(tmp_path: Path, d
     assert refused.returncode == 2 and "the job changed since the earlier attempt (sampling.max_tokens)" \
         in refused.stderr
 
+    # files llmbatch did not write, in the run folder and below it, are neither deleted nor counted
+    theirs = [run / "theirs.parquet", run / "sub" / _parts(run)[0].name]
+    theirs[1].parent.mkdir()
+    for path in theirs:
+        path.write_bytes(_parts(run)[0].read_bytes())
+
     # a plain resubmission of the same run id (what a scheduled rerun does) continues it
     proc = run_cli("--log-format", "json", "submit", str(job), "--run-id", "kill-1", check=True)
     rows, manifest = read_output(str(run))
+    assert all(path.exists() for path in theirs)
+    assert all(name.startswith("part-g") and "/" not in name for name in manifest["output"]["files"])
     assert len(rows) == ROWS and sorted(r.id for r in rows) == [f"q{i:03d}" for i in range(ROWS)]
     assert all(r.error is None and r.generated_text for r in rows)
     assert manifest["status"] == "succeeded" and manifest["rows"]["out"] == ROWS
     resumed = manifest["resumed"]
     assert resumed["rows_skipped"] >= written_at_kill and resumed["parts_kept"] >= 1 and resumed["automatic"]
-    assert not (run / "_lease.json").exists()
+    records = _lock_records(run)  # the killed driver's, the refused --resume's, this one's
+    assert [r["generation"] for r in records] == [1, 2, 3] and not records[0]["released"] and records[-1]["released"]
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     started = next(e for e in events if e.get("event") == "run_started")
     assert started["rows"] == ROWS - resumed["rows_skipped"]    # only the rest was computed

@@ -89,3 +89,20 @@ def test_models_prepare_builds_the_demo_checkpoint_once(tmp_path: Path):
     assert "model_prepare_started" not in second.stderr
     listing = run_cli("models", "list", env=env, check=True).stdout
     assert DEMO_MODEL in listing and "not prepared yet" not in listing
+
+
+def test_a_model_key_that_climbs_out_of_the_cache_is_refused_and_nothing_is_written(tmp_path: Path, s3,
+                                                                                   monkeypatch):
+    s3.mkdir("models")
+    s3.pipe_file("models/evil/config.json", b'{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    s3.pipe_file("models/evil/../../escape.pth", b"import os")
+    home = tmp_path / "home"
+    monkeypatch.setenv("LLMBATCH_HOME", str(home))
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    job = write_job(tmp_path / "job.yaml", name="evil", model={"source": "s3://models/evil"},
+                    input={"path": str(data)}, output={"path": str(tmp_path / "out")})
+    proc = run_cli("plan", str(job))
+    assert proc.returncode == 2, proc.stderr
+    assert "the key '../../escape.pth' would be written outside" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("escape.pth"))

@@ -116,19 +116,6 @@ def test_can_host_needs_the_whole_replica_and_its_gpu_type_on_one_node():
     assert not can_host(replica_shape("cpu", 1), {"GPU": 1, "CPU": 0})
 
 
-def test_parts_of_an_uncommitted_attempt_are_cleared(tmp_path: Path):
-    from llmbatch.pipelines.manifest import clear_uncommitted
-
-    run = tmp_path / "out" / "r1"
-    assert clear_uncommitted(str(run)) == 0
-    run.mkdir(parents=True)
-    (run / "a.parquet").write_bytes(b"x")
-    (run / "b.parquet").write_bytes(b"y")
-    (run / "notes.txt").write_text("kept")
-    assert clear_uncommitted(str(run)) == 2
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
-
-
 def test_sizing_problems_only_warn_for_a_fixed_pool():
     from structlog.testing import capture_logs
 

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from llmbatch.pipelines.run_files import part_name
 from llmbatch.pipelines.columns import (HIT_COLUMN, ID_COLUMN, INFERENCE_ERROR, INPUT_COLUMN, RENDERED_PROMPT,
                                         ROW_ERROR_COLUMN)
 from llmbatch.errors import SpecError
@@ -70,7 +71,7 @@ def test_only_greedy_or_seeded_sampling_is_cached():
 def test_lookup_stage_marks_hits_and_leaves_misses_and_error_rows(tmp_path: Path):
     plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
     run = tmp_path / "run"
-    write_part(run / "part-0.parquet", [output_row(0, "known prompt", False, "Paris"),
+    write_part(run / part_name(1, "0", 0), [output_row(0, "known prompt", False, "Paris"),
                                         output_row(1, "failed prompt", False, None, "engine error")])
     assert write_entries(str(run), plan, "run-1") == {"hits": 0, "entries_written": 1}
     stage = CacheLookupStage(plan.uri)
@@ -99,11 +100,11 @@ def test_a_hit_becomes_a_finished_output_row_without_the_engine():
 def test_write_entries_adds_only_rows_generated_by_this_run(tmp_path: Path):
     plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
     run = tmp_path / "run"
-    write_part(run / "a" / "part-0.parquet", [output_row(0, "p0", True), output_row(1, "p1", False),
+    write_part(run / part_name(1, "a", 0), [output_row(0, "p0", True), output_row(1, "p1", False),
                                               output_row(2, "p2", False, None, "prompt is empty")])
-    write_part(run / "a" / "part-1.parquet", [output_row(3, "p3", False),
+    write_part(run / part_name(1, "a", 1), [output_row(3, "p3", False),
                                               output_row(4, "p4", False, "kept", "score_x: no reference")])
-    write_part(run / "_staging" / "pass-0" / "part-9.parquet", [output_row(9, "p9", False)])
+    write_part(run / "_staging" / "pass-0" / part_name(1, "9", 0), [output_row(9, "p9", False)])
     assert write_entries(str(run), plan, "run-1") == {"hits": 1, "entries_written": 3}
     index = load_index(plan.uri)
     assert len(index) == 3
@@ -116,7 +117,7 @@ def test_write_entries_adds_only_rows_generated_by_this_run(tmp_path: Path):
 def test_a_cache_file_cut_short_is_skipped(tmp_path: Path):
     plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
     run = tmp_path / "run"
-    write_part(run / "part-0.parquet", [output_row(0, "p0", False)])
+    write_part(run / part_name(1, "0", 0), [output_row(0, "p0", False)])
     write_entries(str(run), plan, "run-1")
     Path(plan.uri, "broken.parquet").write_bytes(b"PAR1 not really")
     assert load_index(plan.uri).get(prompt_key("p0"))["generated_text"] == "ok"
@@ -188,3 +189,20 @@ def structlog_logger():
     import structlog
 
     return structlog.get_logger()
+
+
+def test_parts_from_before_the_job_had_a_cache_are_fresh_rows_and_a_failing_cache_never_fails_the_commit(
+        tmp_path: Path):
+    plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
+    run = tmp_path / "run"
+    older = [{k: v for k, v in output_row(0, "p0", False).items() if k != "cached"}]
+    write_part(run / part_name(1, "0", 0), older)   # an attempt without a cache, resumed with one
+    write_part(run / part_name(2, "0", 0), [output_row(1, "p1", True)])
+    assert write_entries(str(run), plan, "run-1") == {"hits": 1, "entries_written": 1}
+    assert load_index(plan.uri).get(prompt_key("p0"))["generated_text"] == "ok"
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache's folder should be")
+    stuck = cache_namespace(str(blocked), "sha256:aa", ENGINE, GREEDY)
+    stats = write_entries(str(run), stuck, "run-2")
+    assert stats["entries_written"] == 0 and stats["hits"] == 1 and "write the result cache" in stats["write_error"]

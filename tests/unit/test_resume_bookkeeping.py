@@ -7,9 +7,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmbatch.pipelines.run_files import part_name
 from llmbatch.pipelines.columns import is_done, row_key, row_key_hashes
 from llmbatch.pipelines.read import ReadShards
 from llmbatch.pipelines.resume import changed_settings, finished_work
+
+A, B, C = (part_name(1, name, 0) for name in "abc")
 
 
 def _part(path, ids, errors):
@@ -20,14 +23,14 @@ def _part(path, ids, errors):
 def test_finished_work_counts_written_rows_and_deletes_parts_cut_short(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    _part(run / "a.parquet", ["r0", "r1"], [None, "prompt is empty"])
-    _part(run / "b.parquet", ["k", "k"], [None, "duplicate id 'k' at a.jsonl row 5 (first at a.jsonl row 2)"])
-    (run / "c.parquet").write_bytes(b"PAR1 cut short")
+    _part(run / A, ["r0", "r1"], [None, "prompt is empty"])
+    _part(run / B, ["k", "k"], [None, "duplicate id 'k' at a.jsonl row 5 (first at a.jsonl row 2)"])
+    (run / C).write_bytes(b"PAR1 cut short")
     (run / "_staging").mkdir()
-    _part(run / "_staging" / "s.parquet", ["z"], [None])
+    _part(run / "_staging" / A, ["z"], [None])
     work = finished_work(str(run))
-    assert work.rows == 4 and work.parts_kept == 2 and work.parts_removed == ["c.parquet"]
-    assert not (run / "c.parquet").exists() and (run / "_staging" / "s.parquet").exists()
+    assert work.rows == 4 and work.parts_kept == 2 and work.parts_removed == [C] and work.kept == [A, B]
+    assert not (run / C).exists() and (run / "_staging" / A).exists()
     keys = row_key_hashes(["r1", "k", "k", "k", "r9"],
                           [None, None, "duplicate id 'k' at a.jsonl row 5 (first at a.jsonl row 2)",
                            "duplicate id 'k' at a.jsonl row 7 (first at a.jsonl row 2)", None])

@@ -222,3 +222,18 @@ def test_the_read_granularity_is_its_own_setting_defaulting_to_one_engine_batch(
     assert resolve(validate_spec(raw)).rows_per_read_task == 16
     raw["input"]["rows_per_read_task"] = 500
     assert resolve(validate_spec(raw)).rows_per_read_task == 500
+
+
+def test_a_cache_inside_the_run_folder_or_an_output_path_that_is_a_run_folder_is_refused(tmp_path):
+    from llmbatch.jobs.resolve import overlap_problems
+
+    raw = {"name": "j", "model": {"source": "m"}, "input": {"path": str(tmp_path / "in.jsonl")},
+           "output": {"path": str(tmp_path / "out")}, "cache": {"path": str(tmp_path / "out" / "c")}}
+    spec = validate_spec(raw)
+    (problem,) = overlap_problems(spec, str(tmp_path / "out" / "c"))
+    assert problem.startswith(f"cache.path: {tmp_path / 'out' / 'c'} overlaps this run's folder")
+    assert overlap_problems(spec, str(tmp_path / "out" / "other")) == []
+    (tmp_path / "out" / "r1" / "_lock").mkdir(parents=True)
+    nested = validate_spec({**raw, "output": {"path": str(tmp_path / "out" / "r1")}, "cache": None})
+    (problem,) = overlap_problems(nested, str(tmp_path / "out" / "r1" / "r2"))
+    assert problem.startswith(f"output.path: {tmp_path / 'out' / 'r1'} is itself a run's folder")

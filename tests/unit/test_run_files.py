@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llmbatch.pipelines.run_files import part_name
 from llmbatch.errors import UserError
 from llmbatch.pipelines.error_rows import ErrorRowsWriter
 from llmbatch.pipelines.manifest import OutputTally
@@ -36,6 +37,8 @@ def test_a_streamed_file_that_fails_halfway_leaves_nothing(tmp_path):
         out.write(b"{}\n")
     assert (tmp_path / "run" / ERRORS_DIR / ERRORS_FILE).read_bytes() == b"{}\n"
 
+A, B = part_name(1, "a", 0), part_name(1, "b", 0)
+
 
 def _part(path, ids, errors, scores=None):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,13 +51,13 @@ def _part(path, ids, errors, scores=None):
 
 def test_one_pass_feeds_the_tally_the_error_rows_and_the_summary(tmp_path):
     run = tmp_path / "run"
-    _part(run / "a.parquet", ["a", "b"], [None, "prompt is empty"], [True, None])
-    _part(run / "b.parquet", ["c"], [None], [False])
-    _part(run / STAGING_DIR / "pass-1" / "c.parquet", ["x"], ["not part of the output"], [True])
+    _part(run / A, ["a", "b"], [None, "prompt is empty"], [True, None])
+    _part(run / B, ["c"], [None], [False])
+    _part(run / STAGING_DIR / "pass-1" / A, ["x"], ["not part of the output"], [True])
     tally, errors = OutputTally(), ErrorRowsWriter(str(run))
     stats = ScoreStats([ExactMatchScorer(name="ok", kind="exact_match", reference_column="answer")])
     files = read_back(str(run), [tally, errors, stats])
-    assert files == ["a.parquet", "b.parquet"]
+    assert files == [A, B]
     assert (tally.rows, tally.ok, tally.errors, tally.distinct_ids, tally.generated_tokens) == (3, 2, 1, 3, 6)
     assert errors.result() == {"path": "errors/errors.jsonl", "rows": 1,
                                "kinds": [{"kind": "prompt is empty", "rows": 1}]}
@@ -66,8 +69,8 @@ def test_one_pass_feeds_the_tally_the_error_rows_and_the_summary(tmp_path):
 
 def test_parts_without_errors_are_skipped_by_the_error_writer_and_no_file_is_written(tmp_path):
     run = tmp_path / "run"
-    _part(run / "a.parquet", ["a"], [None])
-    assert not has_values(pq.ParquetFile(run / "a.parquet"), "error")
+    _part(run / A, ["a"], [None])
+    assert not has_values(pq.ParquetFile(run / A), "error")
     errors = ErrorRowsWriter(str(run))
     read_back(str(run), [errors])
     assert errors.result() is None and not (run / ERRORS_DIR).exists()
@@ -75,7 +78,7 @@ def test_parts_without_errors_are_skipped_by_the_error_writer_and_no_file_is_wri
 
 def test_a_failed_read_back_leaves_no_half_written_error_file(tmp_path):
     run = tmp_path / "run"
-    _part(run / "a.parquet", ["a"], ["boom"])
+    _part(run / A, ["a"], ["boom"])
 
     class Broken:
         def finish(self, stack: ExitStack) -> None:

@@ -6,6 +6,7 @@ import json
 import pytest
 import structlog
 
+from llmbatch.pipelines.run_files import part_name
 from llmbatch.errors import UserError
 from llmbatch.pipelines.run_files import MANIFEST_NAME
 from llmbatch.pipelines.resume import write_attempt
@@ -81,7 +82,10 @@ def test_the_folder_state_is_read_from_the_manifest_and_the_attempt(tmp_path):
     assert read_folder_state(str(run)).committed
 
 
-def _part(folder, name="part-0.parquet"):
+PART = part_name(1, "0", 0)
+
+
+def _part(folder, name=PART):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -93,13 +97,14 @@ def test_preparing_keeps_the_parts_of_a_resume_and_clears_them_otherwise(tmp_pat
     run = tmp_path / "run"
     _part(run)
     (run / "errors").mkdir()
+    (run / "errors" / "errors.jsonl").write_text("{}")
     finished = prepare_run_folder(RunStart(AUTOMATIC_RESUME), str(run), str(run), 0, structlog.get_logger())
-    assert finished.rows == 1 and (run / "part-0.parquet").exists()
-    assert not (run / "errors").exists()
+    assert finished.rows == 1 and (run / PART).exists()
+    assert not (run / "errors" / "errors.jsonl").exists()
     with structlog.testing.capture_logs() as logs:
         assert prepare_run_folder(RunStart(RESTART, ("input files",)), str(run), str(run), 0,
                                   structlog.get_logger()) is None
-    assert not (run / "part-0.parquet").exists()
+    assert not (run / PART).exists()
     assert [e["event"] for e in logs] == ["earlier_attempt_restarted", "uncommitted_parts_removed"]
     assert logs[0]["changed"] == ["input files"]
 
@@ -109,4 +114,17 @@ def test_preparing_a_replacement_removes_the_committed_run(tmp_path):
     _part(run)
     (run / MANIFEST_NAME).write_text("{}")
     prepare_run_folder(RunStart(REPLACE), str(run), str(run), 0, structlog.get_logger())
-    assert not (run / MANIFEST_NAME).exists() and not (run / "part-0.parquet").exists()
+    assert not (run / MANIFEST_NAME).exists() and not (run / PART).exists()
+
+
+def test_a_resume_whose_engine_would_make_rows_differently_is_refused():
+    from llmbatch.pipelines.run_folder import check_same_engine
+
+    earlier = {"spec": {"name": "j"}, "input_files": [], "engine": {"dtype": "float32", "engine": "vllm"}}
+    start = decide_start(FolderState(False, earlier), {"spec": {"name": "j"}, "input_files": []}, resume=False,
+                         overwrite=False, run_id="r", run_uri="out/r")
+    assert start.mode == AUTOMATIC_RESUME
+    check_same_engine(start, {"dtype": "float32", "engine": "vllm"}, "r")
+    with pytest.raises(UserError, match=r"another engine setting \(dtype float32 -> bfloat16\)"):
+        check_same_engine(start, {"dtype": "bfloat16", "engine": "vllm"}, "r")
+    check_same_engine(RunStart(RESTART), {"dtype": "bfloat16"}, "r")

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llmbatch.pipelines.run_files import part_name
 from llmbatch.jobs.compare import choose_metric, render_html, render_markdown, RunPoint, scatter_svg
 from llmbatch.errors import SpecError, UserError
 from llmbatch.jobs.spec import validate_spec
@@ -178,9 +179,9 @@ def test_summary_aggregates_scores_from_the_output_parts(tmp_path):
         "mean_logprob": [-1.0, -2.0, -3.0, -1.0], "perplexity": [2.7, 7.4, 20.1, 2.7],
         "num_generated_tokens": [1, 2, 3, 4],
         "score_ok": [True, False, True, None], "score_q": [1.0, 3.0, 3.0, None]})
-    pq.write_table(table, tmp_path / "part-0.parquet")
+    pq.write_table(table, tmp_path / part_name(1, "0", 0))
     (tmp_path / "_staging").mkdir()
-    pq.write_table(table, tmp_path / "_staging" / "ignored.parquet")
+    pq.write_table(table, tmp_path / "_staging" / part_name(1, "1", 0))
     summary = summarize(str(tmp_path), manifest(scoring=[s.model_dump(mode="json") for s in specs]))
     assert summary["scores"]["ok"] == {"kind": "regex", "type": "boolean", "scored": 3, "null": 1,
                                        "passed": 2, "pass_rate": pytest.approx(2 / 3, abs=1e-6)}
