@@ -187,7 +187,17 @@ def engine_for_checkpoint(path: Path, source: str, *, trust_remote_code: bool = 
         return "vllm"
     engine = _engine_for_config(config, path, source)
     _check_remote_code(config, source, trust_remote_code, where)
+    _check_remote_code(_tokenizer_config(path), source, trust_remote_code, where)
     return engine
+
+
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    """tokenizer_config.json, whose own auto_map makes transformers load the tokenizer's code from the folder."""
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _engine_for_config(config: dict[str, Any], path: Path, source: str) -> str:
@@ -210,6 +220,7 @@ def _check_remote_code(config: dict[str, Any], source: str, allowed: bool, where
     """A checkpoint whose config points at its own Python classes (auto_map) runs that code: only when allowed."""
     auto_map = config.get("auto_map")
     if auto_map and not allowed:
-        classes = ", ".join(sorted(str(v) if isinstance(v, str) else str(v[0]) for v in auto_map.values()))
+        entries = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        classes = ", ".join(sorted(str(v) if isinstance(v, str) else str((v or [None])[0]) for v in entries))
         raise UserError(f"{where}.engine.trust_remote_code: {source} ships its own code ({classes}); set "
                         f"{where}.engine.trust_remote_code: true to run it, after reading it")

@@ -1,6 +1,7 @@
 """`llmbatch results RUN_PATH`: a finished run's summary and a sample of its rows, read back later."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -43,8 +44,17 @@ def sample_rows(run_uri: str, count: int) -> list[dict[str, Any]]:
     return rows
 
 
+# Terminal control: CSI and OSC escape sequences, then any other C0/C1 control character.
+CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(value: Any) -> str:
+    """Run data as a terminal may show it: escape sequences and control characters removed."""
+    return CONTROL.sub("", str(value))
+
+
 def _short(value: Any, width: int) -> str:
-    text = " ".join(str(value).split())
+    text = " ".join(printable(value).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -54,7 +64,7 @@ def render_results(run_uri: str, rows: int) -> str:
     if rows > 0:
         lines.append(f"\nfirst {rows} rows:")
         for row in sample_rows(run_uri.rstrip("/"), rows):
-            lines.append(f"  {row['id']}")
+            lines.append(f"  {_short(row['id'], 100)}")
             lines.append(f"    prompt     {_short(row.get('prompt'), 100)}")
             if row.get("error"):
                 lines.append(f"    error      {_short(row['error'], 100)}")
@@ -62,5 +72,5 @@ def render_results(run_uri: str, rows: int) -> str:
                 lines.append(f"    output     {_short(row['generated_text'], 100)}")
             scores = {k: v for k, v in row.items() if k.startswith("score_") and not k.endswith("_raw")}
             if scores:
-                lines.append("    scores     " + ", ".join(f"{k[6:]}={v}" for k, v in scores.items()))
+                lines.append("    scores     " + _short(", ".join(f"{k[6:]}={v}" for k, v in scores.items()), 200))
     return "\n".join(lines)

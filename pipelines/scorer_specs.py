@@ -130,10 +130,23 @@ class JsonSchemaScorer(_ScorerSpec):
             jsonschema.validators.validator_for(value).check_schema(value)
         except jsonschema.SchemaError as exc:
             raise ValueError(f"not a valid JSON Schema ({exc.message})") from None
+        remote = _remote_refs(value)
+        if remote:
+            raise ValueError(f"$ref {remote[0]!r} points outside the schema; only references within it "
+                             "('#/...') are followed, so that scoring never fetches from the network")
         return value
 
     def build(self, columns: dict[str, str]) -> RowScorer:
         return scorers.json_parses(self.strip_code_fence, self.schema_)
+
+
+def _remote_refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) and not node["$ref"].startswith("#") else []
+        return own + [ref for value in node.values() for ref in _remote_refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _remote_refs(value)]
+    return []
 
 
 class ChrfScorer(_ScorerSpec):

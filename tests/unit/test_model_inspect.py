@@ -247,6 +247,11 @@ def test_a_checkpoint_with_its_own_code_runs_only_when_the_job_allows_it(tmp_pat
         engine_for_checkpoint(path, "glm-6b", where="judges[0].model")
     assert engine_for_checkpoint(path, "glm-6b", trust_remote_code=True) == "vllm"
     assert engine_for_checkpoint(checkpoint(tmp_path, "llama"), "tiny") == "vllm"
+    tokenizer_code = checkpoint(tmp_path, "llama-tok")
+    (tokenizer_code / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    with pytest.raises(UserError, match=r"ships its own code \(tokenization_evil.EvilTokenizer\)"):
+        engine_for_checkpoint(tokenizer_code, "tok")
 
 
 def test_trust_remote_code_reaches_the_engine_only_when_set():

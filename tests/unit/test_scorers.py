@@ -212,7 +212,7 @@ def test_compare_report_has_a_point_per_run_in_each_chart():
     points = [point("a", 0.5, 100.0, 2.0), point("b", 0.7, 50.0, 4.0), point("c", None, 10.0, 1.0)]
     page = render_html("exact", points)
     assert page.count('class="point"') == 4  # two charts x two runs with a quality figure
-    assert "Best on `exact`: **m · b**" in render_markdown("exact", points)
+    assert "Best on exact: **m · b**" in render_markdown("exact", points)
     assert "no run has both figures" in scatter_svg("t", "x", "y", [])
 
 
@@ -276,3 +276,28 @@ def test_a_recorded_judge_reads_back_without_its_engine_and_every_kind_round_tri
     assert read[1].schema_ == {"type": "object"} and read[2].is_boolean and not read[3].is_boolean
     assert read[3] == specs[3].grading() and read[3].needs_engine and not read[0].needs_engine
     assert [s.input_columns() for s in read] == [["answer"], [], [], []]
+
+
+def test_run_data_is_literal_text_in_the_comparison_and_on_the_terminal():
+    from llmbatch.jobs.results import _short
+
+    from dataclasses import replace
+
+    hostile = replace(point("r|1 <img src=x onerror=alert(1)>", 0.5, 1.0, 1.0),
+                      model="m`x` [link](http://e) **bold**\nnext")
+    markdown = render_markdown("exact", [hostile])
+    row = markdown.splitlines()[6]
+    assert row.startswith("| r\\|1 &lt;img src=x onerror=alert\\(1\\)&gt; | m\\`x\\` \\[link\\]\\(http://e\\) "
+                          "\\*\\*bold\\*\\* next |")
+    assert "<img" not in render_html("exact", [hostile]) and "&lt;img" in render_html("exact", [hostile])
+    assert _short("ok\x1b[31mred\x1b]0;title\x07 \x1b[2J\x07\x00 end", 100) == "okred end"
+
+
+def test_a_json_schema_that_refers_outside_itself_is_refused_before_any_row():
+    with pytest.raises(SpecError) as err:
+        validate_spec({**BASE, "scoring": [{"name": "a", "kind": "json_schema", "schema": {
+            "type": "object", "properties": {"x": {"$ref": "http://127.0.0.1:9/evil.json"}}}}]})
+    assert err.value.lines[0].startswith("scoring.0.schema: $ref 'http://127.0.0.1:9/evil.json' points outside")
+    (local,) = scorers({"name": "a", "kind": "json_schema", "schema": {
+        "$defs": {"n": {"type": "integer"}}, "type": "object", "properties": {"x": {"$ref": "#/$defs/n"}}}})
+    assert build_scorer(local, {})(row('{"x": 3}')) is True and build_scorer(local, {})(row('{"x": "3"}')) is False
