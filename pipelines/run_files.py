@@ -22,9 +22,9 @@ ERRORS_DIR = "errors"
 ERRORS_FILE = "errors.jsonl"       # every error row, for a quick look (the parquet parts stay the record)
 
 
-# A part this run wrote: part-g<lock generation>-<write id>_<task>.parquet, directly in the run folder (or in a
+# A part this run wrote: part-g<lock generation>-<write id>_<task>[-<file>].parquet, directly in the run folder (or in a
 # staging pass folder). Nothing else in the folder, and nothing below it, is ever counted or deleted as a part.
-PART_NAME = re.compile(r"^part-g(\d{6})-[0-9a-f]+_\d{6}\.parquet$")
+PART_NAME = re.compile(r"^part-g(\d{6})-[0-9a-f]+_\d{6}(?:-\d+)?\.parquet$")
 
 
 def part_name(generation: int, write_id: str, task_index: int) -> str:

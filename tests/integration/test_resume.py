@@ -73,9 +73,6 @@ def test_driver_killed_mid_run_then_resume_keeps_finished_rows(tmp_path: Path, d
         while _rows_written(run) < 8 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert proc.poll() is None, "the run ended before it could be killed"
-        # and while its engine writes rows
-        busy = run_cli("submit", str(job), "--run-id", "kill-1", "--overwrite")
-        assert busy.returncode == 2 and "run kill-1 is still running" in busy.stderr, busy.stderr
         written_at_kill = _rows_written(run)
     finally:
         _kill_session(proc)

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from support import CLI, REPO, read_output, run_cli, write_job
 
@@ -30,6 +32,16 @@ def _start(job: Path, run_id: str, log: Path, env: dict | None = None) -> subpro
                                 stdout=subprocess.DEVNULL, stderr=sink)
 
 
+@contextmanager
+def _held_still(proc: subprocess.Popen) -> Iterator[None]:
+    """The driver process paused for a moment, well within its lock's expiry (its Ray workers keep going)."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
 def _wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -49,11 +61,13 @@ def test_a_second_driver_on_an_s3_run_is_refused_while_the_first_starts_and_whil
     first = _start(job, "s3-lock", log)
     try:
         _wait_for(lambda: s3.exists(f"{run}/_lock/g000001.json"), first, log, "it took the lock")
-        starting = run_cli("submit", str(job), "--run-id", "s3-lock")
+        with _held_still(first):  # so that it is surely still starting while the second driver tries
+            starting = run_cli("submit", str(job), "--run-id", "s3-lock")
         assert starting.returncode == 2 and "run s3-lock is still running" in starting.stderr, starting.stderr
         _wait_for(lambda: any(p.rsplit("/", 1)[-1].startswith("part-g000001-") for p in s3.ls(run)), first, log,
                   "it wrote a part")
-        running = run_cli("submit", str(job), "--run-id", "s3-lock", "--overwrite")
+        with _held_still(first):  # its engine goes on writing rows; the driver cannot commit meanwhile
+            running = run_cli("submit", str(job), "--run-id", "s3-lock", "--overwrite")
         assert running.returncode == 2 and "run s3-lock is still running" in running.stderr, running.stderr
         assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
