@@ -1,6 +1,6 @@
 """The run lock on local disk: one holder per generation, staleness by the storage's clock, a superseded holder
 writes nothing, and a run deletes and counts only the parts it wrote. (The same lock on S3, and two real
-drivers, are in tests/integration/test_run_lock.py.)"""
+drivers, are in tests/integration/test_driver_lock.py.)"""
 from __future__ import annotations
 
 import json
