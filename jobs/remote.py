@@ -20,7 +20,9 @@ from llmbatch.jobs.spec import JobSpec
 from llmbatch.pipelines.manifest import read_manifest
 from llmbatch.storage import join
 
-SPEC_ENV = "LLMBATCH_JOB_SPEC"
+# The resolved job file travels inside the shipped package (uploaded to the cluster's own storage), never in the
+# job's environment variables, entrypoint or metadata, which the Ray dashboard shows to everyone who can open it.
+SHIPPED_JOB = "submitted_job.yaml"
 # Endpoint and region settings the cluster needs to reach the same storage; never credentials.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -36,7 +38,8 @@ class Submission:
 
 def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bool = False,
                       resume: bool = False) -> Submission:
-    """Send the job to the cluster: the project code and the resolved job file travel in the runtime env.
+    """Send the job to the cluster: the project code and the resolved job file travel as the runtime env's
+    package; the entrypoint names only the run.
 
     The first attempt at a run id is submitted under the run id itself; a later one (a resume, or a rerun
     that continues an uncommitted attempt) under `RUN_ID.attempt-N`, since the Jobs API keeps every
@@ -47,13 +50,12 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
         raise UserError(f"run {run_id} is still {_status(earlier[-1])} on the cluster (submission "
                         f"{earlier[-1].submission_id}); wait for it to end, or stop it with "
                         f"llmbatch cancel {run_id} --address {address}")
-    # No working_dir: Ray may re-extract a job's working_dir under its running driver. The resolved
-    # job file travels in the job's environment and reaches the entrypoint on standard input.
+    # No working_dir: Ray may re-extract a job's working_dir under its running driver.
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    env_vars[SPEC_ENV] = yaml.safe_dump(spec.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
+    job_text = yaml.safe_dump(spec.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
     metadata = {METADATA_MARK: "1", "job": spec.name, "run_id": run_id, "model": spec.model.source,
                 "output": run_uri}
-    entrypoint = f'printenv {SPEC_ENV} | python -m llmbatch.jobs.cli submit - --run-id {run_id} --on-cluster'
+    entrypoint = f"python -m llmbatch.jobs.cli submit {SHIPPED_JOB} --run-id {run_id} --on-cluster"
     if overwrite:
         entrypoint += " --overwrite"
     if resume:
@@ -61,7 +63,7 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
     taken = {info.submission_id for info in earlier}
     submission_id = next(candidate for candidate in _submission_ids(run_id) if candidate not in taken)
     jobs = client(address)
-    with shipped_package() as package, jobs_api_errors(address):
+    with shipped_package(job_text) as package, jobs_api_errors(address):
         runtime_env: dict[str, Any] = {"py_modules": [package], "env_vars": env_vars}
         jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
                         metadata=metadata)
@@ -69,8 +71,9 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
 
 
 @contextmanager
-def shipped_package() -> Iterator[str]:
-    """The installed `llmbatch` package assembled in one folder, as Ray's `py_modules` uploads it.
+def shipped_package(job_text: str | None = None) -> Iterator[str]:
+    """The installed `llmbatch` package assembled in one folder, as Ray's `py_modules` uploads it, with the
+    resolved job file (`job_text`) as SHIPPED_JOB in it.
 
     The layers live in their own folders in a source checkout, so the package is put together from
     wherever each one is installed."""
@@ -87,7 +90,20 @@ def shipped_package() -> Iterator[str]:
         for layer in (llmbatch.jobs, llmbatch.cluster, llmbatch.pipelines):
             shutil.copytree(Path(layer.__file__).parent, root / layer.__name__.rsplit(".", 1)[1],
                             ignore=skip, dirs_exist_ok=True)
+        if job_text is not None:
+            (root / SHIPPED_JOB).write_text(job_text, encoding="utf-8")
         yield str(root)
+
+
+def shipped_job_file() -> str:
+    """Where the job file submit_to_cluster shipped is, inside the package the cluster's driver runs."""
+    import llmbatch
+
+    path = Path(llmbatch.__file__).parent / SHIPPED_JOB
+    if not path.is_file():
+        raise UserError(f"--on-cluster: no {SHIPPED_JOB} beside {llmbatch.__file__}; this driver was not started by "
+                        "llmbatch submit --address")
+    return str(path)
 
 
 def _submission_ids(run_id: str) -> Iterator[str]:

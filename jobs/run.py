@@ -38,6 +38,7 @@ from llmbatch.pipelines.run_folder import (
 from llmbatch.pipelines.run_lock import RunLock, RunLockLost
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import join
+from llmbatch.versions import software_versions
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROGRESS_EVERY_SECONDS = 10.0
@@ -157,7 +158,7 @@ def _decide_and_fetch(job: ResolvedJob, run_id: str, run_uri: str, *, resume: bo
     """How the run folder starts and this attempt's record, decided under the run's lock; the models are
     fetched only once nothing refuses the run."""
     spec, files = job.spec, job.input.files
-    attempt = {"spec": spec.model_dump(mode="json"), "input_files": [[f.uri, f.size] for f in files]}
+    attempt = {"spec": spec.model_dump(mode="json"), "input_files": [f.identity() for f in files]}
     start = decide_start(read_folder_state(run_uri), attempt, resume=resume, overwrite=overwrite, run_id=run_id,
                          run_uri=run_uri)
     if any(model.path is None for model in (job.model, *job.judges)):
@@ -322,7 +323,9 @@ def result_cache_for(spec: JobSpec, fingerprint: str, engine_kwargs: dict[str, A
         log.warning("cache_not_used", reason="sampling.temperature > 0 without sampling.seed: a result is not "
                     "repeatable, so none is reused or stored; set sampling.seed to cache sampled results")
         return None
-    return cache_namespace(spec.cache.path, fingerprint, engine_kwargs, sampling_settings)
+    versions = software_versions()
+    return cache_namespace(spec.cache.path, fingerprint, engine_kwargs, sampling_settings,
+                           {k: versions[k] for k in ("llmbatch", "vllm", "transformers")})
 
 
 def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inputs, context, model_source: str,

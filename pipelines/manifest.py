@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +9,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from llmbatch.errors import UserError
+from llmbatch.pipelines.columns import KEY_DTYPE, stable_hash
 from llmbatch.pipelines.readback import read_back
 from llmbatch.pipelines.run_files import (
     ATTEMPT_NAME, ERRORS_DIR, ERRORS_FILE, MANIFEST_NAME, STAGING_DIR, SUMMARY_NAME, RunFolder, output_parts,
@@ -42,7 +42,7 @@ class OutputTally:
     errors: int = 0
     input_tokens: int = 0
     generated_tokens: int = 0
-    _ids: array = field(default_factory=lambda: array("q"), repr=False)  # 8 bytes a row: millions fit in MBs
+    _ids: bytearray = field(default_factory=bytearray, repr=False)  # each id's 128-bit hash: 16 bytes a row
 
     @property
     def ok(self) -> int:
@@ -50,8 +50,7 @@ class OutputTally:
 
     @property
     def distinct_ids(self) -> int:
-        ordered = np.sort(np.frombuffer(self._ids, dtype=np.int64))
-        return int(1 + np.count_nonzero(ordered[1:] != ordered[:-1])) if len(ordered) else 0
+        return len(np.unique(np.frombuffer(bytes(self._ids), dtype=KEY_DTYPE)))
 
     def columns(self, part) -> list[str]:
         return ["id", "error", "num_input_tokens", "num_generated_tokens"]
@@ -62,7 +61,8 @@ class OutputTally:
         self.errors += sum(e is not None for e in data["error"])
         self.input_tokens += sum(n or 0 for n in data["num_input_tokens"])
         self.generated_tokens += sum(n or 0 for n in data["num_generated_tokens"])
-        self._ids.extend(hash(i) for i in data["id"])
+        for row_id in data["id"]:
+            self._ids += stable_hash(str(row_id))
 
     def part_done(self, number: int) -> None:
         pass

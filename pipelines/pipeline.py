@@ -53,9 +53,8 @@ def _scan_remote(uri: str, fmt: str) -> ShardScan:
 
 
 @ray.remote(num_cpus=CPU_STAGE_CPUS)
-def _id_hashes_remote(task: ShardTask, schema_bytes: bytes, id_column: str, rows: int):
-    return id_hashes(task.uri, task.format, pa.ipc.read_schema(pa.py_buffer(schema_bytes)), id_column,
-                     task.take if task.take is not None else rows)
+def _id_hashes_remote(task: ShardTask, schema_bytes: bytes, id_column: str):
+    return id_hashes(task, pa.ipc.read_schema(pa.py_buffer(schema_bytes)), id_column)
 
 
 def scan_inputs(files: list[InputFile], limit: int | None, required_columns: dict[str, str],
@@ -80,7 +79,7 @@ def scan_inputs(files: list[InputFile], limit: int | None, required_columns: dic
     duplicates = 0
     if id_column:
         schema_bytes = schema.serialize().to_pybytes()
-        hashes = ray.get([_id_hashes_remote.remote(t, schema_bytes, id_column, rows_per_file[t.uri]) for t in tasks])
+        hashes = ray.get([_id_hashes_remote.remote(t, schema_bytes, id_column) for t in tasks])
         tasks, duplicates = mark_duplicate_ids(tasks, hashes)
     if rows_per_task:
         tasks = split_tasks(tasks, read_task_rows(task_rows(tasks, rows_per_file), rows_per_task),

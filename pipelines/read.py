@@ -5,7 +5,7 @@ import bisect
 import json
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from llmbatch.pipelines.columns import (DUPLICATE_ID_ERROR, ID_COLUMN, INPUT_COLUMN, ROW_ERROR_COLUMN, StageColumns,
-                                        is_done, row_key_hashes, stable_hash)
+                                        is_done, key_array, row_key_hashes, stable_hash)
 from llmbatch.errors import UserError
 from llmbatch.storage import check_bucket, filesystem_for, full_uri, is_s3, storage_errors
 
@@ -33,6 +33,19 @@ class InputFile:
     relpath: str      # path relative to the input root: the stable part of row ids
     size: int
     format: str
+    version: str = ""  # what changes when the file is replaced: S3's ETag, else its modification time
+
+    def identity(self) -> list[Any]:
+        """What an attempt records of the file, to tell on a resume whether it still holds the same rows."""
+        return [self.uri, self.size, self.version]
+
+
+def file_version(info: dict[str, Any]) -> str:
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    return mtime.isoformat() if hasattr(mtime, "isoformat") else repr(mtime) if mtime is not None else ""
 
 
 @dataclass(frozen=True)
@@ -58,24 +71,27 @@ def list_input_files(path: str, fmt: str = "auto") -> list[InputFile]:
     fs, inner = filesystem_for(path)
     with storage_errors(path, "list input"):
         if _has_glob(inner):
-            matches = fs.glob(inner)
+            matches = fs.glob(inner, detail=True)
             root = inner[: min(inner.find(c) for c in "*?[" if c in inner)].rsplit("/", 1)[0]
         elif fs.isdir(inner):
-            matches = fs.find(inner)
+            matches = fs.find(inner, detail=True)
             root = inner
         elif fs.isfile(inner):
-            matches, root = [inner], inner.rsplit("/", 1)[0]
+            matches, root = {inner: fs.info(inner)}, inner.rsplit("/", 1)[0]
         else:
-            matches = []
-            for match in fs.glob(inner + "*") if inner else []:
-                matches.extend(fs.find(match) if fs.isdir(match) else [match])
+            matches = {}
+            for match, info in (fs.glob(inner + "*", detail=True) if inner else {}).items():
+                matches.update(fs.find(match, detail=True) if info.get("type") == "directory" else {match: info})
             root = inner.rsplit("/", 1)[0]
             if not matches and not is_s3(path):
                 raise UserError(f"input.path: {path} does not exist")
             if not matches and is_s3(path):
                 check_bucket(path, "input.path")
         files = []
-        for match in sorted(set(matches)):
+        for match in sorted(matches):
+            info = matches[match]
+            if info.get("type") == "directory":
+                continue
             name = match.rsplit("/", 1)[-1]
             rel = match[len(root):].lstrip("/") if match.startswith(root) else name
             if match != inner and any(part.startswith((".", "_")) for part in rel.split("/")):
@@ -86,7 +102,8 @@ def list_input_files(path: str, fmt: str = "auto") -> list[InputFile]:
                     raise UserError(f"input.path: cannot tell the format of {full_uri(path, match)}; "
                                     "set input.format to parquet, jsonl or csv")
                 continue
-            files.append(InputFile(full_uri(path, match), rel or name, int(fs.size(match) or 0), file_format))
+            files.append(InputFile(full_uri(path, match), rel or name, int(info.get("size") or 0), file_format,
+                                   file_version(info)))
     if not files:
         raise UserError(f"input.path: no input files (.parquet, .jsonl, .csv) found at {path}")
     return files
@@ -406,15 +423,17 @@ def plan_shard_tasks(files: list[InputFile], rows_per_file: dict[str, int], limi
     return tasks
 
 
-def id_hashes(uri: str, fmt: str, schema: pa.Schema, id_column: str, take: int | None) -> np.ndarray:
-    """A stable 64-bit hash of each row's id (as the read stage will spell it); 0 for a null id."""
-    hashes: list[int] = []
-    for table in iter_shard(uri, fmt, schema, stop=take):
-        for value in table.column(id_column).to_pylist():
-            hashes.append(0 if value is None else stable_hash(str(value)))
-        if take is not None and len(hashes) >= take:
+def id_hashes(task: ShardTask, schema: pa.Schema, id_column: str) -> np.ndarray:
+    """A stable 128-bit hash of each row's id as the read stage will spell it: a null id is spelled by its
+    place (`relpath#row`), so that an explicit id equal to that spelling counts as a repeat of it."""
+    hashes: list[bytes] = []
+    for table in iter_shard(task.uri, task.format, schema, stop=task.take):
+        numbers = table.column("_row_number").to_pylist()
+        for value, number in zip(table.column(id_column).to_pylist(), numbers):
+            hashes.append(stable_hash(stable_id(task.relpath, number) if value is None else str(value)))
+        if task.take is not None and len(hashes) >= task.take:
             break
-    return np.array(hashes[:take] if take is not None else hashes, dtype=np.int64)
+    return key_array(hashes[:task.take] if task.take is not None else hashes)
 
 
 def mark_duplicate_ids(tasks: list[ShardTask], hashes: list[np.ndarray]) -> tuple[list[ShardTask], int]:
@@ -424,7 +443,7 @@ def mark_duplicate_ids(tasks: list[ShardTask], hashes: list[np.ndarray]) -> tupl
     every = np.concatenate(hashes)
     _, first, inverse = np.unique(every, return_index=True, return_inverse=True)
     first_seen = first[inverse]
-    repeated = (first_seen != np.arange(len(every))) & (every != 0)
+    repeated = first_seen != np.arange(len(every))
     owner = np.repeat(np.arange(len(tasks)), [len(h) for h in hashes])
     offsets = np.concatenate([[0], np.cumsum([len(h) for h in hashes])])
     marked = [dict() for _ in tasks]

@@ -18,10 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
-from llmbatch.pipelines.columns import (CACHED_COLUMN, HIT_COLUMN, PROMPT_COLUMN, ROW_ERROR_COLUMN, StageColumns,
-                                        stable_hash)
+from llmbatch.pipelines.columns import (CACHED_COLUMN, HIT_COLUMN, KEY_DTYPE, PROMPT_COLUMN, ROW_ERROR_COLUMN,
+                                        StageColumns, key_array, stable_hash)
 from llmbatch.errors import UserError
 from llmbatch.pipelines.readback import read_back
+from llmbatch.pipelines.schema import RESULT_FIELDS, TOP_LOGPROBS_FIELD
 from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
 
 CACHE_FORMAT = 1
@@ -44,10 +45,13 @@ def is_deterministic(sampling_params: dict[str, Any]) -> bool:
 
 
 def cache_namespace(cache_path: str, fingerprint: str, engine_kwargs: dict[str, Any],
-               sampling_params: dict[str, Any]) -> CacheNamespace:
+                    sampling_params: dict[str, Any], versions: dict[str, str | None]) -> CacheNamespace:
+    """The namespace of results that the same weights, engine settings, sampling and software would produce
+    again (`versions`: llmbatch's and the engines' packages; a new release starts a new namespace)."""
     key_fields = {
         "format": CACHE_FORMAT,
         "model_fingerprint": fingerprint,
+        "versions": dict(sorted(versions.items())),
         "dtype": engine_kwargs.get("dtype"),
         "max_model_len": engine_kwargs.get("max_model_len"),
         "sampling": dict(sorted(sampling_params.items())),
@@ -61,11 +65,12 @@ def prompt_key(prompt: str) -> str:
 
 
 class CacheIndex:
-    """Entries of one namespace: sorted 64-bit key hashes beside a columnar table of results."""
+    """Entries of one namespace: sorted key hashes beside a columnar table of results (the keys themselves are
+    compared on a lookup)."""
 
     def __init__(self, table: pa.Table):
         keys = table.column("key").to_pylist() if table.num_rows else []
-        hashes = np.array([stable_hash(k) for k in keys], dtype=np.int64)
+        hashes = key_array(stable_hash(k) for k in keys)
         order = np.argsort(hashes, kind="stable")
         self.hashes = hashes[order]
         self.table = table.take(pa.array(order)) if table.num_rows else table
@@ -76,7 +81,7 @@ class CacheIndex:
     def get(self, key: str) -> dict[str, Any] | None:
         if not len(self.hashes):
             return None
-        wanted = stable_hash(key)
+        wanted = np.array(stable_hash(key), dtype=KEY_DTYPE)
         at = int(np.searchsorted(self.hashes, wanted))
         while at < len(self.hashes) and self.hashes[at] == wanted:
             row = self.table.slice(at, 1).to_pylist()[0]
@@ -86,8 +91,29 @@ class CacheIndex:
         return None
 
 
+ENTRY_FIELDS = [pa.field("key", pa.string())] + [f for f in RESULT_FIELDS if f.name in RESULT_COLUMNS]
+
+
+def conform_entries(table: pa.Table) -> pa.Table:
+    """An entry file's rows in the entry schema, keyless rows dropped; ValueError when the file is not one."""
+    missing = [f.name for f in ENTRY_FIELDS[:2] if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"not a cache entry file (no {', '.join(missing)} column)")
+    fields = ENTRY_FIELDS + ([TOP_LOGPROBS_FIELD] if TOP_LOGPROBS_FIELD.name in table.column_names else [])
+    columns = []
+    for f in fields:
+        column = table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        try:
+            columns.append(column.cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise ValueError(f"column {f.name} is {column.type}, not {f.type}") from exc
+    conformed = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    return conformed.filter(pc.is_valid(conformed.column("key")))
+
+
 def load_index(uri: str, log=None) -> CacheIndex:
-    """Read every entry file of a namespace; a file that cannot be read (cut short by a crash) is skipped."""
+    """Read every entry file of a namespace; a file that cannot be read (cut short by a crash) or is not an
+    entry file of this format is skipped with a warning, so one bad file never costs the others."""
     log = log or structlog.get_logger()
     fs, inner = filesystem_for(uri)
     tables = []
@@ -96,8 +122,8 @@ def load_index(uri: str, log=None) -> CacheIndex:
         for path in files:
             try:
                 with fs.open(path, "rb") as handle:
-                    tables.append(pq.read_table(handle))
-            except (pa.ArrowInvalid, OSError, EOFError) as exc:
+                    tables.append(conform_entries(pq.read_table(handle)))
+            except (pa.ArrowInvalid, OSError, EOFError, ValueError) as exc:
                 log.warning("cache_file_skipped", file=path, error=str(exc)[:200])
     if not tables:
         return CacheIndex(pa.table({"key": pa.array([], pa.string())}))

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmbatch.pipelines.columns import row_key_hashes
+from llmbatch.pipelines.columns import KEY_DTYPE, row_key_hashes
 from llmbatch.pipelines.run_files import output_parts
 from llmbatch.pipelines.run_files import ATTEMPT_NAME, RunFolder
 from llmbatch.storage import filesystem_for, storage_errors
@@ -38,7 +38,7 @@ def finished_work(uri: str) -> FinishedWork:
     """The rows an earlier attempt wrote under `uri`; parts cut short by the crash are deleted."""
     fs, inner = filesystem_for(uri)
     hashes: list[np.ndarray] = []
-    work = FinishedWork(done=np.array([], dtype=np.int64))
+    work = FinishedWork(done=np.array([], dtype=KEY_DTYPE))
     with storage_errors(uri, "read the earlier attempt at"):
         for part in output_parts(fs, inner):
             try:
@@ -67,9 +67,23 @@ def read_attempt(run_uri: str) -> dict[str, Any] | None:
     return RunFolder(run_uri).read_json(ATTEMPT_NAME)
 
 
-def input_files_changed(earlier: dict[str, Any], input_files: list[list[Any]]) -> bool:
-    """Whether the input listing (names and sizes) differs from the earlier attempt's, when it recorded one."""
-    return earlier.get("input_files") not in (None, input_files)
+def input_changes(earlier: dict[str, Any], input_files: list[list[Any]]) -> list[str]:
+    """How the input files differ from the earlier attempt's record ([uri, size, version] each; attempts written
+    before versions were recorded hold [uri, size]), when it recorded them."""
+    before = earlier.get("input_files")
+    if before is None:
+        return []
+    then = {entry[0]: entry[1:] for entry in before}
+    now = {entry[0]: entry[1:] for entry in input_files}
+    changes = [f"{uri} is new" for uri in now if uri not in then]
+    changes += [f"{uri} is gone" for uri in then if uri not in now]
+    for uri in now.keys() & then.keys():
+        (size_then, *version_then), (size_now, *version_now) = then[uri], now[uri]
+        if size_then != size_now:
+            changes.append(f"{uri} was rewritten (size {size_then} -> {size_now})")
+        elif version_then and version_then != version_now[:len(version_then)]:
+            changes.append(f"{uri} was rewritten (same size, modified since)")
+    return sorted(changes)
 
 
 def changed_settings(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

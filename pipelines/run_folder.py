@@ -11,7 +11,7 @@ from typing import Any
 from llmbatch.errors import UserError
 from llmbatch.pipelines.manifest import clear_uncommitted, manifest_exists, remove_run, remove_tree, staging_uri
 from llmbatch.pipelines.resume import (
-    FinishedWork, changed_settings, finished_work, input_files_changed, read_attempt,
+    FinishedWork, changed_settings, finished_work, input_changes, read_attempt,
 )
 from llmbatch.pipelines.run_files import ATTEMPT_NAME, ERRORS_DIR, ERRORS_FILE, RunFolder
 
@@ -45,7 +45,7 @@ def read_folder_state(run_uri: str) -> FolderState:
 
 def decide_start(state: FolderState, attempt: dict[str, Any], *, resume: bool, overwrite: bool, run_id: str,
                  run_uri: str) -> RunStart:
-    """`attempt`: this attempt's record ({"spec": ..., "input_files": [[uri, size], ...]}). Refusals are
+    """`attempt`: this attempt's record ({"spec": ..., "input_files": [[uri, size, version], ...]}). Refusals are
     UserErrors that say what to pass instead."""
     if state.committed:
         if resume:
@@ -65,14 +65,16 @@ def decide_start(state: FolderState, attempt: dict[str, Any], *, resume: bool, o
             raise UserError(f"--resume {run_id}: the job changed since the earlier attempt ({', '.join(changed)}), "
                             "so its finished rows would not match the rest; submit under a new --run-id, "
                             "or pass --overwrite to start this one again")
-        if input_files_changed(earlier, attempt["input_files"]):
-            raise UserError(f"--resume {run_id}: the input files changed since the earlier attempt (names or "
-                            "sizes), so its finished rows would not match; submit under a new --run-id")
+        changes = input_changes(earlier, attempt["input_files"])
+        if changes:
+            shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+            raise UserError(f"--resume {run_id}: the input files changed since the earlier attempt ({shown}), so its "
+                            "finished rows would not match; submit under a new --run-id")
         return RunStart(RESUME, earlier_engine=earlier.get("engine"))
     if overwrite or earlier is None:
         return RunStart(FRESH)
     changed = changed_settings(earlier["spec"], attempt["spec"])
-    if input_files_changed(earlier, attempt["input_files"]):
+    if input_changes(earlier, attempt["input_files"]):
         changed.append("input files")
     return RunStart(RESTART, tuple(changed)) if changed else RunStart(AUTOMATIC_RESUME,
                                                                       earlier_engine=earlier.get("engine"))

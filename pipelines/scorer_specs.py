@@ -6,12 +6,14 @@ are the job's engine settings. The same spec objects travel to the Ray stages th
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, ClassVar, Literal, Optional
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llmbatch import env_refs
 from llmbatch.pipelines import scorers
 from llmbatch.pipelines.scorers import JUDGE_TEXT_SUFFIX, RowScorer, score_column
 
@@ -201,23 +203,43 @@ class PythonScorer(_ScorerSpec):
     kind: Literal["python"] = Field(..., description="Your own function, called once per row inside the Ray stage.")
     function: str = Field(..., pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                           description="package.module:function; called as function(row, **options).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the function.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the function. A text value may hold "
+        "${ENV_VAR} references (API keys, tokens): the run stores the reference and reads the variable where the "
+        "scorer runs.")
     returns: Literal["number", "boolean"] = Field("number", description="Column type of the score.")
+
+    @field_validator("options")
+    @classmethod
+    def _no_written_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        written = env_refs.literal_secrets(value)
+        if written:
+            raise ValueError(f"{', '.join(written)}: a secret written into the job file would be stored with the "
+                             "run (_attempt.json, _manifest.json); write \"${ENV_VAR}\" instead and set that "
+                             "variable where the job runs")
+        return value
 
     @property
     def is_boolean(self) -> bool:
         return self.returns == "boolean"
 
     def problems(self, where: str, known_columns: set[str]) -> list[str]:
+        lines = [f"{where}.options.{path}: ${{{name}}} is not set; set it where the job runs (on a cluster, in "
+                 "every node's environment)" for path, name in env_refs.references(self.options)
+                 if name not in os.environ]
         try:
             scorers.load_function(self.function)
         except ImportError as exc:
-            return [f"{where}.function: {exc} (the module must be importable where the job runs, "
-                    "e.g. through PYTHONPATH or an installed package)"]
-        return []
+            lines.append(f"{where}.function: {exc} (the module must be importable where the job runs, "
+                         "e.g. through PYTHONPATH or an installed package)")
+        return lines
 
     def build(self, columns: dict[str, str]) -> RowScorer:
-        return scorers.python_function(self.function, self.options, self.is_boolean)
+        try:
+            options = env_refs.resolve(self.options)
+        except env_refs.MissingVariable as exc:
+            return scorers.failing(f"options: ${{{exc.name}}} is not set where the scorer runs")
+        return scorers.python_function(self.function, options, self.is_boolean)
 
 
 ROW_SCORERS = (ExactMatchScorer, ContainsScorer, RegexScorer, JsonValidScorer, JsonSchemaScorer, ChrfScorer,

@@ -142,6 +142,14 @@ def python_function(path: str, options: dict[str, Any], boolean: bool) -> RowSco
     return score
 
 
+def failing(message: str) -> RowScorer:
+    """A scorer that cannot score (its settings are not there where it runs): each row gets the message."""
+    def score(row: dict[str, Any]) -> Any:
+        raise ScoreError(message)
+
+    return score
+
+
 def add_error(row: dict[str, Any], message: str) -> None:
     row["error"] = f"{row['error']}; {message}" if row.get("error") else message
 

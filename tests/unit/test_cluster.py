@@ -210,6 +210,24 @@ def test_fingerprint_changes_when_a_files_bytes_change(tmp_path):
     assert after.startswith("sha256:")
 
 
+def test_fingerprint_sees_new_bytes_behind_the_same_name_size_and_mtime(tmp_path, isolated_home):
+    """A file rewritten with its old mtime put back, and a copy that keeps names, sizes and mtimes but holds
+    other weights: neither is taken for the checkpoint it imitates."""
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    before = fingerprint(ckpt)
+    weights = ckpt / "weights.bin"
+    stat = weights.stat()
+    weights.write_bytes(b"\xff\x01\x02\x03" * 10)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint(ckpt) != before
+    twin = make_checkpoint(tmp_path / "twin")
+    (twin / "weights.bin").write_bytes(b"\x07\x01\x02\x03" * 10)
+    for p in ckpt.rglob("*"):
+        if p.is_file():
+            os.utime(twin / p.relative_to(ckpt), ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns))
+    assert fingerprint(twin) not in (before, fingerprint(ckpt))
+
+
 def test_fingerprint_changes_when_a_file_grows(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     before = fingerprint(ckpt)

@@ -3,6 +3,7 @@ status, logs and cancel follow the newest attempt; a run still going is not subm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -32,6 +33,9 @@ class FakeJobsApi:
             raise RuntimeError(f"Job with submission_id {submission_id} already exists")
         self.add(submission_id, "PENDING", metadata["run_id"])
         self.jobs[-1].entrypoint = entrypoint
+        self.runtime_env, self.metadata = runtime_env, metadata
+        shipped = Path(runtime_env["py_modules"][0], remote.SHIPPED_JOB)
+        self.shipped = shipped.read_text() if shipped.is_file() else None
 
     def get_job_logs(self, submission_id):
         return f"logs of {submission_id}"
@@ -95,3 +99,20 @@ def test_status_logs_cancel_and_list_follow_the_newest_attempt(api):
     assert set(runs) == {"nightly", "other"} and runs["nightly"]["attempts"] == 2
     with pytest.raises(UserError, match="no run 'ghost'"):
         remote.describe_status("http://h:8265", "ghost")
+
+
+def test_the_job_file_travels_in_the_shipped_package_not_where_the_dashboard_shows_it(api, tmp_path, monkeypatch):
+    """Environment variables, entrypoint and metadata of a Ray job are on the dashboard: the job file (and any
+    scorer option in it) is in none of them; a ${VAR} reference stays a reference."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-shipped")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    spec = JobSpec.model_validate({
+        "name": "j", "model": {"source": "m"}, "input": {"path": str(tmp_path / "in")},
+        "output": {"path": str(tmp_path / "out")},
+        "scoring": [{"name": "s", "kind": "python", "function": "m:f", "options": {"api_key": "${SCORER_KEY}"}}]})
+    remote.submit_to_cluster(spec, "r1", "http://h:8265")
+    shown = repr((api.runtime_env["env_vars"], api.jobs[-1].entrypoint, api.metadata))
+    assert "SCORER_KEY" not in shown and "scoring" not in shown and "never-shipped" not in shown
+    assert api.runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    assert api.jobs[-1].entrypoint == f"python -m llmbatch.jobs.cli submit {remote.SHIPPED_JOB} --run-id r1 --on-cluster"
+    assert "api_key: ${SCORER_KEY}" in api.shipped and "never-shipped" not in api.shipped

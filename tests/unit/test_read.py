@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import llmbatch.pipelines.read as read
 from llmbatch.errors import UserError
+from llmbatch.pipelines.columns import row_key_hashes
 from llmbatch.pipelines.read import (
     InputFile,
     ReadShards,
@@ -59,7 +61,17 @@ def test_stable_id_is_relpath_hash_row_number():
 def test_list_single_file(tmp_path):
     f = touch(tmp_path / "prompts.jsonl", '{"prompt": "x"}\n')
     (only,) = list_input_files(str(f))
-    assert only == InputFile(str(f), "prompts.jsonl", f.stat().st_size, "jsonl")
+    assert only == InputFile(str(f), "prompts.jsonl", f.stat().st_size, "jsonl", repr(f.stat().st_mtime))
+
+
+def test_a_file_rewritten_with_the_same_size_gets_a_new_version(tmp_path):
+    f = touch(tmp_path / "prompts.jsonl", '{"prompt": "a"}\n')
+    (before,) = list_input_files(str(f))
+    f.write_text('{"prompt": "b"}\n')
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    (after,) = list_input_files(str(f))
+    assert before.size == after.size and before.version != after.version
+    assert after.identity() == [str(f), after.size, after.version]
 
 
 def test_list_directory_with_nested_files_sorted_with_relative_paths(tmp_path):
@@ -563,8 +575,8 @@ def test_repeated_ids_across_shards_are_marked_after_their_first_occurrence(tmp_
                                            {"key": "k2", "prompt": "r"}])
     schema = pa.schema([("key", pa.string()), ("prompt", pa.string())])
     tasks = [ShardTask(str(a), "a.jsonl", "jsonl", None), ShardTask(str(b), "b.jsonl", "jsonl", 2)]
-    hashes = [id_hashes(t.uri, t.format, schema, "key", t.take) for t in tasks]
-    assert [len(h) for h in hashes] == [4, 2] and hashes[0][1] == 0
+    hashes = [id_hashes(t, schema, "key") for t in tasks]
+    assert [len(h) for h in hashes] == [4, 2]
     marked, count = mark_duplicate_ids(tasks, hashes)
     assert count == 2
     assert json.loads(marked[0].duplicates) == {"2": "a.jsonl row 0"}
@@ -654,6 +666,25 @@ def test_a_jsonl_range_is_not_parsed_past_its_end(tmp_path, monkeypatch):
     assert rows[-1]["prompt"] == "p20"
 
 
+def test_an_explicit_id_spelled_like_a_null_ids_place_is_a_repeat_not_a_second_row_with_that_key(tmp_path):
+    """A null id is spelled by its place (a.jsonl#1); a later row whose id is that text would share its output id
+    and its resume key, so it is marked as a repeat and keyed by its own place."""
+    from llmbatch.pipelines.read import id_hashes, mark_duplicate_ids
+
+    f = write_jsonl(tmp_path / "a.jsonl", [{"qid": "x", "prompt": "p"}, {"qid": None, "prompt": "q"},
+                                           {"qid": "a.jsonl#1", "prompt": "r"}])
+    schema = pa.schema([("qid", pa.string()), ("prompt", pa.string())])
+    tasks, count = mark_duplicate_ids([ShardTask(str(f), "a.jsonl", "jsonl", None)],
+                                      [id_hashes(ShardTask(str(f), "a.jsonl", "jsonl", None), schema, "qid")])
+    assert count == 1
+    rows = shard_task_rows(tasks)
+    out = _run(ReadShards(schema.serialize().to_pybytes(), "qid"), {k: [r[k] for r in rows] for k in rows[0]})
+    assert out.column("_row_error").to_pylist() == [
+        None, "id column 'qid' is null", "duplicate id 'a.jsonl#1' at a.jsonl row 2 (first at a.jsonl row 1)"]
+    keys = row_key_hashes(out.column("id").to_pylist(), out.column("_row_error").to_pylist())
+    assert len(np.unique(keys)) == 3 and keys.dtype.itemsize == 16
+
+
 def test_a_repeated_id_is_named_first_even_when_the_row_has_another_error(tmp_path):
     from llmbatch.pipelines.read import id_hashes, mark_duplicate_ids
 
@@ -662,7 +693,7 @@ def test_a_repeated_id_is_named_first_even_when_the_row_has_another_error(tmp_pa
     schema = schema_of(scan_shard(str(f), "jsonl"))
     assert schema.field("prompt").type == pa.string()
     tasks, count = mark_duplicate_ids([ShardTask(str(f), "a.jsonl", "jsonl", None)],
-                                      [id_hashes(str(f), "jsonl", schema, "qid", None)])
+                                      [id_hashes(ShardTask(str(f), "a.jsonl", "jsonl", None), schema, "qid")])
     rows = shard_task_rows(tasks)
     out = _run(ReadShards(schema.serialize().to_pybytes(), "qid"), {k: [r[k] for r in rows] for k in rows[0]})
     assert out.column("_row_error").to_pylist()[2] == \

@@ -17,12 +17,19 @@ from llmbatch.jobs.spec import validate_spec
 from llmbatch.jobs.summary import render_summary
 from llmbatch.pipelines.infer import sampling_params
 from llmbatch.pipelines.output import to_output_row
-from llmbatch.pipelines.result_cache import KEY_FILE, CacheLookupStage, cache_namespace, is_deterministic, load_index, prompt_key, write_entries, write_key_file
+from llmbatch.pipelines import result_cache
+from llmbatch.pipelines.result_cache import (KEY_FILE, CacheLookupStage, is_deterministic, load_index, prompt_key,
+                                           write_entries, write_key_file)
 from llmbatch.pipelines.schema import OutputRow, output_schema
 from manifest_samples import earlier_manifest
 
 ENGINE = {"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.5, "enable_prefix_caching": True}
 GREEDY = sampling_params(32, 0.0, 1.0, None, None, [])
+VERSIONS = {"llmbatch": "0.1.0", "vllm": "0.11.0", "transformers": "4.57.0"}
+
+
+def cache_namespace(path, fingerprint, engine, sampling, versions=VERSIONS):
+    return result_cache.cache_namespace(path, fingerprint, engine, sampling, versions)
 
 
 def result(text: str, tokens: int = 3) -> dict:
@@ -57,6 +64,8 @@ def test_namespace_changes_with_every_setting_that_shapes_the_output():
         cache_namespace("/c", "sha256:aa", ENGINE, sampling_params(32, 0.7, 1.0, None, 1, [])),
         cache_namespace("/c", "sha256:aa", ENGINE, sampling_params(32, 0.7, 1.0, None, 2, [])),
         cache_namespace("/c", "sha256:aa", ENGINE, sampling_params(32, 0.0, 1.0, None, None, [], logprobs=3)),
+        cache_namespace("/c", "sha256:aa", ENGINE, GREEDY, {**VERSIONS, "vllm": "0.12.0"}),
+        cache_namespace("/c", "sha256:aa", ENGINE, GREEDY, {**VERSIONS, "llmbatch": "0.2.0"}),
     ]
     assert len({p.namespace for p in others} | {base}) == len(others) + 1
     assert cache_namespace("/c", "sha256:aa", ENGINE, GREEDY).uri == f"/c/{base}"
@@ -114,13 +123,25 @@ def test_write_entries_adds_only_rows_generated_by_this_run(tmp_path: Path):
     assert index.get(prompt_key("p9")) is None
 
 
-def test_a_cache_file_cut_short_is_skipped(tmp_path: Path):
+def test_a_bad_entry_file_is_skipped_and_the_rest_of_the_namespace_still_answers(tmp_path: Path):
+    """Cut short by a crash, another file that landed there, a column of another type, a null key: each is
+    skipped (with a warning) and never costs the other entries."""
     plan = cache_namespace(str(tmp_path / "cache"), "sha256:aa", ENGINE, GREEDY)
     run = tmp_path / "run"
     write_part(run / part_name(1, "0", 0), [output_row(0, "p0", False)])
     write_entries(str(run), plan, "run-1")
     Path(plan.uri, "broken.parquet").write_bytes(b"PAR1 not really")
-    assert load_index(plan.uri).get(prompt_key("p0"))["generated_text"] == "ok"
+    pq.write_table(pa.table({"x": [1]}), Path(plan.uri, "foreign.parquet"))
+    pq.write_table(pa.table({"key": [prompt_key("p1")], "generated_text": [[1, 2]]}), Path(plan.uri, "typed.parquet"))
+    pq.write_table(pa.table({"key": pa.array([None, prompt_key("p2")], pa.string()), "generated_text": ["a", "b"],
+                             "num_input_tokens": pa.array([1, 2], pa.int32())}), Path(plan.uri, "nulls.parquet"))
+    index = load_index(plan.uri)
+    assert index.get(prompt_key("p0"))["generated_text"] == "ok"
+    assert index.get(prompt_key("p1")) is None
+    assert index.get(prompt_key("p2")) == {**{f: None for f in ("finish_reason", "num_generated_tokens",
+                                                                 "cumulative_logprob", "mean_logprob", "perplexity")},
+                                           "generated_text": "b", "num_input_tokens": 2}
+    assert len(index) == 2
 
 
 def test_key_file_says_what_the_namespace_stands_for(tmp_path: Path):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmbatch.pipelines.run_files import part_name
-from llmbatch.pipelines.columns import is_done, row_key, row_key_hashes
+from llmbatch.pipelines.columns import KEY_DTYPE, is_done, row_key, row_key_hashes
 from llmbatch.pipelines.read import ReadShards
 from llmbatch.pipelines.resume import changed_settings, finished_work
 
@@ -35,7 +35,7 @@ def test_finished_work_counts_written_rows_and_deletes_parts_cut_short(tmp_path)
                           [None, None, "duplicate id 'k' at a.jsonl row 5 (first at a.jsonl row 2)",
                            "duplicate id 'k' at a.jsonl row 7 (first at a.jsonl row 2)", None])
     assert is_done(keys, work.done).tolist() == [True, True, True, False, False]
-    assert is_done(keys, np.array([], dtype=np.int64)).tolist() == [False] * 5
+    assert is_done(keys, np.array([], dtype=KEY_DTYPE)).tolist() == [False] * 5
     assert finished_work(str(tmp_path / "none")).rows == 0
     assert row_key("x", "prompt is empty") == "x"
 

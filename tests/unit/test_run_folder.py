@@ -18,9 +18,9 @@ from llmbatch.pipelines.run_folder import (
 RUN = "out/job/r1"
 
 
-def attempt(path="a.jsonl", size=10, tokens=8, replicas=1):
+def attempt(path="a.jsonl", size=10, tokens=8, replicas=1, version="v1"):
     return {"spec": {"name": "j", "sampling": {"max_tokens": tokens}, "resources": {"replicas": replicas}},
-            "input_files": [[path, size]]}
+            "input_files": [[path, size, version]]}
 
 
 def decide(state: FolderState, now=None, *, resume=False, overwrite=False) -> RunStart:
@@ -44,7 +44,7 @@ def test_a_plain_rerun_continues_an_uncommitted_attempt_of_the_same_job():
 
 
 @pytest.mark.parametrize("changed, named", [(dict(tokens=16), "sampling.max_tokens"), (dict(size=11), "input files"),
-                                            (dict(path="b.jsonl"), "input files")])
+                                            (dict(path="b.jsonl"), "input files"), (dict(version="v2"), "input files")])
 def test_a_plain_rerun_of_a_changed_job_starts_over_and_says_why(changed, named):
     start = decide(UNCOMMITTED, attempt(**changed))
     assert start == RunStart(RESTART, (named,))
@@ -61,8 +61,20 @@ def test_resume_continues_the_same_job_and_refuses_anything_else():
         decide(EMPTY, resume=True)
     with pytest.raises(UserError, match=r"the job changed since the earlier attempt \(sampling.max_tokens\)"):
         decide(UNCOMMITTED, attempt(tokens=16), resume=True)
-    with pytest.raises(UserError, match="the input files changed"):
+    with pytest.raises(UserError, match=r"the input files changed since the earlier attempt \(a.jsonl was rewritten "
+                                        r"\(size 10 -> 11\)\)"):
         decide(UNCOMMITTED, attempt(size=11), resume=True)
+    with pytest.raises(UserError, match=r"\(a.jsonl was rewritten \(same size, modified since\)\)"):
+        decide(UNCOMMITTED, attempt(version="v2"), resume=True)
+    with pytest.raises(UserError, match=r"\(a.jsonl is gone; b.jsonl is new\)"):
+        decide(UNCOMMITTED, attempt(path="b.jsonl"), resume=True)
+
+
+def test_an_attempt_recorded_without_file_versions_is_compared_by_names_and_sizes():
+    older = FolderState(committed=False, earlier_attempt={**attempt(), "input_files": [["a.jsonl", 10]]})
+    assert decide(older, attempt(version="v9"), resume=True) == RunStart(RESUME)
+    with pytest.raises(UserError, match="the input files changed"):
+        decide(older, attempt(size=12), resume=True)
 
 
 def test_a_committed_run_is_replaced_only_with_overwrite_and_never_resumed():

@@ -110,6 +110,44 @@ def test_python_scorer_gets_options_and_its_failures_become_row_errors():
     assert out[1]["error"] == "score_n: test_scorers:plus_one raised RuntimeError: cannot score boom"
 
 
+def keyed(row: dict, api_key: str, model: str = "m") -> float:
+    return float(api_key == "s3cr3t" and model == "m-s3cr3t")
+
+
+def test_python_scorer_options_take_secrets_by_env_reference_read_where_the_scorer_runs(monkeypatch):
+    spec = {"name": "k", "kind": "python", "function": "test_scorers:keyed",
+            "options": {"api_key": "${SCORER_KEY}", "model": "m-${SCORER_KEY}"}}
+    monkeypatch.delenv("SCORER_KEY", raising=False)
+    (scorer,) = scorers(spec)
+    assert scorer_problems([scorer], [], []) == [
+        "scoring.0.options.api_key: ${SCORER_KEY} is not set; set it where the job runs (on a cluster, in every "
+        "node's environment)",
+        "scoring.0.options.model: ${SCORER_KEY} is not set; set it where the job runs (on a cluster, in every "
+        "node's environment)"]
+    out = ScoreStage([scorer], {})(pa.Table.from_pylist([row("abc")])).to_pylist()
+    assert out[0]["error"] == "score_k: options: ${SCORER_KEY} is not set where the scorer runs"
+    monkeypatch.setenv("SCORER_KEY", "s3cr3t")
+    assert scorer_problems([scorer], [], []) == []
+    assert ScoreStage([scorer], {})(pa.Table.from_pylist([row("abc")])).to_pylist()[0]["score_k"] == 1.0
+    assert scorer.model_dump(mode="json")["options"] == spec["options"]  # what the run records
+
+
+@pytest.mark.parametrize("options, named", [({"api_key": "sk-123"}, "api_key"), ({"auth": {"token": "t"}}, "auth.token"),
+                                            ({"headers": {"X-Api-Key": "k"}}, "headers.X-Api-Key"),
+                                            ({"password": "pw"}, "password")])
+def test_a_secret_written_into_a_python_scorers_options_is_refused(options, named):
+    with pytest.raises(SpecError) as refused:
+        scorers({"name": "k", "kind": "python", "function": "m:f", "options": options})
+    (line,) = refused.value.lines
+    assert line.startswith(f"scoring.0.options: {named}: a secret written into the job file") and "${ENV_VAR}" in line
+
+
+def test_options_that_only_sound_like_secrets_are_kept():
+    (scorer,) = scorers({"name": "k", "kind": "python", "function": "m:f",
+                         "options": {"max_tokens": 5, "tokenizer": "gpt2", "token": "${T}", "token_limit": 3}})
+    assert scorer.options["tokenizer"] == "gpt2"
+
+
 def test_null_reference_is_a_row_error_and_failed_rows_are_not_scored():
     (scorer,) = scorers({"name": "e", "kind": "exact_match", "reference_column": "answer"})
     out = ScoreStage([scorer], {})(pa.Table.from_pylist([
