@@ -111,7 +111,7 @@ def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = F
     required = required_input_columns(spec)
     if scan_input and files and not any(line.startswith("input.") for line in problems):
         try:
-            facts = _scan(files)
+            facts = _scan(files, spec.input.id_column)
         except UserError as exc:
             problems += exc.lines
         else:
@@ -135,7 +135,7 @@ def render_settings(spec: JobSpec, max_len: int | None) -> RenderSettings:
         prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
         template=spec.input.template, system_prompt=spec.input.system_prompt, max_model_len=max_len,
         task=spec.task, completion_column=spec.input.completion_column, choices_column=spec.input.choices_column,
-        trust_remote_code=spec.model.engine.trust_remote_code,
+        trust_remote_code=spec.model.engine.trust_remote_code, special_tokens=spec.input.special_tokens,
     )
 
 
@@ -361,7 +361,7 @@ def _context_of(path: Path) -> int | None:
     return context_of(config) if isinstance(config, dict) else None
 
 
-def _scan(files: list[InputFile]) -> InputFacts:
+def _scan(files: list[InputFile], id_column: str | None) -> InputFacts:
     from llmbatch.pipelines.read import scan_shard, unify_input_schema
 
     scans = [scan_shard(f.uri, f.format) for f in files]
@@ -370,5 +370,5 @@ def _scan(files: list[InputFile]) -> InputFacts:
         lines = [f"input.path: cannot read {s.uri}: {s.error}" for s in broken]
         raise UserError(lines[0], lines=lines)
     rows = sum(s.rows for s in scans)
-    return InputFacts(tuple(files), rows, unify_input_schema(scans) if rows else None)
+    return InputFacts(tuple(files), rows, unify_input_schema(scans, id_column) if rows else None)
 

@@ -325,7 +325,7 @@ def result_cache_for(spec: JobSpec, fingerprint: str, engine_kwargs: dict[str, A
         return None
     versions = software_versions()
     return cache_namespace(spec.cache.path, fingerprint, engine_kwargs, sampling_settings,
-                           {k: versions[k] for k in ("llmbatch", "vllm", "transformers")})
+                           {k: versions[k] for k in ("llmbatch", "vllm", "transformers")}, spec.input.special_tokens)
 
 
 def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inputs, context, model_source: str,

@@ -57,6 +57,10 @@ class InputSpec(_Section):
     template: Optional[str] = Field(
         None, description="Python format string over the row's columns that builds the prompt, e.g. 'Q: {question}'.")
     system_prompt: Optional[str] = Field(None, description="System message put before every prompt.")
+    special_tokens: Literal["text", "control"] = Field(
+        "text", description="Special-token text in the input's values (<|im_start|>, </s>, [INST]): text = "
+                            "tokenized as the characters it is; control = as the control token it names. The chat "
+                            "template's own tokens, system_prompt and template text are control tokens either way.")
     limit: Optional[int] = Field(None, gt=0, description="Process only the first N rows (smoke runs).")
     rows_per_read_task: Optional[int] = Field(
         None, ge=1, description="Rows each read task covers (a large shard is read in ranges; parquet by whole "

@@ -13,7 +13,7 @@ from llmbatch.pipelines.scorer_specs import JudgeScorerBase
 
 from llmbatch.pipelines.columns import (INFERENCE_ERROR, JUDGED_ROW, JUDGE_SKIPPED, PROMPT_COLUMN, ROW_ERROR_COLUMN,
                                         TOKENS_COLUMN, StageColumns)
-from llmbatch.pipelines.render import RowError
+from llmbatch.pipelines.render import RowError, TextTokenizer, template_fields
 from llmbatch.pipelines.scorers import JUDGE_TEXT_SUFFIX, add_error
 
 
@@ -56,6 +56,7 @@ class JudgeRenderStage:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.text = TextTokenizer(self.tokenizer)  # the judged row's values (its answer too) are text
         self.scorer = scorer
         self.renamed = {output: name for name, output in input_columns.items() if output != name}
         self.max_model_len = max_model_len
@@ -83,12 +84,13 @@ class JudgeRenderStage:
             fields.setdefault(input_name, row.get(output_name))
         fields["prompt"] = row.get("prompt")
         messages = judge_messages(fields, self.scorer)
+        data = [str(fields[name]) for name in template_fields(self.scorer.rubric) if fields.get(name) is not None]
         if getattr(self.tokenizer, "chat_template", None) is not None:
             prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            ids = self.text.encode(prompt, data, add_special_tokens=False)
         else:
             prompt = "\n\n".join(m["content"] for m in messages) + "\n"
-            ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            ids = self.text.encode(prompt, data, add_special_tokens=True)
         if self.max_model_len is not None and len(ids) + 4 > self.max_model_len:
             raise RowError(f"judge prompt is {len(ids)} tokens; the judge's max_model_len is {self.max_model_len}")
         return prompt, ids

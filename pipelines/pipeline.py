@@ -68,7 +68,7 @@ def scan_inputs(files: list[InputFile], limit: int | None, required_columns: dic
         lines = [f"input.path: cannot read {s.uri}: {s.error}" for s in broken]
         raise UserError(lines[0], lines=lines)
     rows = sum(s.rows for s in scans)
-    schema = unify_input_schema(scans) if rows else None
+    schema = unify_input_schema(scans, id_column) if rows else None
     problems = input_shape_problems(len(files), rows, schema, required_columns)
     if problems:
         raise UserError(problems[0], lines=problems)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -23,8 +24,16 @@ FORMAT_BY_EXTENSION = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
     ".csv": "csv",
 }
+# Whole-file compression of text shards (parquet compresses inside): the name ends in one of these after the
+# format's own extension (`prompts.jsonl.gz`).
+COMPRESSION_BY_EXTENSION = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 READ_CHUNK_ROWS = 1024
 SEEK_EVERY = 256  # rows between the jsonl seek points the scan records
+MAX_LINE_BYTES = 64 << 20     # a longer jsonl line is a row error, never read whole into memory
+MAX_ARRAY_BYTES = 1 << 30     # a .json file holding one array is parsed whole, up to this size
+WHOLE_FILE_PARQUET = ("a parquet file compressed as a whole cannot be read (parquet compresses inside it); "
+                      "decompress it")
+MAX_NESTING = 32              # a JSON value nested deeper is a row error (Arrow types cannot hold it usefully)
 
 
 @dataclass(frozen=True)
@@ -120,10 +129,22 @@ def input_shape_problems(files: int, rows: int, schema: pa.Schema | None, requir
             for column, field in required.items() if column not in names]
 
 
+def compression_of(path: str) -> str | None:
+    return COMPRESSION_BY_EXTENSION.get(os.path.splitext(path)[1].lower())
+
+
+def format_extension(path: str) -> str:
+    """The extension that names a file's format, under any compression extension (`a.jsonl.gz` -> .jsonl)."""
+    stem, ext = os.path.splitext(path)
+    if ext.lower() in COMPRESSION_BY_EXTENSION:
+        ext = os.path.splitext(stem)[1]
+    return ext.lower()
+
+
 def _format_of(path: str, fmt: str) -> str | None:
     if fmt != "auto":
         return fmt
-    return FORMAT_BY_EXTENSION.get(os.path.splitext(path)[1].lower())
+    return FORMAT_BY_EXTENSION.get(format_extension(path))
 
 
 # ---- reading one shard -------------------------------------------------------------------------
@@ -147,7 +168,12 @@ def iter_shard(uri: str, fmt: str, schema: pa.Schema | None = None, *, start: in
     `seek_points`, for jsonl, collects a SeekPoint every SEEK_EVERY rows.
     """
     fs, inner = filesystem_for(uri)
-    with fs.open(inner, "rb") as handle:
+    codec = compression_of(uri)
+    with fs.open(inner, "rb") as raw:
+        if codec is not None and fmt == "parquet":
+            raise ValueError(WHOLE_FILE_PARQUET)
+        handle = raw if codec is None else io.BufferedReader(
+            pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), codec), buffer_size=1 << 20)
         if fmt == "parquet":
             yield from _iter_parquet(handle, schema, start)
         elif fmt == "jsonl":
@@ -176,9 +202,10 @@ def _iter_parquet(handle, schema: pa.Schema | None, first_wanted: int = 0) -> It
         return
     for batch in parquet.iter_batches(batch_size=READ_CHUNK_ROWS, row_groups=groups):
         table = pa.Table.from_batches([batch])
+        errors: list[str | None] = [None] * table.num_rows
         if schema is not None:
-            table = conform(table, schema)
-        yield _numbered(table, start)
+            table = conform(table, schema, errors)
+        yield _numbered(table, start, errors)
         start += table.num_rows
 
 
@@ -187,34 +214,26 @@ def _iter_jsonl(handle, schema: pa.Schema | None, seek: SeekPoint,
     rows: list[dict] = []
     errors: list[str | None] = []
     start = seek.row
-    handle.seek(seek.byte)
+    if seek.byte:
+        handle.seek(seek.byte)
+    elif _starts_an_array(handle):
+        yield from _iter_json_array(handle, schema, stop)
+        return
     offset = seek.byte
-    for line_no, raw in enumerate(iter(handle.readline, b""), start=seek.line + 1):
-        at, offset = offset, offset + len(raw)
-        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+    for line_no, raw, length in _lines(handle, seek.line + 1):
+        at, offset = offset, offset + length
+        if line_no == 1 and raw is not None and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
-        if not raw.strip():
+        if raw is not None and not raw.strip():
             continue
         row_number = start + len(rows)
         if stop is not None and row_number >= stop:
             break
         if seek_points is not None and row_number % SEEK_EVERY == 0:
             seek_points.append(SeekPoint(row_number, line_no - 1, at))
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            rows.append({})
-            errors.append(f"input line {line_no}: not UTF-8 (byte {exc.start}: {exc.reason})")
-        else:
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("expected a JSON object")
-                rows.append(record)
-                errors.append(None)
-            except ValueError as exc:
-                rows.append({})
-                errors.append(f"input line {line_no}: not a JSON object ({exc})")
+        record, error = _parse_line(raw, line_no)
+        rows.append(record)
+        errors.append(error)
         if len(rows) >= READ_CHUNK_ROWS:
             yield _numbered(_rows_to_table(rows, schema, errors), start, errors)
             start += len(rows)
@@ -223,13 +242,103 @@ def _iter_jsonl(handle, schema: pa.Schema | None, seek: SeekPoint,
         yield _numbered(_rows_to_table(rows, schema, errors), start, errors)
 
 
+def _lines(handle, first_line: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, line, bytes it takes) of each line; a line longer than MAX_LINE_BYTES comes as None,
+    skipped over without holding it."""
+    line_no = first_line
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        length = len(raw)
+        if length > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = handle.readline(1 << 20)
+                length += len(raw)
+            yield line_no, None, length
+        else:
+            yield line_no, raw, length
+        line_no += 1
+
+
+def _parse_line(raw: bytes | None, line_no: int) -> tuple[dict, str | None]:
+    """A jsonl line's record, or an empty record and the row error that says why it is not one."""
+    if raw is None:
+        return {}, f"input line {line_no}: longer than {MAX_LINE_BYTES >> 20} MiB, not read"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return {}, f"input line {line_no}: not UTF-8 (byte {exc.start}: {exc.reason})"
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        return {}, f"input line {line_no}: nested deeper than {MAX_NESTING} levels"
+    except ValueError as exc:
+        return {}, f"input line {line_no}: not a JSON object ({exc})"
+    return _checked_record(record, f"input line {line_no}", raw.count(b"[") + raw.count(b"{"))
+
+
+def _checked_record(record: Any, where: str, brackets: int) -> tuple[dict, str | None]:
+    if not isinstance(record, dict):
+        return {}, f"{where}: not a JSON object (expected a JSON object, got {type(record).__name__})"
+    if brackets > MAX_NESTING and _depth(record) > MAX_NESTING:
+        return {}, f"{where}: nested deeper than {MAX_NESTING} levels"
+    return record, None
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((inner, depth + 1) for inner in item if isinstance(inner, (dict, list)))
+    return deepest
+
+
+def _starts_an_array(handle) -> bool:
+    """Whether the file holds one JSON array rather than JSON lines (its first non-blank character is `[`)."""
+    head = handle.peek(4096)[:4096] if hasattr(handle, "peek") else handle.read(4096)
+    if not hasattr(handle, "peek"):
+        handle.seek(0)
+    text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    return text.startswith(b"[")
+
+
+def _iter_json_array(handle, schema: pa.Schema | None, stop: int | None) -> Iterator[pa.Table]:
+    """A .json file holding one array: each element a row (an element that is not an object: a row error)."""
+    data = handle.read(MAX_ARRAY_BYTES + 1)
+    if len(data) > MAX_ARRAY_BYTES:
+        raise ValueError(f"a JSON array file larger than {MAX_ARRAY_BYTES >> 30} GiB; write it as JSON Lines "
+                         "(one object per line), which is read as it streams")
+    try:
+        items = json.loads(data.decode("utf-8-sig"))
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_NESTING} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"not JSON Lines, and not one JSON array either ({exc})") from None
+    if not isinstance(items, list):
+        raise ValueError("not JSON Lines, and not one JSON array either")
+    items = items if stop is None else items[:stop]
+    for first in range(0, len(items), READ_CHUNK_ROWS):
+        rows, errors = [], []
+        for number, item in enumerate(items[first:first + READ_CHUNK_ROWS], start=first):
+            record, error = _checked_record(item, f"input item {number}", MAX_NESTING + 1)
+            rows.append(record)
+            errors.append(error)
+        yield _numbered(_rows_to_table(rows, schema, errors), first, errors)
+
+
 def _rows_to_table(rows: list[dict], schema: pa.Schema | None, errors: list[str | None] | None = None) -> pa.Table:
     """Rows as a table. A value whose type does not fit its column (an int among texts, say) is set to null
     and its row gets an error in `errors`, so one odd row never makes its whole shard unreadable."""
+    if schema is not None:
+        text_ids = [f.name for f in schema if f.metadata == ID_FIELD_METADATA]
+        rows = [{k: _as_text(r.get(k)) if k in text_ids else r.get(k) for k in schema.names} for r in rows]
     try:
-        if schema is None:
-            return pa.Table.from_pylist(rows)
-        return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+        return pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         if errors is None:
             raise
@@ -246,6 +355,11 @@ def _rows_to_table(rows: list[dict], schema: pa.Schema | None, errors: list[str 
             fitted[field.name] = value
         clean.append(fitted)
     return pa.Table.from_pylist(clean, schema=schema)
+
+
+def _as_text(value: Any) -> Any:
+    """An id as text: numbers and booleans as JSON spells them; text, null and objects unchanged."""
+    return json.dumps(value) if isinstance(value, (int, float)) else value
 
 
 def _first_value_schema(rows: list[dict]) -> pa.Schema:
@@ -320,27 +434,64 @@ def _type_word(type_: pa.DataType) -> str:
 
 
 def _iter_csv(handle, schema: pa.Schema | None) -> Iterator[pa.Table]:
+    """CSV rows; a row with more or fewer fields than the header becomes a row error, after the shard's other
+    rows (in file order), so that where it lands does not depend on how the reader's blocks fall."""
+    ragged: list[str] = []
+
+    def refuse_row(row) -> str:
+        text = row.text if len(row.text) <= 60 else row.text[:57] + "..."
+        ragged.append(f"csv row {text!r}: {row.actual_columns} fields, the header has {row.expected_columns}")
+        return "skip"
+
     convert = pacsv.ConvertOptions(column_types=schema) if schema is not None else None
-    reader = pacsv.open_csv(handle, convert_options=convert,
-                            read_options=pacsv.ReadOptions(block_size=1 << 20))
+    reader = pacsv.open_csv(handle, convert_options=convert, read_options=pacsv.ReadOptions(block_size=1 << 20),
+                            parse_options=pacsv.ParseOptions(invalid_row_handler=refuse_row))
     start = 0
     for batch in reader:
         table = pa.Table.from_batches([batch])
+        errors: list[str | None] = [None] * table.num_rows
         if schema is not None:
-            table = conform(table, schema)
-        yield _numbered(table, start)
+            table = conform(table, schema, errors)
+        yield _numbered(table, start, errors)
         start += table.num_rows
+    if ragged:
+        errors = list(ragged)
+        yield _numbered(_rows_to_table([{} for _ in ragged], schema, errors), start, errors)
 
 
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Give a shard's table the job-wide input schema: same columns, same order, nulls where absent."""
+def conform(table: pa.Table, schema: pa.Schema, errors: list[str | None] | None = None) -> pa.Table:
+    """Give a shard's table the job-wide input schema: same columns, same order, nulls where absent. A value
+    that does not fit its column's type (an int64 beyond a double's exact range, say) becomes null, and its
+    row's entry in `errors` says so; without `errors`, such a value raises."""
     columns = []
     for field in schema:
-        if field.name in table.column_names:
-            columns.append(table.column(field.name).cast(field.type))
-        else:
+        if field.name not in table.column_names:
             columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        try:
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            if errors is None:
+                raise
+            columns.append(_cast_each(column, field, errors))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _cast_each(column: pa.ChunkedArray, field: pa.Field, errors: list[str | None]) -> pa.Array:
+    values = []
+    for i, value in enumerate(column.to_pylist()):
+        try:
+            values.append(pa.array([value], column.type).cast(field.type)[0].as_py())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            values.append(None)
+            errors[i] = errors[i] or (f"column '{field.name}' holds {value!r}, which does not fit "
+                                      f"{_type_word(field.type)} (the type its other shards give it)")
+    return pa.array(values, field.type)
+
+
+# The input schema marks the job's id column with this metadata when it makes it text (unify_input_schema).
+ID_FIELD_METADATA = {b"llmbatch": b"id_column"}
 
 
 # ---- the cheap pre-pass ------------------------------------------------------------------------
@@ -358,8 +509,12 @@ class ShardScan:
 def scan_shard(uri: str, fmt: str) -> ShardScan:
     """Count a shard's rows and read its schema (parquet: from the footer; jsonl/csv: by parsing)."""
     try:
+        fs, inner = filesystem_for(uri)
+        if not fs.size(inner):  # an empty placeholder (a zero-byte file): no rows, whatever its format
+            return ShardScan(uri, 0, b"")
+        if fmt == "parquet" and compression_of(uri) is not None:
+            raise ValueError(WHOLE_FILE_PARQUET)
         if fmt == "parquet":
-            fs, inner = filesystem_for(uri)
             with fs.open(inner, "rb") as handle:
                 meta = pq.ParquetFile(handle)
                 groups = tuple(meta.metadata.row_group(i).num_rows for i in range(meta.metadata.num_row_groups))
@@ -377,8 +532,16 @@ def scan_shard(uri: str, fmt: str) -> ShardScan:
         return ShardScan(uri, 0, b"", f"{type(exc).__name__}: {exc}")
 
 
-def unify_input_schema(scans: list[ShardScan]) -> pa.Schema:
+def unify_input_schema(scans: list[ShardScan], id_column: str | None = None) -> pa.Schema:
+    """One schema for the job's shards. The id column, when the shards give it different types, becomes text,
+    so that each shard's ids are spelled as written there (int64 ids in one shard and doubles or texts in
+    another would otherwise meet as doubles or not at all, and an int64 beyond a double's range would fail)."""
     named = [(s.uri, pa.ipc.read_schema(pa.py_buffer(s.schema))) for s in scans if s.schema]
+    id_types = {str(f.type) for _, schema in named for f in schema if f.name == id_column} - {"null"}
+    text_id = len(id_types) > 1
+    if text_id:
+        named = [(uri, schema.remove(schema.get_field_index(id_column)) if id_column in schema.names else schema)
+                 for uri, schema in named]
     try:
         unified = pa.unify_schemas([schema for _, schema in named], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -386,6 +549,8 @@ def unify_input_schema(scans: list[ShardScan]) -> pa.Schema:
                         f"input.path: the shards' columns have types that cannot be combined ({exc})") from None
     # A column that is null in every sample becomes string: prompts and ids are text.
     fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in unified]
+    if text_id:
+        fields.insert(0, pa.field(id_column, pa.string(), metadata=ID_FIELD_METADATA))
     return pa.schema(fields)
 
 
@@ -407,18 +572,19 @@ def _schema_conflict(named: list[tuple[str, pa.Schema]]) -> str | None:
 
 
 def plan_shard_tasks(files: list[InputFile], rows_per_file: dict[str, int], limit: int | None) -> list[ShardTask]:
-    """One task per shard, honouring `input.limit` by taking rows from the shards in path order."""
+    """One task per shard, honouring `input.limit` by taking rows from the shards in path order. Each takes
+    the rows its scan counted, so rows appended to a file while the job runs are not read (the next
+    attempt finds the file changed)."""
     tasks, remaining = [], limit
     for f in files:
         n = rows_per_file[f.uri]
+        take = n
         if remaining is not None:
             if remaining <= 0:
                 break
             take = min(n, remaining)
             remaining -= take
-        else:
-            take = None
-        if n and (take is None or take > 0):
+        if n and take > 0:
             tasks.append(ShardTask(f.uri, f.relpath, f.format, take))
     return tasks
 
@@ -470,12 +636,14 @@ def split_tasks(tasks: list[ShardTask], rows_per_task: int, scans: dict[str, "Sh
     """Cut each shard's task into ranges of about `rows_per_task` rows, so that a large shard spreads over
     every engine replica and its rows are written (and resumed) a range at a time. A jsonl range starts at
     the seek point before it; a parquet range is whole row groups (a row group is decoded from its start);
-    CSV shards stay whole."""
+    CSV, compressed and JSON-array shards stay whole (they cannot be read from a place in the middle)."""
     out: list[ShardTask] = []
     for task in tasks:
         scan = scans[task.uri]
         total = task.take if task.take is not None else scan.rows
-        if task.format == "csv" or total <= rows_per_task:
+        whole = task.format == "csv" or compression_of(task.uri) is not None or \
+            (task.format == "jsonl" and not scan.seek_points)  # csv, compressed, a .json array: no seeking
+        if whole or total <= rows_per_task:
             out.append(task)
             continue
         repeated = {int(k): v for k, v in json.loads(task.duplicates).items()}

@@ -1,6 +1,7 @@
 """Render stage: turn an input row into the exact prompt the model sees, and its tokens."""
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ class RenderSettings:
     completion_column: str | None = None
     choices_column: str | None = None
     trust_remote_code: bool = False        # model.engine.trust_remote_code
+    special_tokens: str = "text"           # input.special_tokens: how such text in the input's values is tokenized
 
 
 def template_fields(template: str) -> list[str]:
@@ -92,6 +94,73 @@ def _check_messages(value: Any, column: str) -> list[dict[str, str]]:
     return messages
 
 
+def data_texts(row: dict[str, Any], settings: RenderSettings) -> list[str]:
+    """The row's own texts that go into its prompt (the job file's system prompt and template text do not)."""
+    if settings.messages_column:
+        value = row.get(settings.messages_column) or []
+        return [m.get(k) for m in value if isinstance(m, dict) for k in ("role", "content")
+                if isinstance(m.get(k), str)]
+    if settings.template is not None:
+        return [str(row[name]) for name in template_fields(settings.template) if row.get(name) is not None]
+    value = row.get(settings.prompt_column)
+    return [value] if isinstance(value, str) else []
+
+
+class TextTokenizer:
+    """Tokenizes a prompt so that special-token text from the input's values (`<|im_start|>`, `</s>`) stays
+    the characters it is, while the chat template's own special tokens stay control tokens. A row's values
+    seldom hold such text; those that do are found in the rendered prompt and tokenized apart, as text."""
+
+    def __init__(self, tokenizer, special_tokens: str = "text"):
+        self.tokenizer = tokenizer
+        added = sorted(tokenizer.get_added_vocab(), key=len, reverse=True) if special_tokens == "text" else []
+        self.added = re.compile("|".join(re.escape(t) for t in added)) if added else None
+        probe = "a"
+        bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        framed = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+        at = next((i for i in range(len(framed)) if framed[i:i + len(bare)] == bare), 0)
+        self.prefix, self.suffix = framed[:at], framed[at + len(bare):]
+
+    def encode(self, prompt: str, data: list[str], add_special_tokens: bool) -> list[int]:
+        risky = [d for d in data if self.added is not None and self.added.search(d)]
+        if not risky:
+            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        spans = _spans(prompt, risky)
+        ids: list[int] = []
+        at = 0
+        for start, end in spans + [(len(prompt), len(prompt))]:
+            if start > at:
+                ids += self.tokenizer(prompt[at:start], add_special_tokens=False)["input_ids"]
+            if end > start:
+                ids += self.tokenizer(prompt[start:end], add_special_tokens=False,
+                                      split_special_tokens=True)["input_ids"]
+            at = end
+        return (self.prefix + ids + self.suffix) if add_special_tokens else ids
+
+
+def _spans(prompt: str, texts: list[str]) -> list[tuple[int, int]]:
+    """Where `texts` sit in `prompt`, each found after the one before it (the template renders a row's values
+    in order, between its own text), so a value that is only a special token never claims the template's own."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for text in texts:
+        start = prompt.find(text, cursor)
+        if start < 0:
+            start = prompt.find(text)
+        if start < 0:
+            raise RowError("the row holds special-token text that the chat template changed, so it cannot be "
+                           "kept as text; set input.special_tokens: control to let it act as control tokens")
+        spans.append((start, start + len(text)))
+        cursor = start + len(text)
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def render_plain(row: dict[str, Any], settings: RenderSettings) -> str:
     """The prompt for a model without a chat template: system prompt, blank line, text."""
     if settings.messages_column:
@@ -118,6 +187,7 @@ class RenderStage:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=settings.trust_remote_code)
         self.settings = settings
         self.chat = getattr(self.tokenizer, "chat_template", None) is not None
+        self.text = TextTokenizer(self.tokenizer, settings.special_tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         render_columns(self.settings.task).check(batch.column_names)
@@ -164,15 +234,16 @@ class RenderStage:
             raise RowError(f"{where} must hold non-empty text")
         context = render_plain(row, settings)
         stripped = context.rstrip()
-        context_ids = list(self.tokenizer(stripped, add_special_tokens=True)["input_ids"])
+        data = data_texts(row, settings)
+        context_ids = self.text.encode(stripped, data, add_special_tokens=True)
         completions = []
         for text in texts:
             continuation = context[len(stripped):] + text
-            whole = list(self.tokenizer(stripped + continuation, add_special_tokens=True)["input_ids"])
+            whole = self.text.encode(stripped + continuation, data + [text], add_special_tokens=True)
             if whole[:len(context_ids)] == context_ids and len(whole) > len(context_ids):
                 ids = whole[len(context_ids):]
             else:
-                ids = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+                ids = self.text.encode(continuation, [text], add_special_tokens=False)
             limit = settings.max_model_len
             if limit is not None and len(context_ids) + len(ids) > limit:
                 raise RowError(f"prompt plus completion is {len(context_ids) + len(ids)} tokens; "
@@ -184,10 +255,10 @@ class RenderStage:
         if self.chat:
             messages = build_messages(row, self.settings)
             prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = self.text.encode(prompt, data_texts(row, self.settings), add_special_tokens=False)
         else:
             prompt = render_plain(row, self.settings)
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = self.text.encode(prompt, data_texts(row, self.settings), add_special_tokens=True)
         limit = self.settings.max_model_len
         if limit is not None and len(ids) >= limit:
             raise RowError(

@@ -45,11 +45,13 @@ def is_deterministic(sampling_params: dict[str, Any]) -> bool:
 
 
 def cache_namespace(cache_path: str, fingerprint: str, engine_kwargs: dict[str, Any],
-                    sampling_params: dict[str, Any], versions: dict[str, str | None]) -> CacheNamespace:
-    """The namespace of results that the same weights, engine settings, sampling and software would produce
-    again (`versions`: llmbatch's and the engines' packages; a new release starts a new namespace)."""
+                    sampling_params: dict[str, Any], versions: dict[str, str | None],
+                    special_tokens: str = "text") -> CacheNamespace:
+    """The namespace of results that the same weights, engine settings, tokenization, sampling and software
+    would produce again (`versions`: llmbatch's and the engines' packages; a new release starts a new one)."""
     key_fields = {
         "format": CACHE_FORMAT,
+        "special_tokens": special_tokens,
         "model_fingerprint": fingerprint,
         "versions": dict(sorted(versions.items())),
         "dtype": engine_kwargs.get("dtype"),

@@ -228,7 +228,7 @@ def test_jsonl_invalid_line_becomes_an_error_row_with_its_line_number(tmp_path):
     assert [r["_row_number"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["_row_error"] is None and rows[3]["_row_error"] is None
     assert rows[1]["_row_error"].startswith("input line 3: not a JSON object (")
-    assert rows[2]["_row_error"] == "input line 4: not a JSON object (expected a JSON object)"
+    assert rows[2]["_row_error"] == "input line 4: not a JSON object (expected a JSON object, got list)"
     assert rows[1]["prompt"] is None and rows[3]["prompt"] == "d"
 
 
@@ -415,11 +415,11 @@ def _files(*names):
     return [InputFile(f"/d/{n}", n, 10, "jsonl") for n in names]
 
 
-def test_plan_without_limit_takes_every_non_empty_shard_whole():
+def test_plan_without_limit_takes_every_non_empty_shard_whole_as_scanned():
     files = _files("a.jsonl", "b.jsonl", "c.jsonl")
     tasks = plan_shard_tasks(files, {"/d/a.jsonl": 3, "/d/b.jsonl": 0, "/d/c.jsonl": 5}, None)
-    assert tasks == [ShardTask("/d/a.jsonl", "a.jsonl", "jsonl", None),
-                     ShardTask("/d/c.jsonl", "c.jsonl", "jsonl", None)]
+    assert tasks == [ShardTask("/d/a.jsonl", "a.jsonl", "jsonl", 3),
+                     ShardTask("/d/c.jsonl", "c.jsonl", "jsonl", 5)]
 
 
 def test_plan_with_limit_takes_rows_from_shards_in_path_order():
