@@ -5,11 +5,16 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
+
+import structlog
 
 from llmbatch.errors import UserError
 
 TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 METADATA_MARK = "llmbatch"
 
 
@@ -38,13 +43,38 @@ def planning_address(option: str | None) -> str | None:
 
 
 def token_source() -> str | None:
-    """Where Ray would read a token from: RAY_AUTH_TOKEN, else ~/.ray/auth_token. Never the token itself."""
+    """Where Ray reads a token from, in Ray's own order: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names,
+    ~/.ray/auth_token. Never the token itself."""
     if os.environ.get(TOKEN_ENV):
         return TOKEN_ENV
+    named = os.environ.get(TOKEN_PATH_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file() or not path.read_text().strip():
+            raise UserError(f"{TOKEN_PATH_ENV} names {path}, which is missing or empty; point it at the file that "
+                            "holds the cluster's token, or unset it")
+        return f"{TOKEN_PATH_ENV} ({path})"
     path = Path.home() / ".ray" / "auth_token"
     if path.is_file() and path.read_text().strip():
         return str(path)
     return None
+
+
+def transport_warnings(address: str, source: str | None) -> list[str]:
+    """What is unsafe about talking to the cluster at `address` (with a token from `source`, or none)."""
+    parsed = urlparse(address)
+    host = (parsed.hostname or "").lower()
+    if source and parsed.scheme == "http" and host not in LOOPBACK_HOSTS:
+        return [f"the token from {source} goes to {address} over plain http, where anyone on the network path can "
+                "read it; put the dashboard behind https (a TLS proxy), or reach it through an SSH tunnel to "
+                "localhost"]
+    return []
+
+
+def open_cluster_warning(address: str) -> str:
+    return (f"the Ray cluster at {address} accepted a request without a token: anyone who can reach it can run "
+            "code on it; turn on Ray's token authentication (RAY_AUTH_MODE=token on the cluster) and give the "
+            f"token to llmbatch through {TOKEN_ENV}, {TOKEN_PATH_ENV} or ~/.ray/auth_token")
 
 
 def use_token_if_available() -> str | None:
@@ -88,11 +118,24 @@ def _auth_error() -> type[Exception]:
 
 
 def client(address: str):
-    use_token_if_available()  # before Ray is imported: it reads RAY_AUTH_MODE once
+    """A Jobs API client; warns (once per address) when the token would travel in the clear, or when the cluster
+    answers without one."""
+    source = use_token_if_available()  # before Ray is imported: it reads RAY_AUTH_MODE once
     from ray.job_submission import JobSubmissionClient
 
     with jobs_api_errors(address):
-        return JobSubmissionClient(address)
+        jobs = JobSubmissionClient(address)
+    if address not in _warned:
+        _warned.add(address)
+        log = structlog.get_logger()
+        for warning in transport_warnings(address, source):
+            log.warning("token_in_the_clear", address=address, detail=warning)
+        if source is None:
+            log.warning("cluster_without_token", address=address, detail=open_cluster_warning(address))
+    return jobs
+
+
+_warned: set[str] = set()
 
 
 def cluster_nodes(address: str) -> list[dict[str, float]]:

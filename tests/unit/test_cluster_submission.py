@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmbatch.cluster.diagnose import explain_failure, root_cause
-from llmbatch.cluster.jobs_api import cluster_address, jobs_api_errors, token_source, use_token_if_available
+from llmbatch.cluster.jobs_api import (cluster_address, jobs_api_errors, open_cluster_warning, token_source,
+                                       transport_warnings, use_token_if_available)
 from llmbatch.cluster.resources import check_fits, check_replica_fits_a_node, replica_shape
 from llmbatch.errors import UserError
 from llmbatch.jobs.spec import validate_spec
@@ -33,15 +34,34 @@ def test_addresses_that_are_not_a_jobs_api_endpoint_are_refused(bad):
 def test_token_is_found_where_ray_looks_and_never_returned(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     assert token_source() is None and use_token_if_available() is None
     assert "RAY_AUTH_MODE" not in os.environ
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("secret-from-file\n")
     assert token_source() == str(tmp_path / ".ray" / "auth_token")
+    named = tmp_path / "elsewhere"
+    named.write_text("secret-named\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(named))
+    assert token_source() == f"RAY_AUTH_TOKEN_PATH ({named})"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-from-env")
     assert token_source() == "RAY_AUTH_TOKEN"
     assert use_token_if_available() == "RAY_AUTH_TOKEN" and os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    named.write_text("")
+    with pytest.raises(UserError, match=f"RAY_AUTH_TOKEN_PATH names {named}, which is missing or empty"):
+        token_source()
+
+
+def test_a_token_bound_for_a_remote_plain_http_address_and_an_open_cluster_are_warned_about():
+    (warning,) = transport_warnings("http://10.0.0.5:8265", "RAY_AUTH_TOKEN")
+    assert "over plain http" in warning and "secret" not in warning
+    assert transport_warnings("https://head:8265", "RAY_AUTH_TOKEN") == []
+    assert transport_warnings("http://127.0.0.1:8265", "RAY_AUTH_TOKEN") == []
+    assert transport_warnings("http://localhost:8265", "RAY_AUTH_TOKEN") == []
+    assert transport_warnings("http://10.0.0.5:8265", None) == []
+    assert "accepted a request without a token" in open_cluster_warning("http://10.0.0.5:8265")
 
 
 @pytest.mark.parametrize("raised, expected", [
