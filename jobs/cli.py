@@ -9,6 +9,11 @@ import structlog
 
 from llmbatch.errors import JobFailed, SpecError, UserError
 from llmbatch.jobs.logs import configure_logging
+from llmbatch.redact import strip_url_credentials
+
+
+def _say_error(text: str) -> None:
+    click.echo(strip_url_credentials(text), err=True)
 
 
 class _Group(click.Group):
@@ -23,12 +28,12 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             if isinstance(exc, SpecError) and exc.source:
-                click.echo(f"error: {exc}", err=True)
+                _say_error(f"error: {exc}")
             for line in exc.lines:
-                click.echo(f"error: {line}" if not isinstance(exc, SpecError) else f"  {line}", err=True)
+                _say_error(f"error: {line}" if not isinstance(exc, SpecError) else f"  {line}")
             ctx.exit(exc.exit_code)
         except JobFailed as exc:
-            click.echo(f"error: job failed: {exc}", err=True)
+            _say_error(f"error: job failed: {exc}")
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -38,7 +43,7 @@ class _Group(click.Group):
                 raise
             if ctx.obj and ctx.obj.get("traceback_in_logs"):
                 traceback.print_exc()
-            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+            _say_error(f"error: {type(exc).__name__}: {exc}")
             click.echo("(run with --debug for the traceback)", err=True)
             ctx.exit(1)
 
@@ -132,9 +137,10 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
 
     submission = submit_to_cluster(spec, run_id, target, overwrite=overwrite, resume=bool(resume_id))
     attempt = "" if submission.submission_id == run_id else f" as {submission.submission_id}"
-    click.echo(f"submitted {run_id}{attempt} to {target}; output: {submission.run_uri}")
+    shown = strip_url_credentials(target)
+    click.echo(f"submitted {run_id}{attempt} to {shown}; output: {submission.run_uri}")
     if not wait:
-        click.echo(f"follow it with: llmbatch logs {run_id} --follow --address {target}")
+        click.echo(f"follow it with: llmbatch logs {run_id} --follow --address {shown}")
         return
     status = wait_for(target, run_id, lambda chunk: click.echo(chunk, nl=False), submission.submission_id)
     click.echo(f"run {run_id}: {status}")

@@ -6,11 +6,14 @@ import sys
 
 import structlog
 
+from llmbatch.redact import redact_event
+
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
     processors = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        redact_event,
         structlog.processors.TimeStamper(fmt="iso" if fmt == "json" else "%H:%M:%S"),
     ]
     if fmt == "json":

@@ -208,6 +208,8 @@ class PythonScorer(_ScorerSpec):
         "${ENV_VAR} references (API keys, tokens): the run stores the reference and reads the variable where the "
         "scorer runs.")
     returns: Literal["number", "boolean"] = Field("number", description="Column type of the score.")
+    timeout_seconds: float = Field(10.0, gt=0, le=3600, description="A call that runs longer is stopped; the row "
+                                                                    "gets an error instead of a score.")
 
     @field_validator("options")
     @classmethod
@@ -239,7 +241,7 @@ class PythonScorer(_ScorerSpec):
             options = env_refs.resolve(self.options)
         except env_refs.MissingVariable as exc:
             return scorers.failing(f"options: ${{{exc.name}}} is not set where the scorer runs")
-        return scorers.python_function(self.function, options, self.is_boolean)
+        return scorers.python_function(self.function, options, self.is_boolean, self.timeout_seconds)
 
 
 ROW_SCORERS = (ExactMatchScorer, ContainsScorer, RegexScorer, JsonValidScorer, JsonSchemaScorer, ChrfScorer,

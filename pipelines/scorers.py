@@ -10,7 +10,9 @@ import json
 import math
 import numbers
 import re
+import signal
 import string
+import threading
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -71,10 +73,24 @@ def contains(reference_column: str | None, text: str | None, steps: list[str], c
         row["generated_text"], steps)
 
 
+REGEX_TIMEOUT_SECONDS = 1.0
+
+
 def regex(pattern: str, full_match: bool, ignore_case: bool) -> RowScorer:
-    compiled = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+    """The `regex` module's engine (the `re` syntax, and a time limit: a pattern that backtracks without end
+    on one output costs that row its score, not the job)."""
+    import regex as regex_engine
+
+    compiled = regex_engine.compile(pattern, regex_engine.IGNORECASE if ignore_case else 0)
     match = compiled.fullmatch if full_match else compiled.search
-    return lambda row: match(row["generated_text"]) is not None
+
+    def score(row: dict[str, Any]) -> bool:
+        try:
+            return match(row["generated_text"], timeout=REGEX_TIMEOUT_SECONDS) is not None
+        except TimeoutError:
+            raise ScoreError(f"the pattern took longer than {REGEX_TIMEOUT_SECONDS:g} s on this output") from None
+
+    return score
 
 
 def json_parses(strip_fence: bool, schema: dict[str, Any] | None = None) -> RowScorer:
@@ -118,14 +134,56 @@ def load_function(path: str) -> Callable[..., Any]:
     return function
 
 
-def python_function(path: str, options: dict[str, Any], boolean: bool) -> RowScorer:
-    """The user's function(row, **options), its answer checked against the declared type."""
+class _TimedOut(BaseException):
+    """Raised into a python scorer that ran past its time (a BaseException, so its own `except Exception`
+    does not swallow it)."""
+
+
+def call_with_timeout(function, seconds: float, *args, **kwargs):
+    """function(*args, **kwargs), stopped after `seconds` (TimeoutError). On the main thread a timer signal
+    interrupts it; elsewhere it runs on a thread of its own that is left behind when it overruns."""
+    if threading.current_thread() is threading.main_thread():
+        def interrupt(signum, frame):
+            raise _TimedOut()
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return function(*args, **kwargs)
+        except _TimedOut:
+            raise TimeoutError() from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*args, **kwargs)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True, name="llmbatch-python-scorer")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def python_function(path: str, options: dict[str, Any], boolean: bool, timeout_seconds: float = 10.0) -> RowScorer:
+    """The user's function(row, **options), its answer checked against the declared type; a call that runs
+    past `timeout_seconds` is stopped and costs that row its score."""
     function = load_function(path)
     options = dict(options)
 
     def score(row: dict[str, Any]) -> Any:
         try:
-            value = function(dict(row), **options)
+            value = call_with_timeout(function, timeout_seconds, dict(row), **options)
+        except TimeoutError:
+            raise ScoreError(f"{path} took longer than {timeout_seconds:g} s (timeout_seconds)") from None
         except Exception as exc:
             raise ScoreError(f"{path} raised {type(exc).__name__}: {exc}") from None
         if value is None:

@@ -148,6 +148,45 @@ def test_options_that_only_sound_like_secrets_are_kept():
     assert scorer.options["tokenizer"] == "gpt2"
 
 
+def slow(row: dict) -> float:
+    import time
+
+    if row["generated_text"] == "slow":
+        while True:  # a scorer stuck in its own loop, catching what it can
+            try:
+                time.sleep(0.01)
+            except Exception:
+                pass
+    return 1.0
+
+
+@pytest.mark.parametrize("on_a_thread", [False, True])
+def test_a_python_scorer_past_its_timeout_costs_the_row_its_score_not_the_job(on_a_thread):
+    import threading
+
+    (scorer,) = scorers({"name": "t", "kind": "python", "function": "test_scorers:slow", "timeout_seconds": 0.2})
+    table = pa.Table.from_pylist([row("slow"), {**row("fast"), "id": "r2"}])
+    out: list = []
+    if on_a_thread:
+        worker = threading.Thread(target=lambda: out.extend(ScoreStage([scorer], {})(table).to_pylist()))
+        worker.start()
+        worker.join(10)
+    else:
+        out = ScoreStage([scorer], {})(table).to_pylist()
+    assert out[0]["score_t"] is None and out[0]["error"] == "score_t: test_scorers:slow took longer than 0.2 s (timeout_seconds)"
+    assert out[1]["score_t"] == 1.0 and out[1]["error"] is None
+
+
+def test_a_regex_that_backtracks_without_end_is_stopped_for_that_row(monkeypatch):
+    from llmbatch.pipelines import scorers as scorer_functions
+
+    monkeypatch.setattr(scorer_functions, "REGEX_TIMEOUT_SECONDS", 0.2)
+    (scorer,) = scorers({"name": "r", "kind": "regex", "pattern": r"(a|aa)+$"})
+    out = ScoreStage([scorer], {})(pa.Table.from_pylist([row("a" * 60 + "b"), {**row("aaa"), "id": "r2"}])).to_pylist()
+    assert out[0]["score_r"] is None and out[0]["error"] == "score_r: the pattern took longer than 0.2 s on this output"
+    assert out[1]["score_r"] is True
+
+
 def test_null_reference_is_a_row_error_and_failed_rows_are_not_scored():
     (scorer,) = scorers({"name": "e", "kind": "exact_match", "reference_column": "answer"})
     out = ScoreStage([scorer], {})(pa.Table.from_pylist([
