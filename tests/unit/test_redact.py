@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import structlog
 from click.testing import CliRunner
 
 from llmbatch.jobs.cli import main
 from llmbatch.jobs.logs import configure_logging
 from llmbatch.redact import redact_event, strip_url_credentials
+
+
+@pytest.fixture(autouse=True)
+def default_logging():
+    """The CLI configures structlog onto the streams of the moment; later tests get structlog's defaults."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_user_and_password_in_a_url_are_masked_and_the_rest_kept():
