@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from llmbatch.crash_points import crash_point
 from llmbatch.jobs.resolve import ResolvedJob
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.pipelines.error_rows import ErrorRowsWriter
@@ -121,8 +122,10 @@ def commit(job: ResolvedJob, run: Execution, lock, log) -> tuple[Manifest, dict[
     summary = summary_of(stats, scorers, record)
     lock.check("writing the manifest")
     write_summary(run.run_uri, summary)
+    crash_point("summary")
     manifest = Manifest.model_validate({**record, "summary": SUMMARY_NAME})
     write_manifest(run.run_uri, manifest)
+    crash_point("manifest")
     if run.judges_staged:
         remove_staging(join(run.run_uri, STAGING_DIR))
     return manifest, summary

@@ -20,6 +20,7 @@ from llmbatch.cluster.connect import alive_nodes, join_cluster, start_local_ray
 from llmbatch.cluster.diagnose import explain_failure
 from llmbatch.cluster.model_sync import ensure_model_on_nodes
 from llmbatch.cluster.resources import check_fits, choose_accelerator, replica_capacity, replica_shape
+from llmbatch.crash_points import crash_point
 from llmbatch.errors import JobFailed, UserError
 from llmbatch.jobs.engines import engine_stage, hosts_for
 from llmbatch.jobs.feedback import predict, record_run
@@ -136,12 +137,14 @@ def _run_held(job: ResolvedJob, lock: RunLock, run_id: str, run_uri: str, marks:
         lock.check("clearing the run folder")
         finished = prepare_run_folder(start, run_uri, stages.first_pass, len(stages.judges), log)
         write_attempt(run_uri, {**attempt, "engine": engine})
+        crash_point("attempt")
     except BaseException:
         # the planner's thread may be inside native code (a tokenizer, Arrow): a process that exits under it aborts
         wait([pool.prediction], timeout=PREDICTION_WAIT_SECONDS)
         raise
     run = _execute_passes(job, stages, pool, run_id, run_uri, start, finished, fingerprint, started_at, marks,
                           lock, log)
+    crash_point("parts")
     manifest, summary = commit(job, run, lock, log)
     _record_measurement(job, run, manifest, measurement_source, log)
     phases = manifest.timings.model_dump() if manifest.timings else {}

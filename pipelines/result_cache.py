@@ -20,6 +20,7 @@ import structlog
 
 from llmbatch.pipelines.columns import (CACHED_COLUMN, HIT_COLUMN, KEY_DTYPE, PROMPT_COLUMN, ROW_ERROR_COLUMN,
                                         StageColumns, key_array, stable_hash)
+from llmbatch.crash_points import crash_point
 from llmbatch.errors import UserError
 from llmbatch.pipelines.readback import read_back
 from llmbatch.pipelines.schema import RESULT_FIELDS, TOP_LOGPROBS_FIELD
@@ -215,6 +216,7 @@ class CacheEntriesWriter:
             self.write_error = str(exc)
             return
         self.written += entries.num_rows
+        crash_point("cache")
 
     def result(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"hits": int(self.hits), "entries_written": self.written}

@@ -41,10 +41,8 @@ def finished_work(uri: str) -> FinishedWork:
     work = FinishedWork(done=np.array([], dtype=KEY_DTYPE))
     with storage_errors(uri, "read the earlier attempt at"):
         for part in output_parts(fs, inner):
-            try:
-                with fs.open(part, "rb") as handle:
-                    table = pq.ParquetFile(handle).read(columns=["id", "error"])
-            except (pa.ArrowInvalid, OSError, EOFError):
+            table = _read_part(fs, part)
+            if table is None:
                 fs.rm_file(part)
                 work.parts_removed.append(part[len(inner):].lstrip("/"))
                 continue
@@ -55,6 +53,17 @@ def finished_work(uri: str) -> FinishedWork:
     if hashes:
         work.done = np.sort(np.concatenate(hashes))
     return work
+
+
+def _read_part(fs, part: str) -> pa.Table | None:
+    """A part's `id` and `error` columns; None when its bytes are not a whole parquet file (cut short by a
+    crash). A storage that fails to read it (denied, throttled, unreachable) raises: a part is deleted only for
+    what it holds, never because it could not be read."""
+    data = fs.cat_file(part)
+    try:
+        return pq.ParquetFile(pa.BufferReader(data)).read(columns=["id", "error"])
+    except (pa.ArrowInvalid, OSError, EOFError):
+        return None
 
 
 def write_attempt(run_uri: str, attempt: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """An HTTP proxy on 127.0.0.1 in front of the moto S3 server that answers every Nth request with
-503 SlowDown (the answer S3 gives under load) instead of passing it on."""
+503 SlowDown (the answer S3 gives under load) instead of passing it on; during an outage it answers every
+request with 403 AccessDenied (revoked credentials) or 503 SlowDown (a storm)."""
 from __future__ import annotations
 
 import http.client
@@ -9,14 +10,18 @@ from urllib.parse import urlsplit
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                 b"<Message>Access Denied</Message></Error>")
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
 class FlakyS3Proxy:
-    def __init__(self, upstream: str, fail_every: int):
+    def __init__(self, upstream: str, fail_every: int = 0):
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
         self.fail_every = fail_every
+        self.outage: int | None = None  # 403 or 503: every request gets it until set back to None ...
+        self.outage_match: str | None = None  # ... or every request whose path holds this text
         self.requests = 0
         self.failures = 0
         self._lock = threading.Lock()
@@ -36,12 +41,13 @@ class FlakyS3Proxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _should_fail(self) -> bool:
+    def _failure(self, path: str) -> int | None:
         with self._lock:
             self.requests += 1
-            fail = self.requests % self.fail_every == 0
-            self.failures += fail
-            return fail
+            out = self.outage if self.outage_match is None or self.outage_match in path else None
+            status = out or (503 if self.fail_every and self.requests % self.fail_every == 0 else None)
+            self.failures += status is not None
+            return status
 
     def _handler(self):
         proxy = self
@@ -67,12 +73,15 @@ class FlakyS3Proxy:
 
             def _forward(self) -> None:
                 body = self._body()
-                if proxy._should_fail():
-                    self.send_response(503)
+                status = proxy._failure(self.path)
+                if status is not None:
+                    answer = ACCESS_DENIED if status == 403 else SLOW_DOWN
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.send_header("Content-Length", str(len(answer) if self.command != "HEAD" else 0))
                     self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
+                    if self.command != "HEAD":
+                        self.wfile.write(answer)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
                 if body or self.command in ("PUT", "POST"):

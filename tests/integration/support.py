@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -22,6 +24,27 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False, timeout: i
     if check and proc.returncode != 0:
         raise AssertionError(f"llmbatch {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a CLI started with start_new_session and everything it started in its session (Ray, workers,
+    vLLM engine processes), and wait until none is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
 
 
 def write_job(path: Path, **sections) -> Path:

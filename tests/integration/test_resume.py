@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from support import CLI, REPO, read_output, run_cli, write_job
+from support import CLI, REPO, kill_session, read_output, run_cli, write_job
 
 ROWS = 40
 
@@ -33,23 +33,6 @@ def _rows_written(run: Path) -> int:
         except Exception:
             pass  # being written
     return total
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the CLI and everything it started in its session (Ray, workers, vLLM engine processes)."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(1)
 
 
 def test_driver_killed_mid_run_then_resume_keeps_finished_rows(tmp_path: Path, demo_model: str):
@@ -75,7 +58,7 @@ def test_driver_killed_mid_run_then_resume_keeps_finished_rows(tmp_path: Path, d
         assert proc.poll() is None, "the run ended before it could be killed"
         written_at_kill = _rows_written(run)
     finally:
-        _kill_session(proc)
+        kill_session(proc)
     assert 8 <= written_at_kill < ROWS
     assert not (run / "_manifest.json").exists()  # a run that died never claims success
 

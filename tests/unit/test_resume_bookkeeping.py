@@ -60,3 +60,25 @@ def test_only_settings_that_change_speed_may_change_on_resume():
            "input": {"path": "p", "limit": 10}}
     assert changed_settings(before, now) == ["input.limit", "sampling.max_tokens"]
     assert changed_settings(before, {**before, "resources": {"replicas": "auto"}}) == []
+
+
+def test_a_part_the_storage_cannot_read_is_never_taken_for_one_cut_short(tmp_path, monkeypatch):
+    """Denied or throttled reads stop the resume with the storage's error; the part stays for the next one."""
+    import fsspec
+    import pytest
+
+    from llmbatch.errors import UserError
+    from llmbatch.pipelines import resume
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _part(run / A, ["r0"], [None])
+
+    class Denied(fsspec.implementations.local.LocalFileSystem):
+        def cat_file(self, path, *args, **kwargs):
+            raise PermissionError(13, "Access Denied", path)
+
+    monkeypatch.setattr(resume, "filesystem_for", lambda uri: (Denied(), uri))
+    with pytest.raises(UserError, match="read the earlier attempt at"):
+        resume.finished_work(str(run))
+    assert (run / A).exists()
