@@ -36,7 +36,7 @@ from llmbatch.pipelines.resume import FinishedWork, write_attempt
 from llmbatch.pipelines.run_folder import (
     AUTOMATIC_RESUME, RunStart, check_same_engine, decide_start, prepare_run_folder, read_folder_state,
 )
-from llmbatch.pipelines.run_lock import RunLock, RunLockLost
+from llmbatch.pipelines.run_lock import RunLock
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import join
 from llmbatch.versions import software_versions

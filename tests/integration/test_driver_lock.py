@@ -1,5 +1,6 @@
 """One driver per run, with real drivers: on S3 a second driver is refused while the first starts and while it
-runs; a driver paused past its lock and superseded writes nothing when it continues. (The lock's own cases
+runs, and storage failures mid-run (revoked credentials, a 503 storm during the resume) lose nothing; a driver
+paused past its lock and superseded writes nothing when it continues. (The lock's own cases
 are in tests/unit/test_run_lock.py; a killed local driver and its resume are in test_resume.)"""
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from support import CLI, REPO, read_output, run_cli, write_job
+from flaky_s3 import FlakyS3Proxy
+from support import CLI, REPO, kill_session, read_output, run_cli, write_job
 
 ROWS = 24
 
@@ -50,33 +52,56 @@ def _wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: 
         time.sleep(0.05)
 
 
-def test_a_second_driver_on_an_s3_run_is_refused_while_the_first_starts_and_while_it_runs(tmp_path: Path, s3,
-                                                                                         demo_model: str):
+def _parts(s3, run: str) -> set[str]:
+    return {p.rsplit("/", 1)[-1] for p in s3.ls(run) if p.rsplit("/", 1)[-1].startswith("part-g")}
+
+
+def test_a_second_driver_on_an_s3_run_is_refused_and_storage_failures_lose_nothing(tmp_path: Path, s3,
+                                                                                   s3_server: str, demo_model: str):
+    """On S3, through a proxy that can fail on cue: a second driver is refused while the first starts and while
+    it runs; then the first driver's credentials are revoked mid-run, and a resubmission meets a 503 storm on
+    the parts. Neither commits or deletes a complete part; once access returns, the run finishes with every row
+    exactly once."""
     s3.mkdir("results")
     job = write_job(tmp_path / "job.yaml", name="locked", model={"source": demo_model},
                     input={"path": str(_prompts(tmp_path)), "id_column": "qid"}, sampling={"max_tokens": 24},
                     output={"path": "s3://results/nightly", "rows_per_part": 4}, resources={"batch_size": 4})
     run = "results/nightly/s3-lock"
     log = tmp_path / "first.log"
-    first = _start(job, "s3-lock", log)
-    try:
-        _wait_for(lambda: s3.exists(f"{run}/_lock/g000001.json"), first, log, "it took the lock")
-        with _held_still(first):  # so that it is surely still starting while the second driver tries
-            starting = run_cli("submit", str(job), "--run-id", "s3-lock")
-        assert starting.returncode == 2 and "run s3-lock is still running" in starting.stderr, starting.stderr
-        _wait_for(lambda: any(p.rsplit("/", 1)[-1].startswith("part-g000001-") for p in s3.ls(run)), first, log,
-                  "it wrote a part")
-        with _held_still(first):  # its engine goes on writing rows; the driver cannot commit meanwhile
-            running = run_cli("submit", str(job), "--run-id", "s3-lock", "--overwrite")
-        assert running.returncode == 2 and "run s3-lock is still running" in running.stderr, running.stderr
-        assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+    with FlakyS3Proxy(s3_server) as proxy:
+        through_proxy = {"AWS_ENDPOINT_URL_S3": proxy.url}
+        first = _start(job, "s3-lock", log, through_proxy)
+        try:
+            _wait_for(lambda: s3.exists(f"{run}/_lock/g000001.json"), first, log, "it took the lock")
+            with _held_still(first):  # so that it is surely still starting while the second driver tries
+                starting = run_cli("submit", str(job), "--run-id", "s3-lock")
+            assert starting.returncode == 2 and "run s3-lock is still running" in starting.stderr, starting.stderr
+            _wait_for(lambda: any(p.startswith("part-g000001-") for p in _parts(s3, run)), first, log,
+                      "it wrote a part")
+            with _held_still(first):  # its engine goes on writing rows; the driver cannot commit meanwhile
+                running = run_cli("submit", str(job), "--run-id", "s3-lock", "--overwrite")
+            assert running.returncode == 2 and "run s3-lock is still running" in running.stderr, running.stderr
+            proxy.outage = 403  # its credentials revoked mid-run
+            assert first.wait(timeout=600) != 0
+        finally:
+            kill_session(first)
+        revoked = log.read_text()
+        assert "Traceback" not in revoked and "results" in revoked, revoked[-4000:]
+        written = _parts(s3, run)
+        assert written and not s3.exists(f"{run}/_manifest.json")
+
+        proxy.outage, proxy.outage_match = 503, "/part-g"  # the resume lists the run, then its parts fail to read
+        storm = run_cli("submit", str(job), "--run-id", "s3-lock", env=through_proxy)
+        assert storm.returncode != 0 and "Traceback" not in storm.stderr, storm.stderr[-4000:]
+        assert not s3.exists(f"{run}/_manifest.json") and _parts(s3, run) >= written
+
+        proxy.outage = proxy.outage_match = None
+        run_cli("submit", str(job), "--run-id", "s3-lock", env=through_proxy, check=True)
     rows, manifest = read_output(f"s3://{run}", s3)
     assert sorted(r.id for r in rows) == [f"q{i:02d}" for i in range(ROWS)] and manifest["status"] == "succeeded"
+    assert manifest["resumed"]["rows_skipped"] >= 4 and manifest["resumed"]["parts_removed"] == []
     records = [json.loads(s3.cat_file(p)) for p in sorted(s3.ls(f"{run}/_lock"))]
-    assert [(r["generation"], r["released"]) for r in records] == [(1, True)]
+    assert [r["generation"] for r in records] == [1, 2, 3] and records[-1]["released"]
 
 
 def test_a_driver_paused_past_its_lock_and_superseded_writes_nothing_when_it_continues(tmp_path: Path,

@@ -4,8 +4,6 @@ driver; a committed run is replaced only with --overwrite. (`--resume` itself ru
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path

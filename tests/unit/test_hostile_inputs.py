@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import llmbatch.pipelines.read as read
-from llmbatch.pipelines.read import (ReadShards, ShardTask, id_hashes, iter_shard, list_input_files,
+from llmbatch.pipelines.read import (ReadShards, id_hashes, iter_shard, list_input_files,
                                      mark_duplicate_ids, plan_shard_tasks, scan_shard, shard_task_rows, split_tasks,
                                      unify_input_schema)
 
