@@ -5,6 +5,7 @@ import asyncio
 import itertools
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -96,14 +97,16 @@ def shipped_package(job_text: str | None = None) -> Iterator[str]:
 
 
 def shipped_job_file() -> str:
-    """Where the job file submit_to_cluster shipped is, inside the package the cluster's driver runs."""
+    """Where the job file submit_to_cluster shipped is: in the `llmbatch` folder of the runtime env's package,
+    which Ray puts on the driver's path (an llmbatch installed on the node may be the one imported)."""
     import llmbatch
 
-    path = Path(llmbatch.__file__).parent / SHIPPED_JOB
-    if not path.is_file():
-        raise UserError(f"--on-cluster: no {SHIPPED_JOB} beside {llmbatch.__file__}; this driver was not started by "
-                        "llmbatch submit --address")
-    return str(path)
+    places = [Path(llmbatch.__file__).parent] + [Path(entry) / "llmbatch" for entry in sys.path if entry]
+    for place in places:
+        if (place / SHIPPED_JOB).is_file():
+            return str(place / SHIPPED_JOB)
+    raise UserError(f"--on-cluster: no {SHIPPED_JOB} in the llmbatch package on this driver's path; this driver "
+                    "was not started by llmbatch submit --address")
 
 
 def _submission_ids(run_id: str) -> Iterator[str]:

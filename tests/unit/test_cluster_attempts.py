@@ -116,3 +116,13 @@ def test_the_job_file_travels_in_the_shipped_package_not_where_the_dashboard_sho
     assert api.runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     assert api.jobs[-1].entrypoint == f"python -m llmbatch.jobs.cli submit {remote.SHIPPED_JOB} --run-id r1 --on-cluster"
     assert "api_key: ${SCORER_KEY}" in api.shipped and "never-shipped" not in api.shipped
+
+
+def test_the_cluster_driver_finds_the_shipped_job_file_on_its_path_even_beside_an_installed_llmbatch(
+        tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="not started by llmbatch submit --address"):
+        remote.shipped_job_file()
+    with remote.shipped_package("name: shipped\n") as package:
+        monkeypatch.syspath_prepend(str(Path(package).parent))
+        found = remote.shipped_job_file()
+        assert found == str(Path(package) / remote.SHIPPED_JOB) and Path(found).read_text() == "name: shipped\n"
