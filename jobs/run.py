@@ -209,7 +209,10 @@ def _execute_passes(job: ResolvedJob, stages: Stages, pool: Pool, run_id: str, r
 
     spec, inputs, started = job.spec, stages.inputs, marks["started"]
     if stages.cache is not None:
-        write_key_file(stages.cache, spec.model.source)
+        unwritable = write_key_file(stages.cache, spec.model.source)
+        if unwritable:
+            log.warning("cache_read_only", error=unwritable,
+                        note="the run reads the cache but may not add its rows to it")
         log.info("cache_opened", cache=stages.cache.uri)
     counter = ProgressCounter.options(name=progress_actor_name(run_id)).remote(run_id)
     to_do = inputs.rows - (finished.rows if finished else 0)

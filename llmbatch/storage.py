@@ -1,6 +1,7 @@
 """Local and S3 storage behind one interface, with errors a user can act on."""
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 from contextlib import contextmanager
@@ -44,15 +45,11 @@ def filesystem_for(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def write_whole(fs: fsspec.AbstractFileSystem, inner: str, body: bytes) -> None:
-    """Write a file in one step (a rename locally, a single PUT on S3): a reader never sees half of it."""
+    """Write a file in one step (a rename locally, a single PUT on S3): a reader never sees half of it, and a
+    failed local write (a full disk) leaves no temporary file behind."""
     if getattr(fs, "local_file", False):
-        import uuid
-
-        os.makedirs(os.path.dirname(inner), exist_ok=True)
-        tmp = f"{inner}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as handle:
+        with atomic_writer(fs, inner) as handle:
             handle.write(body)
-        os.replace(tmp, inner)
     else:
         fs.pipe_file(inner, body)
 
@@ -171,6 +168,11 @@ def describe_storage_error(exc: BaseException, path: str, action: str) -> str:
     """One line that says what failed on which bucket/key and what to do about it."""
     text = f"{type(exc).__name__}: {exc}"
     if not is_s3(path):
+        if getattr(exc, "errno", None) == errno.ENOSPC:
+            return (f"cannot {action} {path}: no space left on the device; free space there (or point the job at "
+                    "another disk) and submit the same run id again to resume")
+        if getattr(exc, "errno", None) == errno.EROFS:
+            return f"cannot {action} {path}: the file system is read-only"
         if isinstance(exc, FileNotFoundError):
             return f"cannot {action} {path}: no such file or directory"
         if isinstance(exc, PermissionError):

@@ -159,12 +159,19 @@ def cached_result(row: dict[str, Any]) -> dict[str, Any] | None:
     return json.loads(hit) if hit else None
 
 
-def write_key_file(plan: CacheNamespace, model_source: str) -> None:
+def write_key_file(plan: CacheNamespace, model_source: str) -> str | None:
+    """Write what the namespace stands for, once; returns why it could not be written (a read-only cache is
+    still read from, and never costs the run)."""
     uri = join(plan.uri, KEY_FILE)
-    fs, inner = filesystem_for(uri)
-    with storage_errors(uri, "write the result cache at"):
-        if not fs.exists(inner):
-            write_whole(fs, inner, json.dumps({**plan.key_fields, "model_source": model_source}, indent=2).encode())
+    try:
+        fs, inner = filesystem_for(uri)
+        with storage_errors(uri, "write the result cache at"):
+            if not fs.exists(inner):
+                write_whole(fs, inner, json.dumps({**plan.key_fields, "model_source": model_source},
+                                                  indent=2).encode())
+    except (UserError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 class CacheEntriesWriter:

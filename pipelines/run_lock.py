@@ -137,15 +137,16 @@ class _Folder:
             if self.local:
                 os.makedirs(self.inner, exist_ok=True)
                 tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-                with open(tmp, "wb") as handle:
-                    handle.write(body)
                 try:
+                    with open(tmp, "wb") as handle:
+                        handle.write(body)
                     os.link(tmp, path)
                     return True
                 except FileExistsError:
                     return False
                 finally:
-                    os.remove(tmp)
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
             try:
                 self.fs.pipe_file(path, body, mode="create")
                 return True

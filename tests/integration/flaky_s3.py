@@ -1,6 +1,7 @@
 """An HTTP proxy on 127.0.0.1 in front of the moto S3 server that answers every Nth request with
 503 SlowDown (the answer S3 gives under load) instead of passing it on; during an outage it answers every
-request with 403 AccessDenied (revoked credentials) or 503 SlowDown (a storm)."""
+request with 403 AccessDenied (revoked credentials) or 503 SlowDown (a storm). Writes under a read-only prefix
+are always denied, as a bucket policy granting only reads would."""
 from __future__ import annotations
 
 import http.client
@@ -22,6 +23,7 @@ class FlakyS3Proxy:
         self.fail_every = fail_every
         self.outage: int | None = None  # 403 or 503: every request gets it until set back to None ...
         self.outage_match: str | None = None  # ... or every request whose path holds this text
+        self.read_only: str | None = None  # a path prefix ("/bucket/key") where PUT, POST and DELETE get 403
         self.requests = 0
         self.failures = 0
         self._lock = threading.Lock()
@@ -41,10 +43,12 @@ class FlakyS3Proxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _failure(self, path: str) -> int | None:
+    def _failure(self, method: str, path: str) -> int | None:
         with self._lock:
             self.requests += 1
             out = self.outage if self.outage_match is None or self.outage_match in path else None
+            if self.read_only and path.startswith(self.read_only) and method in ("PUT", "POST", "DELETE"):
+                out = 403
             status = out or (503 if self.fail_every and self.requests % self.fail_every == 0 else None)
             self.failures += status is not None
             return status
@@ -73,7 +77,7 @@ class FlakyS3Proxy:
 
             def _forward(self) -> None:
                 body = self._body()
-                status = proxy._failure(self.path)
+                status = proxy._failure(self.command, self.path)
                 if status is not None:
                     answer = ACCESS_DENIED if status == 403 else SLOW_DOWN
                     self.send_response(status)

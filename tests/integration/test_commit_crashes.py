@@ -1,12 +1,17 @@
 """A driver that dies at any step of writing a run (its attempt record, its parts, the cache entries, the
-summary, the manifest) leaves a run that the next submission of the same run id finishes: exactly one row per
-input, one cache entry per prompt, nothing stuck. One engine start: after the parts, every later attempt
-finds all rows written and only commits."""
+summary, the manifest), or whose disk fills up under it, leaves a run that the next submission of the same run
+id finishes: exactly one row per input, one cache entry per prompt, nothing stuck. One engine start: after the
+parts, every later attempt finds all rows written and only commits."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -19,8 +24,6 @@ ROWS = 6
 
 def _crash_at(job: Path, step: str) -> subprocess.CompletedProcess:
     """Submit the run with the driver set to die at `step`; whatever it started in its session goes with it."""
-    import os
-
     proc = subprocess.Popen([CLI, "submit", str(job), "--run-id", "c1"], cwd=REPO, start_new_session=True,
                             env={**os.environ, CRASH_ENV: step}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -29,6 +32,56 @@ def _crash_at(job: Path, step: str) -> subprocess.CompletedProcess:
     finally:
         kill_session(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@contextmanager
+def _disk_of_its_own(path: Path, size: str = "16m") -> Iterator[Path]:
+    """A small tmpfs mounted at `path`, so that the test can fill it (mounting needs root, or sudo)."""
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    path.mkdir(parents=True)
+    subprocess.run([*sudo, "mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "llmbatch-test", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run([*sudo, "umount", "-l", str(path)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of `disk`; deleting the returned file gives them back."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    chunk = b"\0" * (1 << 20)
+    try:
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return filler
+    finally:
+        os.close(fd)
+
+
+def _submit_onto_a_disk_that_fills(job: Path, run: Path, disk: Path, log: Path) -> subprocess.CompletedProcess:
+    """Submit the run, and fill its disk the moment the driver has taken the run's lock."""
+    records = len(list((run / "_lock").glob("g*.json")))
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([CLI, "submit", str(job), "--run-id", "c1"], cwd=REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        deadline = time.time() + 300
+        while len(list((run / "_lock").glob("g*.json"))) == records:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the driver never took the lock"
+            time.sleep(0.02)
+        filler = _fill(disk)
+        proc.wait(timeout=600)
+    finally:
+        kill_session(proc)
+    filler.unlink()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read_text())
 
 
 def _rows_in_parts(run: Path) -> int:
@@ -45,8 +98,11 @@ def test_a_crash_at_each_step_of_writing_a_run_then_a_resubmission_finishes_it_e
                     input={"path": str(data), "id_column": "qid"}, sampling={"max_tokens": 4},
                     output={"path": str(tmp_path / "out"), "rows_per_part": 2}, resources={"batch_size": 2},
                     cache={"path": str(cache)})
-    run = tmp_path / "out" / "c1"
+    with _disk_of_its_own(tmp_path / "out") as disk:
+        _crash_then_finish(job, tmp_path / "out" / "c1", cache, disk, tmp_path / "disk-full.log")
 
+
+def _crash_then_finish(job: Path, run: Path, cache: Path, disk: Path, disk_full_log: Path) -> None:
     def crashed(step: str) -> None:
         proc = _crash_at(job, step)
         assert proc.returncode == CRASH_EXIT, f"{step}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
@@ -59,6 +115,12 @@ def test_a_crash_at_each_step_of_writing_a_run_then_a_resubmission_finishes_it_e
     crashed("cache")
     entry_files = list(cache.glob("*/*.parquet"))
     assert len(entry_files) == 1 and not (run / "_summary.json").exists()
+    parts = {p.name: p.read_bytes() for p in run.glob("part-g*.parquet")}
+    full = _submit_onto_a_disk_that_fills(job, run, disk, disk_full_log)
+    assert full.returncode not in (0, CRASH_EXIT) and "no space left on the device" in full.stderr, full.stderr[-4000:]
+    assert "Traceback" not in full.stderr and not (run / "_manifest.json").exists()
+    assert {p.name: p.read_bytes() for p in run.glob("part-g*.parquet")} == parts
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
     crashed("summary")
     assert (run / "_summary.json").is_file() and not (run / "_manifest.json").exists()
     crashed("manifest")

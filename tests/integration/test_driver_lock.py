@@ -1,5 +1,6 @@
 """One driver per run, with real drivers: on S3 a second driver is refused while the first starts and while it
-runs, and storage failures mid-run (revoked credentials, a 503 storm during the resume) lose nothing; a driver
+runs, and storage failures mid-run (revoked credentials, a 503 storm during the resume, a read-only result cache)
+lose nothing; a driver
 paused past its lock and superseded writes nothing when it continues. (The lock's own cases
 are in tests/unit/test_run_lock.py; a killed local driver and its resume are in test_resume.)"""
 from __future__ import annotations
@@ -61,14 +62,16 @@ def test_a_second_driver_on_an_s3_run_is_refused_and_storage_failures_lose_nothi
     """On S3, through a proxy that can fail on cue: a second driver is refused while the first starts and while
     it runs; then the first driver's credentials are revoked mid-run, and a resubmission meets a 503 storm on
     the parts. Neither commits or deletes a complete part; once access returns, the run finishes with every row
-    exactly once."""
+    exactly once. Its result cache is read-only throughout: the run says so and commits without adding to it."""
     s3.mkdir("results")
     job = write_job(tmp_path / "job.yaml", name="locked", model={"source": demo_model},
                     input={"path": str(_prompts(tmp_path)), "id_column": "qid"}, sampling={"max_tokens": 24},
-                    output={"path": "s3://results/nightly", "rows_per_part": 4}, resources={"batch_size": 4})
+                    output={"path": "s3://results/nightly", "rows_per_part": 4}, resources={"batch_size": 4},
+                    cache={"path": "s3://results/cache"})
     run = "results/nightly/s3-lock"
     log = tmp_path / "first.log"
     with FlakyS3Proxy(s3_server) as proxy:
+        proxy.read_only = "/results/cache/"
         through_proxy = {"AWS_ENDPOINT_URL_S3": proxy.url}
         first = _start(job, "s3-lock", log, through_proxy)
         try:
@@ -96,9 +99,13 @@ def test_a_second_driver_on_an_s3_run_is_refused_and_storage_failures_lose_nothi
         assert not s3.exists(f"{run}/_manifest.json") and _parts(s3, run) >= written
 
         proxy.outage = proxy.outage_match = None
-        run_cli("submit", str(job), "--run-id", "s3-lock", env=through_proxy, check=True)
+        done = run_cli("submit", str(job), "--run-id", "s3-lock", env=through_proxy, check=True)
     rows, manifest = read_output(f"s3://{run}", s3)
     assert sorted(r.id for r in rows) == [f"q{i:02d}" for i in range(ROWS)] and manifest["status"] == "succeeded"
+    assert "cache_read_only" in done.stderr and "cache_write_failed" in done.stderr, done.stderr[-4000:]
+    assert "access denied to bucket 'results'" in manifest["cache"]["write_error"]
+    s3.invalidate_cache()
+    assert manifest["cache"]["entries_written"] == 0 and not s3.find("results/cache")
     assert manifest["resumed"]["rows_skipped"] >= 4 and manifest["resumed"]["parts_removed"] == []
     records = [json.loads(s3.cat_file(p)) for p in sorted(s3.ls(f"{run}/_lock"))]
     assert [r["generation"] for r in records] == [1, 2, 3] and records[-1]["released"]

@@ -152,6 +152,13 @@ def test_key_file_says_what_the_namespace_stands_for(tmp_path: Path):
     assert key["sampling"]["max_tokens"] == 32 and key["dtype"] == "float32"
 
 
+def test_a_key_file_that_cannot_be_written_is_reported_not_raised(tmp_path: Path):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    plan = cache_namespace(str(blocked), "sha256:aa", ENGINE, GREEDY)
+    assert write_key_file(plan, "smollm2-135m-instruct").startswith(f"cannot write the result cache at {plan.uri}")
+
+
 def test_cache_section_is_refused_for_score_tasks():
     raw = yaml.safe_load("""
 name: mc

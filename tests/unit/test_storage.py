@@ -166,6 +166,14 @@ def test_local_errors_are_described_plainly():
     assert describe_storage_error(OSError("disk full"), "/data/x", "write") == "cannot write /data/x: disk full"
 
 
+def test_a_full_or_read_only_local_disk_says_what_to_do():
+    full = describe_storage_error(OSError(errno.ENOSPC, "No space left on device"), "/out/r1", "write output to")
+    assert full.startswith("cannot write output to /out/r1: no space left on the device; free space there")
+    assert "submit the same run id again to resume" in full
+    assert describe_storage_error(OSError(errno.EROFS, "Read-only file system"), "/c", "write the result cache at") \
+        == "cannot write the result cache at /c: the file system is read-only"
+
+
 # ---- storage_errors ------------------------------------------------------------------------------
 
 def test_storage_errors_turns_oserror_into_user_error():
