@@ -5,13 +5,30 @@ import os
 
 import ray
 import ray.data
+import structlog
+
+
+OPEN_EMBEDDED_RAY = ("RAY_AUTH_MODE=disabled: this run's embedded Ray listens on every network interface (Ray has "
+                     "no setting to bind it to loopback) and takes requests without a token, so anyone who can "
+                     "reach this machine can run code in it; unset RAY_AUTH_MODE to keep Ray's token "
+                     "authentication on")
+
+
+def embedded_ray_warning(env: dict[str, str]) -> str | None:
+    """What is unsafe about starting the embedded Ray under `env`."""
+    return OPEN_EMBEDDED_RAY if env.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" else None
 
 
 def start_local_ray(*, show_worker_logs: bool = False) -> dict:
-    """An embedded single-machine Ray for this process; returns its resources."""
+    """An embedded single-machine Ray for this process; returns its resources. Its servers listen on every
+    interface, and, with Ray's token authentication (the default), refuse any client without this machine's
+    token (~/.ray/auth_token)."""
     # A RAY_ADDRESS in the environment means a cluster; the embedded runtime must not join it.
     if ray.is_initialized():
         return ray.cluster_resources()
+    warning = embedded_ray_warning(dict(os.environ))
+    if warning:
+        structlog.get_logger().warning("embedded_ray_open", note=warning)
     ray.init(
         address="local",
         num_cpus=os.cpu_count(),

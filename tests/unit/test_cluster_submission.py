@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from llmbatch.cluster.connect import embedded_ray_warning
 from llmbatch.cluster.diagnose import explain_failure, root_cause
 from llmbatch.cluster.jobs_api import (cluster_address, jobs_api_errors, open_cluster_warning, token_source,
                                        transport_warnings, use_token_if_available)
@@ -52,6 +53,12 @@ def test_token_is_found_where_ray_looks_and_never_returned(monkeypatch, tmp_path
     named.write_text("")
     with pytest.raises(UserError, match=f"RAY_AUTH_TOKEN_PATH names {named}, which is missing or empty"):
         token_source()
+
+
+def test_an_embedded_ray_without_token_authentication_is_warned_about():
+    assert embedded_ray_warning({}) is None and embedded_ray_warning({"RAY_AUTH_MODE": "token"}) is None
+    warning = embedded_ray_warning({"RAY_AUTH_MODE": "Disabled"})
+    assert "listens on every network interface" in warning and "unset RAY_AUTH_MODE" in warning
 
 
 def test_a_token_bound_for_a_remote_plain_http_address_and_an_open_cluster_are_warned_about():
