@@ -23,15 +23,40 @@ ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in [
     Accelerator("L4", 24 * GIB, 0.80),
     Accelerator("A10G", 24 * GIB, 1.01),
     Accelerator("A100-40GB", 40 * GIB, 3.67),
+    Accelerator("L40S", 48 * GIB, 1.86),
     Accelerator("A100-80GB", 80 * GIB, 4.10),
     Accelerator("H100-80GB", 80 * GIB, 6.98),
+    Accelerator("H200-141GB", 141 * 10**9, 7.91),
+    Accelerator("B200-180GB", 180 * 10**9, 14.24),
 ]}
+
+# Ray's accelerator_type labels (ray.util.accelerators; what `accelerator_type:X` node resources say) -> the
+# planner's device. A label naming two memory sizes is not guessed at.
+RAY_LABELS: dict[str, str] = {
+    "L4": "L4", "A10G": "A10G", "L40S": "L40S", "A100-40G": "A100-40GB", "A100-80G": "A100-80GB",
+    "H100": "H100-80GB", "H200": "H200-141GB", "B200": "B200-180GB",
+}
+AMBIGUOUS_LABELS: dict[str, tuple[str, ...]] = {"A100": ("A100-40G", "A100-80G")}
 
 
 def accelerator(name: str) -> Accelerator:
+    """The device a planner name (H100-80GB) or a Ray accelerator_type label (H100) names, exactly."""
     key = next((k for k in ACCELERATORS if k.lower() == name.lower()), None)
+    if key is None:
+        key = next((v for k, v in RAY_LABELS.items() if k.lower() == name.lower()), None)
     if key is None:
         from llmbatch.errors import UserError
 
-        raise UserError(f"unknown accelerator '{name}'; known: {', '.join(ACCELERATORS)}")
+        ambiguous = next((v for k, v in AMBIGUOUS_LABELS.items() if k.lower() == name.lower()), None)
+        if ambiguous:
+            raise UserError(f"accelerator '{name}' names more than one memory size; say which: "
+                            f"{' or '.join(ambiguous)}")
+        raise UserError(f"unknown accelerator '{name}'; known: {', '.join(ACCELERATORS)} "
+                        f"(or Ray's labels {', '.join(RAY_LABELS)})")
     return ACCELERATORS[key]
+
+
+def device_for_label(label: str | None) -> Accelerator | None:
+    """The device behind a Ray accelerator_type label, None when the label is unknown or ambiguous."""
+    key = next((v for k, v in RAY_LABELS.items() if label and k.lower() == label.lower()), None)
+    return ACCELERATORS[key] if key else None

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llmbatch.cluster.engine_limits import concurrent_batches, device_of, scheduler_limits
 from llmbatch.cluster.model_facts import facts_for_checkpoint
 from llmbatch.cluster.resources import (
     ReplicaShape, can_host, cpu_kv_cache_bytes, default_memory_utilization, engine_dtype, engine_in_process,
@@ -18,11 +19,14 @@ Nodes = dict[str, dict[str, float]]   # node id -> its Ray resources
 
 def engine_stage(model: ResolvedModel, engine, sampling: dict[str, Any], *, accelerator: str, shape: ReplicaShape,
                  replicas: tuple[int, int], nodes: Nodes, accelerator_type: str | None, batch_size: int, rows: int,
-                 progress_actor: str | None = None) -> EngineSettings:
+                 progress_actor: str | None = None, max_concurrent_batches: int | None = None) -> EngineSettings:
     """The settings of one engine stage: `engine` is the model.engine section it runs with."""
     hosts = hosts_for(shape, nodes, accelerator_type)
     per_node = math.ceil(replicas[1] / max(1, len(hosts)))
     kwargs = engine_kwargs_for(engine, accelerator, model.max_len, per_node)
+    if model.engine == "vllm":
+        kwargs.update(scheduler_limits(accelerator, device_of(host_labels(nodes, hosts), accelerator_type),
+                                       engine.max_num_seqs, engine.max_num_batched_tokens))
     if model.engine == "vllm":
         kwargs.update(kv_cache_for(kwargs, model.path, accelerator, engine, sampling.get("max_tokens") or 1, rows,
                                    batch_size, smallest_host_memory(nodes, hosts)))
@@ -32,6 +36,7 @@ def engine_stage(model: ResolvedModel, engine, sampling: dict[str, Any], *, acce
         sampling_params=sampling,
         replicas=replicas,
         batch_size=batch_size,
+        max_concurrent_batches=concurrent_batches(max_concurrent_batches, kwargs.get("max_num_seqs"), batch_size),
         bundle_per_replica=shape.bundle,
         accelerator_type=accelerator_type,
         progress_actor=progress_actor,
@@ -43,6 +48,11 @@ def engine_stage(model: ResolvedModel, engine, sampling: dict[str, Any], *, acce
 
 def hosts_for(shape: ReplicaShape, nodes: Nodes, accelerator_type: str | None) -> list[str]:
     return [node for node, res in nodes.items() if can_host(shape, res, accelerator_type)]
+
+
+def host_labels(nodes: Nodes, hosts: list[str]) -> set[str]:
+    """The Ray accelerator_type labels of the hosts."""
+    return {key.split(":", 1)[1] for node in hosts for key in nodes[node] if key.startswith("accelerator_type:")}
 
 
 def engine_kwargs_for(engine, accelerator: str, max_len: int | None, replicas_per_node: int) -> dict[str, Any]:

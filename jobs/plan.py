@@ -78,11 +78,11 @@ def accelerator_for(spec: JobSpec, name: str | None) -> Accelerator:
         return accelerator(name)
     wanted = spec.resources.accelerator_type
     if wanted:
-        matches = [a for a in ACCELERATORS.values() if a.name.lower().startswith(wanted.lower())]
-        if matches:
-            return matches[0]
-        raise UserError(f"resources.accelerator_type: the planner has no prices for '{wanted}'; "
-                        f"pass --accelerator one of {', '.join(ACCELERATORS)}")
+        try:
+            return accelerator(wanted)
+        except UserError as exc:
+            raise UserError(f"resources.accelerator_type: {exc}; or pass --accelerator one of "
+                            f"{', '.join(ACCELERATORS)}") from None
     if spec.resources.accelerator == "gpu":
         return ACCELERATORS["A10G"]
     return ACCELERATORS["CPU"]

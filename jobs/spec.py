@@ -31,6 +31,12 @@ class EngineSpec(_Section):
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="Share of device memory for weights and KV cache; null = a safe default per device.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
+    max_num_seqs: Optional[int] = Field(
+        None, gt=0, description="Sequences an engine runs at once; null = vLLM's offline default for the GPU "
+                                "(1024 on H100/H200/B200, 256 on smaller GPUs and A100), vLLM's CPU default on CPU.")
+    max_num_batched_tokens: Optional[int] = Field(
+        None, gt=0, description="Tokens an engine schedules per step; null = vLLM's offline default for the GPU "
+                                "(16384 on H100/H200/B200, 8192 on smaller GPUs and A100), vLLM's CPU default on CPU.")
     enforce_eager: Optional[bool] = Field(
         None, description="Run the model eagerly, without torch.compile or CUDA graphs: a start up to minutes "
                           "shorter, slower steps; suits short jobs. null = on for CPU, off for GPU.")
@@ -153,6 +159,9 @@ class ResourcesSpec(_Section):
         1, description="Engine replicas: a number, [min, max] for a pool that grows with the backlog, "
                        "or auto (sized from a throughput profile to meet deadline / budget).")
     batch_size: int = Field(32, ge=1, description="Rows per batch sent to a replica.")
+    max_concurrent_batches: Optional[int] = Field(
+        None, ge=1, description="Batches each replica works on at once; null = enough to keep the engine's "
+                                "max_num_seqs busy (max_num_seqs x 1.25 / batch_size, at least 8).")
     accelerator: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto = GPUs when the cluster has them, else CPU.")
     accelerator_type: Optional[str] = Field(

@@ -26,6 +26,7 @@ class EngineSettings:
     replicas: tuple[int, int]        # (min, max) engine replicas; equal for a fixed pool
     batch_size: int
     bundle_per_replica: dict[str, float]
+    max_concurrent_batches: int | None = None  # batches each replica works on at once; None = Ray's default
     accelerator_type: str | None = None
     progress_actor: str | None = None  # named ProgressCounter each replica reports its batches to
     engine: str = "vllm"               # vllm | seq2seq (encoder-decoder families, batched HF generate)
@@ -96,6 +97,7 @@ def build_infer_stage(settings: EngineSettings):
         model_source=settings.model_path,
         engine_kwargs=dict(settings.engine_kwargs),
         batch_size=settings.batch_size,
+        **({"max_concurrent_batches": settings.max_concurrent_batches} if settings.max_concurrent_batches else {}),
         concurrency=tuple(settings.replicas),
         accelerator_type=settings.accelerator_type,
         placement_group_config={"bundle_per_worker": dict(settings.bundle_per_replica),

@@ -40,7 +40,8 @@ def built(tmp_path_factory):
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     plan = EngineSettings(model_path=str(model), engine_kwargs={"max_model_len": 512, "dtype": "float32"},
                       sampling_params=sampling_params(16, 0.0, 1.0, None, 0, []), replicas=(1, 2), batch_size=4,
-                      bundle_per_replica={"CPU": 2.0}, progress_actor="progress", in_process=True, threads=2)
+                      bundle_per_replica={"CPU": 2.0}, progress_actor="progress", in_process=True, threads=2,
+                      max_concurrent_batches=12)
 
     ray_inits = []
     with pytest.MonkeyPatch.context() as patch:
@@ -64,6 +65,7 @@ def test_llmbatch_builds_its_engine_stage_on_the_installed_ray(built):
 
     map_kwargs = stage.get_dataset_map_batches_kwargs(batch_size=plan.batch_size, data_column=processor.DATA_COLUMN)
     constructor_kwargs = map_kwargs["fn_constructor_kwargs"]
+    assert constructor_kwargs["max_concurrent_batches"] == 12
     assert {key: constructor_kwargs[key] for key in OUR_UDF_KEYWORDS} == {"progress_actor": "progress",
                                                                           "in_process": True}
     rays_kwargs = {key: value for key, value in constructor_kwargs.items() if key not in OUR_UDF_KEYWORDS}
