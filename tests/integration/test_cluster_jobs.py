@@ -53,12 +53,14 @@ def cluster(tmp_path_factory, demo_model):
 
 def _job(tmp_path: Path, rows: int, **resources) -> Path:
     """The nodes' GPUs are logical: vLLM's CPU build runs the replicas, where compiling the model (the GPU
-    default) would take minutes, hence enforce_eager."""
+    default) would take minutes, hence enforce_eager, and where a GPU's scheduler limits would make vLLM's
+    start-up profiling pass thousands of tokens, hence small ones."""
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"n": i, "prompt": f"Count from {i} to {i + 3}."}) + "\n"
                             for i in range(rows)), encoding="utf-8")
     return write_job(tmp_path / "job.yaml", name="cluster-job", model={
-        "source": DEMO_MODEL, "engine": {"dtype": "float32", "gpu_memory_utilization": 0.2, "enforce_eager": True}},
+        "source": DEMO_MODEL, "engine": {"dtype": "float32", "gpu_memory_utilization": 0.2, "enforce_eager": True,
+                                     "max_num_seqs": 16, "max_num_batched_tokens": 2048}},
         input={"path": str(data)}, sampling={"max_tokens": 8}, output={"path": str(tmp_path / "out")},
         resources={"accelerator": "gpu", "batch_size": 2, **resources})
 
@@ -86,6 +88,7 @@ def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp
     assert len(replicas) == 2 and len({r["node_id"] for r in replicas}) == 2
     assert sum(r["rows"] for r in replicas) == 24
     assert manifest["engine"]["accelerator"] == "gpu"
+    assert (manifest["engine"]["max_num_seqs"], manifest["engine"]["max_num_batched_tokens"]) == (16, 2048)
 
     listing = run_cli("list", "--address", address, env=env, check=True).stdout
     line = next(l for l in listing.splitlines() if l.startswith("cl-run "))
