@@ -4,6 +4,7 @@ The function behind `llmbatch submit`, on an embedded local Ray or, submitted th
 """
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import threading
@@ -20,6 +21,7 @@ from llmbatch.cluster.connect import alive_nodes, join_cluster, start_local_ray
 from llmbatch.cluster.diagnose import explain_failure
 from llmbatch.cluster.model_sync import ensure_model_on_nodes
 from llmbatch.cluster.resources import check_fits, choose_accelerator, replica_capacity, replica_shape
+from llmbatch.cluster.shared_paths import PathCheck, check_nodes_see
 from llmbatch.crash_points import crash_point
 from llmbatch.errors import JobFailed, UserError
 from llmbatch.jobs.engines import engine_stage, hosts_for
@@ -36,9 +38,10 @@ from llmbatch.pipelines.resume import FinishedWork, write_attempt
 from llmbatch.pipelines.run_folder import (
     AUTOMATIC_RESUME, RunStart, check_same_engine, decide_start, prepare_run_folder, read_folder_state,
 )
-from llmbatch.pipelines.run_lock import RunLock
+from llmbatch.pipelines.run_files import LOCK_DIR
+from llmbatch.pipelines.run_lock import RunLock, record_name
 from llmbatch.run_manifest import Manifest
-from llmbatch.storage import join
+from llmbatch.storage import is_s3, join, write_local
 from llmbatch.versions import software_versions
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -66,6 +69,9 @@ class RunResult:
     status: str
     manifest: Manifest
     summary: dict[str, Any] | None = None
+
+
+INPUT_FILES_CHECKED = 64
 
 
 @dataclass
@@ -130,6 +136,7 @@ def _run_held(job: ResolvedJob, lock: RunLock, run_id: str, run_uri: str, marks:
     pool = _size_pool(job, cluster, fingerprint, log)
     try:
         if on_cluster:
+            _check_nodes_see_the_paths(job, lock, list(pool.nodes))
             _copy_model_to_hosts(job.model, pool.shape, pool.nodes, spec.resources.accelerator_type)
         stages = _build_stages(job, pool, run_id, run_uri, fingerprint, on_cluster, marks, log)
         engine = {"dtype": stages.engine.engine_kwargs.get("dtype"), "engine": stages.engine.engine}
@@ -287,6 +294,28 @@ def _prediction(pool: Pool, log) -> tuple[Any, Any]:
         sizing = sizing.for_replicas(pool.replicas[1])
         log.info("run_predicted", replicas=pool.replicas[1], wall_s=sizing.wall_seconds, cost_usd=sizing.cost_usd)
     return device, sizing
+
+
+def _check_nodes_see_the_paths(job: ResolvedJob, lock: RunLock, node_ids: list[str]) -> None:
+    """On a cluster, refuse local paths that not every node sees as this driver does: the input files (the
+    first INPUT_FILES_CHECKED), the output (this run's lock record) and the cache (a file written for it)."""
+    spec = job.spec
+    checks = [PathCheck("input.path", os.path.abspath(f.uri), f.size) for f in job.input.files[:INPUT_FILES_CHECKED]
+              if not is_s3(f.uri)]
+    if not is_s3(lock.run_uri):
+        record = os.path.abspath(os.path.join(lock.run_uri, LOCK_DIR, record_name(lock.generation)))
+        checks.append(PathCheck("output.path", record, os.stat(record).st_size))
+    probe = None
+    if spec.cache is not None and not is_s3(spec.cache.path):
+        os.makedirs(spec.cache.path, exist_ok=True)
+        probe = os.path.join(os.path.abspath(spec.cache.path), f".llmbatch-visible-{lock.run_id}-g{lock.generation}")
+        write_local(probe, b"seen\n")
+        checks.append(PathCheck("cache.path", probe, 5))
+    try:
+        check_nodes_see(checks, node_ids)
+    finally:
+        if probe is not None:
+            os.remove(probe)
 
 
 def _copy_model_to_hosts(model: ResolvedModel, shape, nodes: dict, accelerator_type: str | None) -> None:

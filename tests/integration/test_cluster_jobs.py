@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import time
 import urllib.error
@@ -29,7 +30,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, demo_model):
-    """A head and a second node, each declaring 2 CPUs and 1 logical GPU, token auth on."""
+    """A head and a second node, each declaring 2 CPUs and 1 logical GPU, token auth on. The second node runs in
+    a mount namespace of its own where `head_only` is an empty tmpfs: what the head keeps there, it does not
+    see (mounting needs root, or sudo)."""
     from llmbatch.cluster.home import llmbatch_home
 
     root = tmp_path_factory.mktemp("cluster")
@@ -42,11 +45,17 @@ def cluster(tmp_path_factory, demo_model):
     subprocess.run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                     "--dashboard-port", str(dashboard), "--include-dashboard", "true", *common],
                    env=env, check=True, capture_output=True, timeout=180)
+    head_only = root / "head-only"
+    head_only.mkdir()
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n", "--preserve-env"]
+    worker = " ".join(shlex.quote(a) for a in [RAY, "start", "--address", f"127.0.0.1:{gcs}", *common])
     try:
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{gcs}", *common],
+        subprocess.run([*sudo, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        f"mount -t tmpfs -o mode=1777 head-only {shlex.quote(str(head_only))} && exec {worker}"],
                        env=env, check=True, capture_output=True, timeout=180)
         client_env = {"HOME": env["HOME"], "RAY_AUTH_TOKEN": token, "LLMBATCH_HOME": env["LLMBATCH_HOME"]}
-        yield {"address": f"http://127.0.0.1:{dashboard}", "token": token, "env": client_env}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "token": token, "env": client_env,
+               "head_only": head_only}
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -119,6 +128,21 @@ def test_a_replica_larger_than_any_node_is_refused_before_start(cluster, tmp_pat
     assert "one replica needs 2 GPUs on a single node (tensor_parallel_size=2); the largest node has 1" in proc.stdout
     assert "run_started" not in proc.stdout
     assert not (tmp_path / "out" / "too-big" / "_manifest.json").exists()
+
+
+def test_a_local_path_one_node_does_not_see_is_refused_naming_the_node(cluster, tmp_path: Path):
+    """Input kept where only the head sees it: the run stops before any engine starts, naming the node and the
+    path, and writes no part."""
+    address, env = cluster["address"], cluster["env"]
+    job = _job(tmp_path, rows=4, replicas=1)
+    hidden = cluster["head_only"] / "prompts.jsonl"
+    hidden.write_bytes((tmp_path / "prompts.jsonl").read_bytes())
+    write_job(job, **{**yaml.safe_load(job.read_text()), "input": {"path": str(hidden)}})
+    proc = run_cli("submit", str(job), "--address", address, "--run-id", "unshared", "--wait", env=env)
+    assert proc.returncode != 0
+    assert f"does not see input.path: {hidden} (not there)" in proc.stdout, proc.stdout[-4000:]
+    assert "use s3:// (or storage every node mounts at the same place)" in proc.stdout
+    assert "run_started" not in proc.stdout and not list((tmp_path / "out").rglob("*.parquet"))
 
 
 def test_cancel_stops_a_run_and_resume_on_the_cluster_finishes_it(cluster, tmp_path: Path):
