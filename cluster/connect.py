@@ -38,6 +38,7 @@ def start_local_ray(*, show_worker_logs: bool = False) -> dict:
         configure_logging=True,
     )
     quiet_ray_data()
+    tolerate_replica_start_failures()
     return ray.cluster_resources()
 
 
@@ -46,12 +47,23 @@ def join_cluster(*, show_worker_logs: bool = True) -> dict:
     if not ray.is_initialized():
         ray.init(address="auto", log_to_driver=show_worker_logs, logging_level="WARNING")
     quiet_ray_data()
+    tolerate_replica_start_failures()
     return ray.cluster_resources()
 
 
 def alive_nodes() -> dict[str, dict[str, float]]:
     """Node id -> total resources, for each alive node."""
     return {node["NodeID"]: dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")}
+
+
+REPLICA_START_DEATHS_TOLERATED = 2
+
+
+def tolerate_replica_start_failures() -> None:
+    """A replica whose start fails (a node's driver, a flaky GPU, an OOM while loading) is replaced, up to
+    REPLICA_START_DEATHS_TOLERATED times in a row per stage, instead of ending the run (Ray Data's default is 0);
+    a start that fails every time still fails the run, with the last replica's error."""
+    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = REPLICA_START_DEATHS_TOLERATED
 
 
 def quiet_ray_data() -> None:

@@ -249,3 +249,17 @@ def test_fingerprint_ignores_hidden_files(tmp_path):
     (ckpt / ".llmbatch-source.json").write_text('{"source": "x"}')
     (ckpt / ".lock").write_text("")
     assert fingerprint(ckpt) == before
+
+
+def test_a_replica_whose_start_fails_is_replaced_twice_before_the_run_fails():
+    import ray.data
+
+    from llmbatch.cluster.connect import REPLICA_START_DEATHS_TOLERATED, tolerate_replica_start_failures
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.max_consecutive_actor_init_deaths
+    try:
+        tolerate_replica_start_failures()
+        assert ctx.max_consecutive_actor_init_deaths == REPLICA_START_DEATHS_TOLERATED == 2
+    finally:
+        ctx.max_consecutive_actor_init_deaths = before
