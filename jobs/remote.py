@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import os
 import shutil
+import site
 import sys
+import sysconfig
 import tempfile
 import time
 from contextlib import contextmanager
@@ -16,10 +19,11 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from llmbatch.cluster.jobs_api import METADATA_MARK, client, jobs_api_errors
+from llmbatch.cluster.profiles import STORE_ENV as PROFILE_STORE_ENV
 from llmbatch.errors import UserError
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.pipelines.manifest import read_manifest
-from llmbatch.storage import join
+from llmbatch.storage import is_s3, join
 
 # The resolved job file travels inside the shipped package (uploaded to the cluster's own storage), never in the
 # job's environment variables, entrypoint or metadata, which the Ray dashboard shows to everyone who can open it.
@@ -53,6 +57,8 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
                         f"llmbatch cancel {run_id} --address {address}")
     # No working_dir: Ray may re-extract a job's working_dir under its running driver.
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if is_s3(os.environ.get(PROFILE_STORE_ENV, "")):  # a shared store; a local folder means nothing there
+        env_vars[PROFILE_STORE_ENV] = os.environ[PROFILE_STORE_ENV]
     job_text = yaml.safe_dump(spec.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
     metadata = {METADATA_MARK: "1", "job": spec.name, "run_id": run_id, "model": spec.model.source,
                 "output": run_uri}
@@ -64,8 +70,9 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
     taken = {info.submission_id for info in earlier}
     submission_id = next(candidate for candidate in _submission_ids(run_id) if candidate not in taken)
     jobs = client(address)
-    with shipped_package(job_text) as package, jobs_api_errors(address):
-        runtime_env: dict[str, Any] = {"py_modules": [package], "env_vars": env_vars}
+    with shipped_package(job_text) as package, shipped_modules(own_modules(spec)) as modules, \
+            jobs_api_errors(address):
+        runtime_env: dict[str, Any] = {"py_modules": [package, *modules], "env_vars": env_vars}
         jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
                         metadata=metadata)
     return Submission(run_id, address, run_uri, submission_id)
@@ -94,6 +101,51 @@ def shipped_package(job_text: str | None = None) -> Iterator[str]:
         if job_text is not None:
             (root / SHIPPED_JOB).write_text(job_text, encoding="utf-8")
         yield str(root)
+
+
+def own_modules(spec: JobSpec) -> list[Path]:
+    """The top-level modules of the job's python scorers that are the submitter's own code (a file or folder
+    outside the installed packages): they ship with the job, as Ray's py_modules."""
+    installed = {Path(p).resolve() for p in [*site.getsitepackages(), *(
+        sysconfig.get_paths().get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib"))] if p}
+    found: list[Path] = []
+    for scorer in spec.scoring:
+        if scorer.kind != "python":
+            continue
+        top = scorer.function.split(":", 1)[0].split(".", 1)[0]
+        module = importlib.util.find_spec(top) if top != "llmbatch" else None
+        if module is None:
+            continue
+        if module.submodule_search_locations:
+            place = Path(list(module.submodule_search_locations)[0])
+        elif module.origin and module.origin.endswith(".py"):
+            place = Path(module.origin)
+        else:
+            continue
+        if not any(parent in installed for parent in place.resolve().parents) and place not in found:
+            found.append(place)
+    return found
+
+
+@contextmanager
+def shipped_modules(places: list[Path]) -> Iterator[list[str]]:
+    """Each module of `places` as a folder Ray's py_modules uploads: a package as it is, a single-file module
+    as a package of that name whose __init__.py is the file."""
+    if not places:
+        yield []
+        return
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    with tempfile.TemporaryDirectory(prefix="llmbatch-ship-own-") as folder:
+        shipped = []
+        for place in places:
+            target = Path(folder) / (place.name if place.is_dir() else place.stem)
+            if place.is_dir():
+                shutil.copytree(place, target, ignore=skip)
+            else:
+                target.mkdir()
+                shutil.copy(place, target / "__init__.py")
+            shipped.append(str(target))
+        yield shipped
 
 
 def shipped_job_file() -> str:

@@ -84,15 +84,20 @@ def _dashboard_jobs(address: str, token: str | None):
 
 def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp_path: Path):
     """`submit --address --wait` runs the pipeline as a Ray job whose submission id is the run id;
-    list/status/logs and the dashboard show it; two 1-GPU replicas land on the two nodes."""
-    address, env = cluster["address"], cluster["env"]
+    list/status/logs and the dashboard show it; two 1-GPU replicas land on the two nodes. The job's python
+    scorer is a module only the submitter has (on its PYTHONPATH): it ships with the job."""
+    address = cluster["address"]
+    env = {**cluster["env"], "PYTHONPATH": str(Path(__file__).parent)}
     job = _job(tmp_path, rows=24, replicas=2)
+    write_job(job, **{**yaml.safe_load(job.read_text()), "scoring": [
+        {"name": "words", "kind": "python", "function": "row_scorers:words_per_answer"}]})
     proc = run_cli("submit", str(job), "--address", address, "--run-id", "cl-run", "--wait", env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "run cl-run: SUCCEEDED" in proc.stdout
 
     rows, manifest = read_output(str(tmp_path / "out" / "cl-run"))
     assert len(rows) == 24 and {r.n for r in rows} == set(range(24)) and all(r.error is None for r in rows)
+    assert all(r.score_words == len(r.generated_text.split()) for r in rows)
     replicas = manifest["replicas"]
     assert len(replicas) == 2 and len({r["node_id"] for r in replicas}) == 2
     assert sum(r["rows"] for r in replicas) == 24

@@ -10,7 +10,7 @@ import pytest
 
 import llmbatch.jobs.remote as remote
 from llmbatch.errors import UserError
-from llmbatch.jobs.spec import JobSpec
+from llmbatch.jobs.spec import JobSpec, validate_spec
 
 
 @dataclass
@@ -126,3 +126,25 @@ def test_the_cluster_driver_finds_the_shipped_job_file_on_its_path_even_beside_a
         monkeypatch.syspath_prepend(str(Path(package).parent))
         found = remote.shipped_job_file()
         assert found == str(Path(package) / remote.SHIPPED_JOB) and Path(found).read_text() == "name: shipped\n"
+
+
+def test_a_python_scorers_own_module_ships_with_the_job_and_installed_ones_do_not(tmp_path, monkeypatch):
+    (tmp_path / "team_scorers.py").write_text("def score(row):\n    return 1.0\n")
+    (tmp_path / "team_pkg").mkdir()
+    (tmp_path / "team_pkg" / "__init__.py").write_text("")
+    (tmp_path / "team_pkg" / "metrics.py").write_text("def score(row):\n    return 2.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scorers = [{"name": "a", "kind": "python", "function": "team_scorers:score"},
+               {"name": "b", "kind": "python", "function": "team_pkg.metrics:score"},
+               {"name": "c", "kind": "python", "function": "yaml:safe_load"},
+               {"name": "d", "kind": "python", "function": "team_scorers:score"}]
+    spec = validate_spec({"name": "s", "model": {"source": "m"}, "input": {"path": "p"}, "output": {"path": "o"},
+                          "scoring": scorers})
+    places = remote.own_modules(spec)
+    assert places == [tmp_path / "team_scorers.py", tmp_path / "team_pkg"]
+    with remote.shipped_modules(places) as shipped:
+        folders = [Path(p) for p in shipped]
+        assert [f.name for f in folders] == ["team_scorers", "team_pkg"]
+        assert (folders[0] / "__init__.py").read_text() == (tmp_path / "team_scorers.py").read_text()
+        assert (folders[1] / "metrics.py").is_file()
+    assert not folders[0].exists()
