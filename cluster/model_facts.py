@@ -22,6 +22,7 @@ class ModelFacts:
     max_context: int | None
     dtype: str
     experts: int = 1
+    intermediate_size: int = 0     # the MLP's width (0: unknown, taken as 4 x hidden_size)
 
     def weight_bytes(self, dtype: str | None = None) -> int:
         return self.parameters * DTYPE_BYTES[dtype or self.dtype]
@@ -82,7 +83,7 @@ def facts_from_config(config: dict[str, Any]) -> ModelFacts:
     parameters = layers * per_layer + embeddings + hidden
     return ModelFacts(arch, int(parameters), layers, hidden, heads, kv_heads, head_dim, vocab,
                       int(max_context) if max_context else None,
-                      dtype if dtype in DTYPE_BYTES else "float16", experts)
+                      dtype if dtype in DTYPE_BYTES else "float16", experts, inter)
 
 
 def facts_for_checkpoint(path: Path) -> ModelFacts:

@@ -5,11 +5,12 @@ import math
 from dataclasses import dataclass
 
 from llmbatch.cluster.accelerators import GIB, Accelerator
-from llmbatch.cluster.model_facts import ModelFacts
+from llmbatch.cluster.engine_limits import offline_defaults
+from llmbatch.cluster.model_facts import DTYPE_BYTES, ModelFacts
 
 TP_CHOICES = (1, 2, 4, 8)
 USEFUL_CONTEXTS = 4          # a replica is useful when its KV cache holds this many full-length sequences
-ACTIVATION_RESERVE = 1 * GIB  # per device, for activations and the CUDA context
+RUNTIME_RESERVE = 1 * GIB      # per GPU: the CUDA context, CUDA graphs, the collective library's buffers
 
 
 @dataclass(frozen=True)
@@ -20,17 +21,31 @@ class Fit:
     reason: str
 
 
+def activation_bytes(facts: ModelFacts, device: Accelerator, tp: int, dtype: str | None = None) -> float:
+    """Per GPU, the peak of one engine step at the device's scheduler limits (what vLLM's start-up profiling
+    measures): the step's hidden states and its share of the MLP's activations for max_num_batched_tokens
+    tokens, the float32 logits of max_num_seqs sequences, and the runtime's own reserve."""
+    if device.name == "CPU":
+        return 0.0
+    seqs, tokens = offline_defaults(device)
+    width = facts.intermediate_size or 4 * facts.hidden_size
+    element = DTYPE_BYTES[dtype or facts.dtype]
+    step = tokens * (facts.hidden_size + 2 * width / tp) * element * 2   # in and out of each op
+    logits = seqs * facts.vocab_size * 4
+    return RUNTIME_RESERVE + step + logits
+
+
 def choose_tensor_parallel(facts: ModelFacts, device: Accelerator, max_model_len: int, dtype: str | None = None) -> Fit:
-    """The smallest tensor_parallel_size whose devices hold the weights plus a useful KV cache."""
+    """The smallest tensor_parallel_size whose devices hold the weights, a step's activations and a useful KV
+    cache."""
     weights = facts.weight_bytes(dtype)
     kv_token = facts.kv_bytes_per_token(dtype)
     wanted_kv = USEFUL_CONTEXTS * max_model_len * kv_token
-    reserve = 0 if device.name == "CPU" else ACTIVATION_RESERVE
     last = None
     for tp in TP_CHOICES:
         if facts.attention_heads % tp or facts.kv_heads % tp and tp % facts.kv_heads:
             continue
-        per_device = weights / tp + reserve
+        per_device = weights / tp + activation_bytes(facts, device, tp, dtype)
         kv_budget = (device.usable_bytes - per_device) * tp
         tokens = max(0, int(kv_budget // kv_token))
         last = Fit(tp, tokens, per_device + wanted_kv / tp, "")

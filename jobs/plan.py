@@ -62,6 +62,16 @@ class Plan:
                        cost_usd=round(cost_usd(wall, replicas, devices, self.hourly_usd), 4))
 
 
+def check_planned_parallelism(spec: JobSpec, plan: Plan) -> None:
+    """`replicas: auto` sizes replicas of the planner's tensor parallelism: refuse a job whose replicas span
+    fewer devices than its model needs on the device (the engines would fail loading it)."""
+    asked = spec.model.engine.tensor_parallel_size
+    if plan.tensor_parallel_size > asked:
+        raise UserError(f"model.engine.tensor_parallel_size: {asked} x {plan.accelerator} per replica cannot hold "
+                        f"{spec.model.source}; it needs {plan.tensor_parallel_size} ({plan.fit}); set "
+                        f"model.engine.tensor_parallel_size: {plan.tensor_parallel_size}")
+
+
 def engine_settings(spec: JobSpec, device: Accelerator, tp: int | None = None) -> dict[str, Any]:
     engine = spec.model.engine
     dtype = engine_dtype(engine.dtype, device.name == "CPU")

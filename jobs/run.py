@@ -27,7 +27,7 @@ from llmbatch.errors import JobFailed, UserError
 from llmbatch.jobs.engines import engine_stage, hosts_for
 from llmbatch.jobs.feedback import predict, record_run
 from llmbatch.jobs.finalize import Execution, commit, run_cost
-from llmbatch.jobs.plan import engine_settings as plan_engine_settings
+from llmbatch.jobs.plan import check_planned_parallelism, engine_settings as plan_engine_settings
 from llmbatch.jobs.resolve import ResolvedJob, ResolvedModel, resolve, schema_problems
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.pipelines.infer import EngineSettings, preload_engine_stage
@@ -270,6 +270,7 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, lo
     auto = spec.resources.replicas == "auto"
     if auto:
         device, sizing = predict(spec, accelerator, fingerprint, log, required=True)
+        check_planned_parallelism(spec, sizing)
         capacity = replica_capacity(shape, cluster)
         low = high = max(1, min(sizing.replicas, capacity))
         log.info("replicas_planned", planned=sizing.replicas, capacity=capacity, replicas=low,

@@ -149,11 +149,11 @@ def test_sizing_problems_only_warn_for_a_fixed_pool():
     import structlog
     from llmbatch.jobs.feedback import predict
 
-    spec = validate_spec({**BASE, "resources": {"replicas": 2, "accelerator_type": "L40S"}})
+    spec = validate_spec({**BASE, "resources": {"replicas": 2, "accelerator_type": "MI300X"}})
     with capture_logs() as logs:
         assert predict(spec, "gpu", "sha256:x", structlog.get_logger(), required=False) == (None, None)
-    assert logs[0]["event"] == "no_prediction" and "L40S" in logs[0]["reason"]
-    with pytest.raises(UserError, match="no prices for 'L40S'"):
+    assert logs[0]["event"] == "no_prediction" and "MI300X" in logs[0]["reason"]
+    with pytest.raises(UserError, match="resources.accelerator_type: unknown accelerator 'MI300X'"):
         predict(spec, "gpu", "sha256:x", structlog.get_logger(), required=True)
 
 

@@ -42,11 +42,25 @@ def test_parameters_and_kv_bytes_of_known_families(config, billions, kv_bytes):
 
 def test_llama2_7b_fits_one_24gb_gpu_and_mixtral_needs_several():
     llama, mixtral = facts_from_config(LLAMA2_7B), facts_from_config(MIXTRAL_8X7B)
-    assert choose_tensor_parallel(llama, ACCELERATORS["A10G"], 4096).tensor_parallel_size == 1
+    assert choose_tensor_parallel(llama, ACCELERATORS["A10G"], 2048).tensor_parallel_size == 1
+    # weights 12.6 GiB + a step's activations at 8192 batched tokens (~1.9 GiB) leave 7.1 of 21.6 GiB: less
+    # than four 4096-token sequences' 8 GiB of KV cache
+    assert choose_tensor_parallel(llama, ACCELERATORS["A10G"], 4096).tensor_parallel_size == 2
     assert choose_tensor_parallel(llama, ACCELERATORS["A100-80GB"], 4096).tensor_parallel_size == 1
     assert choose_tensor_parallel(mixtral, ACCELERATORS["H100-80GB"], 4096).tensor_parallel_size == 2
     assert choose_tensor_parallel(mixtral, ACCELERATORS["A100-40GB"], 4096).tensor_parallel_size == 4
     assert choose_tensor_parallel(mixtral, ACCELERATORS["L4"], 4096).tensor_parallel_size == 8
+
+
+def test_activations_grow_with_the_devices_batched_tokens_and_shrink_with_tensor_parallelism():
+    from llmbatch.cluster.sizing import activation_bytes
+
+    llama = facts_from_config(LLAMA2_7B)
+    h100, l4 = ACCELERATORS["H100-80GB"], ACCELERATORS["L4"]
+    assert activation_bytes(llama, ACCELERATORS["CPU"], 1) == 0
+    assert activation_bytes(llama, h100, 1) > activation_bytes(llama, l4, 1) > GIB
+    assert activation_bytes(llama, h100, 4) < activation_bytes(llama, h100, 1)
+    assert activation_bytes(llama, h100, 1) / GIB == pytest.approx(2.7, abs=0.05)
 
 
 def test_a_model_that_fits_nowhere_says_how_much_it_needs():
@@ -174,3 +188,16 @@ def test_a_plan_is_capped_by_what_the_cluster_holds():
     assert ranged.replicas == 3 and "the pool grows to 3 replica(s) here" in ranged.notes[-1]
     assert fit_to_cluster(_plan(1, tp=4), auto, "http://h", nodes).cluster["replica_capacity"] == 0
     assert fit_to_cluster(_plan(2, accelerator_name="CPU"), auto, "http://h", nodes).replicas == 2
+
+
+def test_auto_replicas_refuse_a_tensor_parallelism_below_what_the_model_needs():
+    from llmbatch.jobs.plan import check_planned_parallelism
+
+    base = {"name": "a", "model": {"source": "llama-70b"}, "input": {"path": "p"}, "output": {"path": "o"},
+            "resources": {"replicas": "auto"}}
+    with pytest.raises(UserError) as refused:
+        check_planned_parallelism(validate_spec(base), _plan(2, tp=4, accelerator_name="H100-80GB"))
+    assert str(refused.value) == ("model.engine.tensor_parallel_size: 1 x H100-80GB per replica cannot hold "
+                                  "llama-70b; it needs 4 (fits); set model.engine.tensor_parallel_size: 4")
+    wide = {**base, "model": {"source": "llama-70b", "engine": {"tensor_parallel_size": 4}}}
+    check_planned_parallelism(validate_spec(wide), _plan(2, tp=4, accelerator_name="H100-80GB"))
