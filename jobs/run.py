@@ -21,6 +21,8 @@ from llmbatch.cluster.connect import alive_nodes, join_cluster, start_local_ray
 from llmbatch.cluster.diagnose import explain_failure
 from llmbatch.cluster.model_sync import ensure_model_on_nodes
 from llmbatch.cluster.resources import check_fits, choose_accelerator, replica_capacity, replica_shape
+from llmbatch.cluster.scale_up import (accelerator_to_come, ask_autoscaler, groups_can_host, node_groups, totals,
+                                      wait_for_nodes)
 from llmbatch.cluster.shared_paths import PathCheck, check_nodes_see
 from llmbatch.crash_points import crash_point
 from llmbatch.errors import JobFailed, UserError
@@ -29,7 +31,7 @@ from llmbatch.jobs.feedback import predict, record_run
 from llmbatch.jobs.finalize import Execution, commit, run_cost
 from llmbatch.jobs.plan import check_planned_parallelism, engine_settings as plan_engine_settings
 from llmbatch.jobs.resolve import ResolvedJob, ResolvedModel, resolve, schema_problems
-from llmbatch.jobs.spec import JobSpec
+from llmbatch.jobs.spec import JobSpec, parse_duration
 from llmbatch.pipelines.infer import EngineSettings, preload_engine_stage
 from llmbatch.pipelines.judge import judge_sampling_params
 from llmbatch.pipelines.manifest import remove_staging, staging_uri
@@ -84,6 +86,7 @@ class Pool:
     cluster: dict[str, float]
     auto: bool
     prediction: Future               # (device, sizing plan) from the planner
+    asked_autoscaler: bool = False   # resources were requested of the autoscaler; withdrawn after the run
 
 
 @dataclass
@@ -126,14 +129,26 @@ def _run_held(job: ResolvedJob, lock: RunLock, run_id: str, run_uri: str, marks:
               started_at: str, log, *, show_worker_logs: bool, on_cluster: bool, measurement_source: str,
               overwrite: bool, resume: bool) -> RunResult:
     """The run, once this driver holds its lock: nothing is deleted or written before."""
-    spec = job.spec
     job, start, attempt = _decide_and_fetch(job, run_id, run_uri, resume=resume, overwrite=overwrite, log=log)
     fingerprint = model_store.fingerprint(job.model.path)
     lock.check("starting Ray")
     marks["started_ray"] = time.time()
     cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
     marks["ray_ready"] = time.time()
-    pool = _size_pool(job, cluster, fingerprint, log)
+    pool = _size_pool(job, cluster, fingerprint, on_cluster, log)
+    try:
+        return _run_on_pool(job, pool, lock, start, attempt, fingerprint, run_id, run_uri, marks, started_at, log,
+                            on_cluster=on_cluster, measurement_source=measurement_source)
+    finally:
+        if pool.asked_autoscaler:
+            _withdraw_autoscaler_request(log)
+
+
+def _run_on_pool(job: ResolvedJob, pool: Pool, lock: RunLock, start: RunStart, attempt: dict[str, Any],
+                 fingerprint: str, run_id: str, run_uri: str, marks: dict[str, float | None], started_at: str, log,
+                 *, on_cluster: bool, measurement_source: str) -> RunResult:
+    """Build the passes on the pool, prepare the run folder, execute, commit."""
+    spec = job.spec
     try:
         if on_cluster:
             _check_nodes_see_the_paths(job, lock, list(pool.nodes))
@@ -161,6 +176,14 @@ def _run_held(job: ResolvedJob, lock: RunLock, run_id: str, run_uri: str, marks:
     if manifest.status == "failed":
         raise JobFailed("; ".join(manifest.problems))
     return RunResult(run_id, run_uri, manifest.status, manifest, summary)
+
+
+def _withdraw_autoscaler_request(log) -> None:
+    """Let the nodes the run asked for scale down once it no longer needs them."""
+    try:
+        ask_autoscaler([])
+    except Exception as exc:  # the run's outcome stands either way
+        log.warning("autoscaler_request_not_withdrawn", error=f"{type(exc).__name__}: {exc}")
 
 
 def _decide_and_fetch(job: ResolvedJob, run_id: str, run_uri: str, *, resume: bool, overwrite: bool,
@@ -262,27 +285,49 @@ def _record_measurement(job: ResolvedJob, run: Execution, manifest: Manifest, so
                    source, log)
 
 
-def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, log) -> Pool:
-    """The accelerator and replica range on this cluster; for `replicas: auto`, from the planner's prediction."""
+def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on_cluster: bool, log) -> Pool:
+    """The accelerator and replica range on this cluster; for `replicas: auto`, from the planner's prediction.
+    On a cluster, replicas the nodes cannot hold yet are asked of the autoscaler and waited for."""
     spec = job.spec
-    accelerator = choose_accelerator(spec.resources.accelerator, cluster)
+    groups = node_groups() if on_cluster else None
+    to_come = accelerator_to_come(spec.resources.accelerator, cluster, groups)
+    if to_come:
+        log.info("gpu_nodes_to_come", note="the cluster has no GPU node now; its autoscaler can add them")
+    scaling = groups is not None and (to_come or spec.resources.accelerator == "gpu")
+    accelerator = to_come or ("gpu" if scaling else choose_accelerator(spec.resources.accelerator, cluster))
     shape = replica_shape(accelerator, spec.model.engine.tensor_parallel_size)
+    if scaling and not groups_can_host(shape, groups, spec.resources.accelerator_type):
+        need = ", ".join(f"{amount * shape.workers_per_replica:g} {key}" for key, amount in shape.bundle.items())
+        pinned = f" with {spec.resources.accelerator_type} GPUs" if spec.resources.accelerator_type else ""
+        raise UserError(f"resources: no node type the cluster's autoscaler may add holds one replica ({need} on one "
+                        f"node{pinned}); add such a worker group, or lower model.engine.tensor_parallel_size")
     auto = spec.resources.replicas == "auto"
     if auto:
         device, sizing = predict(spec, accelerator, fingerprint, log, required=True)
         check_planned_parallelism(spec, sizing)
-        capacity = replica_capacity(shape, cluster)
-        low = high = max(1, min(sizing.replicas, capacity))
-        log.info("replicas_planned", planned=sizing.replicas, capacity=capacity, replicas=low,
-                 notes=sizing.notes or None)
+        wanted = (1, sizing.replicas)
         prediction = _done((device, sizing))
     else:
-        low, high = spec.resources.replica_range
+        wanted = tuple(spec.resources.replica_range)
         # for a fixed pool the plan is only reported; the engines need not wait for its token count
         prediction = _in_background(predict, spec, accelerator, fingerprint, log, required=False)
-    nodes = alive_nodes()
+    asked = False
+    if groups is not None:
+        nodes, asked = wait_for_nodes(shape, wanted[0], spec.resources.accelerator_type,
+                                      parse_duration(spec.resources.scale_up_timeout), nodes_now=alive_nodes,
+                                      request=ask_autoscaler, ask=wanted[1], log=log)
+        cluster = totals(nodes) if asked else cluster
+    else:
+        nodes = alive_nodes()
+    if auto:
+        capacity = replica_capacity(shape, cluster)
+        low = high = max(1, min(wanted[1], capacity))
+        log.info("replicas_planned", planned=wanted[1], capacity=capacity, replicas=low,
+                 notes=prediction.result()[1].notes or None)
+    else:
+        low, high = wanted
     check_fits(shape, low, cluster, list(nodes.values()), spec.resources.accelerator_type)
-    return Pool(accelerator, shape, (low, high), nodes, cluster, auto, prediction)
+    return Pool(accelerator, shape, (low, high), nodes, cluster, auto, prediction, asked)
 
 
 def _prediction(pool: Pool, log) -> tuple[Any, Any]:

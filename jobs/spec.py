@@ -172,6 +172,9 @@ class ResourcesSpec(_Section):
         None, ge=1, description="With replicas: auto, never more replicas than this.")
     budget: Optional[float] = Field(
         None, gt=0, description="With replicas: auto, the most this run may cost, in USD (planner's prices).")
+    scale_up_timeout: str = Field(
+        "15m", description="On a cluster, how long to wait for the autoscaler to add the nodes the replicas need "
+                           "(resources.accelerator: gpu, or replicas the nodes cannot hold yet) before failing.")
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -190,7 +193,7 @@ class ResourcesSpec(_Section):
             return list(value)
         raise ValueError("must be a number, [min, max] with 1 <= min <= max, or auto")
 
-    @field_validator("deadline")
+    @field_validator("deadline", "scale_up_timeout")
     @classmethod
     def _deadline(cls, value: Optional[str]) -> Optional[str]:
         if value is not None:
