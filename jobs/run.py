@@ -32,7 +32,7 @@ from llmbatch.jobs.finalize import Execution, commit, run_cost
 from llmbatch.jobs.plan import check_planned_parallelism, engine_settings as plan_engine_settings
 from llmbatch.jobs.resolve import ResolvedJob, ResolvedModel, resolve, schema_problems
 from llmbatch.jobs.spec import JobSpec, parse_duration
-from llmbatch.pipelines.infer import EngineSettings, preload_engine_stage
+from llmbatch.pipelines.infer import EngineSettings, preload_engine_stage, release_placement_groups
 from llmbatch.pipelines.judge import judge_sampling_params
 from llmbatch.pipelines.manifest import remove_staging, staging_uri
 from llmbatch.pipelines.result_cache import CacheNamespace, cache_namespace, is_deterministic, write_key_file
@@ -455,6 +455,9 @@ def _execute(ds, target: str, counter, total_rows: int, started: float, lock: Ru
     finally:
         stop.set()
         reporter.join(timeout=5)
+        released = release_placement_groups()
+        if released:
+            log.info("placement_groups_released", count=released)
 
 
 def _in_background(fn, *args, **kwargs) -> Future:

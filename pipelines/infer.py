@@ -133,7 +133,42 @@ def build_infer_stage(settings: EngineSettings):
     env_vars = engine_env(settings)
     if env_vars:
         stage.map_batches_kwargs["runtime_env"] = {"env_vars": env_vars}
+    placing = stage.map_batches_kwargs.get("ray_remote_args_fn")
+    if placing is not None:
+        stage.map_batches_kwargs["ray_remote_args_fn"] = _recording_placement_groups(placing)
     return processor
+
+
+# Placement groups the engine replicas of this driver's passes were placed in. ray.data.llm creates one per
+# replica of a multi-GPU engine and never removes it (ray-project/ray#64035): the GPUs would stay reserved until
+# the driver exits, and the next pass in the same driver (a judge) would wait for them forever.
+_PLACEMENT_GROUPS: list = []
+
+
+def _recording_placement_groups(placing):
+    def placed() -> dict[str, Any]:
+        args = placing()
+        group = getattr(args.get("scheduling_strategy"), "placement_group", None)
+        if group is not None:
+            _PLACEMENT_GROUPS.append(group)
+        return args
+
+    return placed
+
+
+def release_placement_groups() -> int:
+    """Remove the placement groups of the engine replicas that ran so far (once their pass is over); how many."""
+    import ray
+
+    removed = 0
+    while _PLACEMENT_GROUPS:
+        group = _PLACEMENT_GROUPS.pop()
+        try:
+            ray.util.remove_placement_group(group)
+            removed += 1
+        except Exception:  # already gone with its job, or Ray is shutting down
+            pass
+    return removed
 
 
 def engine_env(settings: EngineSettings) -> dict[str, str]:

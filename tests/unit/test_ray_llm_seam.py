@@ -126,3 +126,26 @@ def test_only_the_seam_names_ray_llm_internals():
                     if path.is_file() and "__pycache__" not in path.parts
                     and b"ray.llm._internal" in path.read_bytes())
     assert naming == ["pipelines/ray_llm_seam.py"]
+
+
+def test_the_placement_groups_of_multi_gpu_replicas_are_removed_after_their_pass(tmp_path, monkeypatch):
+    """ray.data.llm places each replica of a TP>1 engine in a placement group it never removes
+    (ray-project/ray#64035); llmbatch records each one and removes it once the pass is over."""
+    import ray.util
+
+    from llmbatch.pipelines.infer import release_placement_groups
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    plan = EngineSettings(model_path=str(tmp_path), engine_kwargs={"max_model_len": 512, "tensor_parallel_size": 2},
+                          sampling_params=sampling_params(16, 0.0, 1.0, None, 0, []), replicas=(1, 1), batch_size=4,
+                          bundle_per_replica={"GPU": 1.0, "CPU": 1.0})
+    created, removed = [], []
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray.util, "placement_group", lambda *a, **k: created.append(object()) or created[-1])
+    monkeypatch.setattr(ray.util, "remove_placement_group", removed.append)
+    stage = build_infer_stage(plan).get_stage_by_name(seam.ENGINE_STAGE_NAME)
+    place = stage.map_batches_kwargs["ray_remote_args_fn"]
+    place(), place()                      # two replicas started
+    assert len(created) == 2
+    assert release_placement_groups() == 2 and sorted(map(id, removed)) == sorted(map(id, created))
+    assert release_placement_groups() == 0
