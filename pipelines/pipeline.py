@@ -27,6 +27,14 @@ from llmbatch.pipelines.scorers import ScoreStage
 from llmbatch.storage import filesystem_for, is_s3, join, storage_errors
 
 CPU_STAGE_CPUS = STAGE_CPUS
+REPLICAS_PER_CPU_ACTOR = 2  # engine replicas one render, cache-lookup or score actor keeps fed at most
+
+
+def cpu_stage_pool(engine: EngineSettings) -> ray.data.ActorPoolStrategy:
+    """The actors of a CPU stage beside an engine pool: one, growing with the backlog to one per
+    REPLICAS_PER_CPU_ACTOR engine replicas, so that prefill-heavy jobs (task: score, short outputs) on many GPUs
+    are not held back by one tokenizing process."""
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, -(-engine.replicas[1] // REPLICAS_PER_CPU_ACTOR)))
 
 
 @dataclass(frozen=True)
@@ -134,10 +142,10 @@ def build_dataset(inputs: ScannedInput, id_column: str | None, render: RenderSet
     ds = ds.map_batches(_read_shards, fn_kwargs={"schema_bytes": schema_bytes, "id_column": id_column, "done": done},
                         batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
     ds = ds.map_batches(RenderStage, fn_constructor_args=(engine.model_path, render), batch_size=engine.batch_size,
-                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
+                        batch_format="pyarrow", compute=cpu_stage_pool(engine), num_cpus=CPU_STAGE_CPUS)
     if output.cache_uri is not None:
         ds = ds.map_batches(CacheLookupStage, fn_constructor_args=(output.cache_uri,), batch_size=engine.batch_size,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+                            batch_format="pyarrow", compute=cpu_stage_pool(engine),
                             num_cpus=CPU_STAGE_CPUS)
     ds = build_infer_stage(engine)(ds)
     ds = ds.map(to_output_row, fn_kwargs=dict(
@@ -148,7 +156,7 @@ def build_dataset(inputs: ScannedInput, id_column: str | None, render: RenderSet
     row_scorers = [s for s in output.scorers if not s.needs_engine]
     if row_scorers:
         ds = ds.map_batches(ScoreStage, fn_constructor_args=(row_scorers, columns), batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
+                            compute=cpu_stage_pool(engine), num_cpus=CPU_STAGE_CPUS)
     ds = ds.map_batches(conform_output, fn_kwargs={"schema_bytes": out_schema.serialize().to_pybytes(),
                                                    "counter": counter},
                         batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
@@ -170,7 +178,7 @@ def build_judge_pass(ds: ray.data.Dataset, scorer: Any, judge: EngineSettings, i
     ds = ds.map_batches(JudgeRenderStage, fn_constructor_args=(judge.model_path, scorer, columns, judge_max_len,
                                                                bool(judge.engine_kwargs.get("trust_remote_code"))),
                         batch_size=judge.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPU_STAGE_CPUS)
+                        compute=cpu_stage_pool(judge), num_cpus=CPU_STAGE_CPUS)
     ds = build_infer_stage(judge)(ds)
     ds = ds.map(after_judge, fn_kwargs={"scorer": scorer, "inference_error": INFERENCE_ERROR}, num_cpus=CPU_STAGE_CPUS)
     return ds.map_batches(conform_output, fn_kwargs={"schema_bytes": output_schema_for(inputs, output).serialize()

@@ -121,6 +121,34 @@ class TextTokenizer:
         at = next((i for i in range(len(framed)) if framed[i:i + len(bare)] == bare), 0)
         self.prefix, self.suffix = framed[:at], framed[at + len(bare):]
 
+    def encode_many(self, items: list[tuple[str, list[str], bool]]) -> list[list[int] | Exception]:
+        """encode() of each (prompt, data, add_special_tokens), the plain ones in one call of the tokenizer per
+        add_special_tokens value (a fast tokenizer encodes a batch in parallel); an item that fails is its
+        exception."""
+        out: list[list[int] | Exception | None] = [None] * len(items)
+        plain: dict[bool, list[int]] = {True: [], False: []}
+        for i, (prompt, data, add) in enumerate(items):
+            if self.added is not None and any(self.added.search(d) for d in data):
+                out[i] = self._encode_or_error(prompt, data, add)
+            else:
+                plain[add].append(i)
+        for add, indexes in plain.items():
+            if not indexes:
+                continue
+            try:
+                encoded = self.tokenizer([items[i][0] for i in indexes], add_special_tokens=add)["input_ids"]
+            except Exception:  # one prompt the tokenizer rejects: find it, and keep the others
+                encoded = [self._encode_or_error(items[i][0], [], add) for i in indexes]
+            for i, ids in zip(indexes, encoded):
+                out[i] = ids if isinstance(ids, Exception) else list(ids)
+        return out  # type: ignore[return-value]
+
+    def _encode_or_error(self, prompt: str, data: list[str], add: bool) -> list[int] | Exception:
+        try:
+            return self.encode(prompt, data, add)
+        except Exception as exc:
+            return exc
+
     def encode(self, prompt: str, data: list[str], add_special_tokens: bool) -> list[int]:
         risky = [d for d in data if self.added is not None and self.added.search(d)]
         if not risky:
@@ -196,21 +224,21 @@ class RenderStage:
         prompts: list[str | None] = []
         tokens: list[list[int] | None] = []
         choices: list[list[dict[str, Any]] | None] = []
-        for i, row in enumerate(rows):
-            prompt, ids, completions = None, None, None
-            if errors[i] is None:
-                try:
-                    if self.settings.task == "score":
+        if self.settings.task == "score":
+            for i, row in enumerate(rows):
+                prompt, ids, completions = None, None, None
+                if errors[i] is None:
+                    try:
                         prompt, ids, completions = self.render_for_scoring(row or {})
-                    else:
-                        prompt, ids = self.render(row or {})
-                except RowError as exc:
-                    errors[i] = str(exc)
-                except Exception as exc:  # a template the tokenizer rejects, odd unicode, ...
-                    errors[i] = f"render: {type(exc).__name__}: {exc}"
-            prompts.append(prompt)
-            tokens.append(ids)
-            choices.append(completions)
+                    except RowError as exc:
+                        errors[i] = str(exc)
+                    except Exception as exc:  # a template the tokenizer rejects, odd unicode, ...
+                        errors[i] = f"render: {type(exc).__name__}: {exc}"
+                prompts.append(prompt)
+                tokens.append(ids)
+                choices.append(completions)
+        else:
+            prompts, tokens = self.render_batch(rows, errors)
         out = batch.drop_columns([ROW_ERROR_COLUMN]).append_column(
             PROMPT_COLUMN, pa.array(prompts, pa.string())
         ).append_column(TOKENS_COLUMN, pa.array(tokens, pa.list_(pa.int32())))
@@ -251,18 +279,51 @@ class RenderStage:
             completions.append({"text": text, "tokens": ids})
         return stripped, context_ids, completions
 
-    def render(self, row: dict[str, Any]) -> tuple[str, list[int]]:
+    def render_batch(self, rows: list[dict[str, Any] | None], errors: list[str | None]
+                     ) -> tuple[list[str | None], list[list[int] | None]]:
+        """Each row's prompt and tokens (tokenized in one batch); a row that cannot be rendered gets its error in
+        `errors` and None."""
+        prompts: list[str | None] = [None] * len(rows)
+        tokens: list[list[int] | None] = [None] * len(rows)
+        items: list[tuple[str, list[str], bool]] = []
+        placed: list[int] = []
+        for i, row in enumerate(rows):
+            if errors[i] is not None:
+                continue
+            try:
+                prompt, add_special_tokens = self.prompt_of(row or {})
+            except RowError as exc:
+                errors[i] = str(exc)
+                continue
+            except Exception as exc:  # a template the tokenizer rejects, odd unicode, ...
+                errors[i] = f"render: {type(exc).__name__}: {exc}"
+                continue
+            prompts[i] = prompt
+            items.append((prompt, data_texts(row or {}, self.settings), add_special_tokens))
+            placed.append(i)
+        limit = self.settings.max_model_len
+        for i, ids in zip(placed, self.text.encode_many(items)):
+            if isinstance(ids, Exception):
+                errors[i], prompts[i] = f"render: {type(ids).__name__}: {ids}", None
+            elif limit is not None and len(ids) >= limit:
+                errors[i], prompts[i] = (f"prompt is {len(ids)} tokens; model.engine.max_model_len is {limit} "
+                                         "(prompt plus at least one generated token must fit)"), None
+            else:
+                tokens[i] = ids
+        return prompts, tokens
+
+    def prompt_of(self, row: dict[str, Any]) -> tuple[str, bool]:
+        """The row's prompt text, and whether tokenizing it adds the tokenizer's special tokens (a chat
+        template writes its own)."""
         if self.chat:
             messages = build_messages(row, self.settings)
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.text.encode(prompt, data_texts(row, self.settings), add_special_tokens=False)
-        else:
-            prompt = render_plain(row, self.settings)
-            ids = self.text.encode(prompt, data_texts(row, self.settings), add_special_tokens=True)
-        limit = self.settings.max_model_len
-        if limit is not None and len(ids) >= limit:
-            raise RowError(
-                f"prompt is {len(ids)} tokens; model.engine.max_model_len is {limit} "
-                "(prompt plus at least one generated token must fit)"
-            )
-        return prompt, list(ids)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+        return render_plain(row, self.settings), True
+
+    def render(self, row: dict[str, Any]) -> tuple[str, list[int]]:
+        """One row's prompt and tokens (render_batch for a batch); raises RowError."""
+        errors: list[str | None] = [None]
+        prompts, tokens = self.render_batch([row], errors)
+        if errors[0] is not None:
+            raise RowError(errors[0])
+        return prompts[0], tokens[0]

@@ -239,8 +239,13 @@ class FakeTokenizer:
 
     def __call__(self, text, add_special_tokens):
         self.tokenize_calls.append((text, add_special_tokens))
-        ids = [ord(ch) for ch in text]
-        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+        if isinstance(text, list):  # a batch, as Hugging Face tokenizers take one
+            return {"input_ids": [self._ids(t, add_special_tokens) for t in text]}
+        return {"input_ids": self._ids(text, add_special_tokens)}
+
+    @staticmethod
+    def _ids(text, add_special_tokens):
+        return ([1] if add_special_tokens else []) + [ord(ch) for ch in text]
 
 
 def make_stage(settings: RenderSettings, chat: bool = True) -> RenderStage:
@@ -267,7 +272,33 @@ def test_render_with_chat_template_tokenizes_without_special_tokens():
     prompt, ids = stage.render({"prompt": "hi"})
     assert prompt == "<system>S<user>hi<assistant>"
     assert ids == [ord(c) for c in prompt]
-    assert stage.tokenizer.tokenize_calls == [(prompt, False)]
+    assert stage.tokenizer.tokenize_calls[0] == ([prompt], False)
+
+
+def test_a_batch_is_tokenized_in_one_call_and_a_prompt_the_tokenizer_rejects_fails_alone():
+    stage = make_stage(RenderSettings(system_prompt="S"))
+    batch = make_batch([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}])
+    out = stage(batch)
+    assert [t[0] for t in stage.tokenizer.tokenize_calls] == [["<system>S<user>a<assistant>",
+                                                              "<system>S<user>b<assistant>",
+                                                              "<system>S<user>c<assistant>"]]
+    assert out.column("_row_error").to_pylist() == [None, None, None]
+
+    real_call = stage.tokenizer.__class__.__call__
+
+    def rejects_b(self, text, add_special_tokens):
+        if "<user>b" in (text if isinstance(text, str) else "".join(text)):
+            raise ValueError("unsupported character")
+        return real_call(self, text, add_special_tokens)
+
+    stage.tokenizer.__class__.__call__ = rejects_b
+    try:
+        out = stage(batch)
+    finally:
+        stage.tokenizer.__class__.__call__ = real_call
+    assert out.column("_row_error").to_pylist() == [None, "render: ValueError: unsupported character", None]
+    tokens = out.column("tokenized_prompt").to_pylist()
+    assert tokens[1] is None and tokens[0] and tokens[2]
 
 
 def test_render_without_chat_template_adds_special_tokens():

@@ -108,3 +108,16 @@ def test_each_stage_adds_what_it_declares_and_refuses_a_batch_without_its_needs(
     (exact,) = scorers({"name": "a", "kind": "exact_match", "reference_column": "answer"})
     scored = ScoreStage([exact], names)(pa.Table.from_pylist([out]))
     assert set(ScoreStage.columns_for([exact]).adds) <= set(scored.column_names)
+
+
+def test_cpu_stages_grow_with_the_engine_pool():
+    from llmbatch.pipelines.infer import EngineSettings
+    from llmbatch.pipelines.pipeline import cpu_stage_pool
+
+    def pool(replicas):
+        return cpu_stage_pool(EngineSettings(model_path="m", engine_kwargs={}, sampling_params={}, replicas=replicas,
+                                             batch_size=32, bundle_per_replica={"GPU": 1.0}))
+
+    assert (pool((1, 1)).min_size, pool((1, 1)).max_size) == (1, 1)
+    assert (pool((2, 16)).min_size, pool((2, 16)).max_size) == (1, 8)
+    assert pool((3, 3)).max_size == 2
