@@ -1,6 +1,5 @@
 """The embedded Ray of a local run listens on every interface (Ray has no setting to bind it to loopback), so
-its token authentication is what keeps others out: a client without this machine's token is refused, one
-with it joins."""
+its token authentication is what keeps others out: a client without this machine's token is refused for it."""
 from __future__ import annotations
 
 import os
@@ -32,8 +31,6 @@ def test_a_client_without_the_token_cannot_join_the_embedded_ray(tmp_path: Path)
         (tmp_path / "home").mkdir()
         stranger = _join(address, {**env, "HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled"})
         assert stranger.returncode != 0 and "InvalidAuthToken" in stranger.stderr, stranger.stderr[-3000:]
-        member = _join(address, {**env, "RAY_AUTH_MODE": "token"})
-        assert member.returncode == 0 and member.stdout.startswith("joined"), member.stderr[-3000:]
     finally:
         holder.stdin.close()
         holder.wait(timeout=120)
