@@ -85,14 +85,15 @@ def _check_local(path: Path) -> None:
         raise UserError(f"model.source: {path} holds no config.json; expected a Hugging Face checkpoint directory")
 
 
-def resolve_local(source: str, *, log=None) -> Path:
-    """The model as a checkpoint directory on this machine, preparing or copying it once if needed."""
+def resolve_local(source: str, *, log=None, revision: str | None = None) -> Path:
+    """The model as a checkpoint directory on this machine, preparing or copying it once if needed; a hub model
+    at `revision` (a commit) when given, as the driver's nodes must hold the revision the driver resolved."""
     ref = classify_source(source)
     if ref.kind == "local":
         _check_local(Path(ref.source))
         return Path(ref.source)
     if ref.kind == "hub":
-        return _hub_snapshot(source, local_only=False)
+        return _hub_snapshot(source, local_only=False, revision=revision)
     target = ref.cache_dir
     if is_checkpoint_dir(target):
         return target
@@ -153,19 +154,19 @@ def _copy_s3(source: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _hub_snapshot(repo_id: str, *, local_only: bool) -> Path:
+def _hub_snapshot(repo_id: str, *, local_only: bool, revision: str | None = None) -> Path:
     """A hub model from the local Hugging Face cache; else downloaded (or, when only checking, looked up)."""
     from huggingface_hub import model_info, snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:
         pass  # not cached locally
     try:
         if local_only:
             model_info(repo_id, timeout=5)
             return Path(repo_id)
-        return Path(snapshot_download(repo_id, etag_timeout=10))
+        return Path(snapshot_download(repo_id, revision=revision, etag_timeout=10))
     except Exception as exc:
         raise UserError(_hub_error(repo_id, exc)) from exc
 

@@ -260,3 +260,22 @@ def test_trust_remote_code_reaches_the_engine_only_when_set():
 
     assert "trust_remote_code" not in engine_kwargs_for(EngineSpec(), "cpu", 256, 1)
     assert engine_kwargs_for(EngineSpec(trust_remote_code=True), "cpu", 256, 1)["trust_remote_code"] is True
+
+
+def test_a_hub_model_on_a_node_is_the_commit_the_driver_resolved(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from llmbatch.cluster.model_store import resolve_local
+
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, **kwargs):
+        asked.append((repo_id, revision, local_files_only))
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        return str(tmp_path / "snapshots" / (revision or "newest"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    path = resolve_local("org/model", revision="abc123")
+    assert path == tmp_path / "snapshots" / "abc123"
+    assert asked == [("org/model", "abc123", True), ("org/model", "abc123", False)]
