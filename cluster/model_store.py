@@ -85,6 +85,22 @@ def _check_local(path: Path) -> None:
         raise UserError(f"model.source: {path} holds no config.json; expected a Hugging Face checkpoint directory")
 
 
+def ensure_model_here(path: str, source: str) -> None:
+    """Make the checkpoint the driver resolved at `path` present on this machine (a node that joined after the
+    run started): prepared, copied or downloaded into its own cache, which must put it at the same path."""
+    if is_checkpoint_dir(Path(path)):
+        return
+    ref = classify_source(source)
+    if ref.kind == "local":
+        raise UserError(f"model.source: {path} is not on this node; a local checkpoint must be on every node "
+                        "at the same path (or use an s3:// prefix)")
+    got = resolve_local(source, revision=Path(path).name if ref.kind == "hub" else None)
+    if str(got) != path:
+        home = "HF_HOME (the Hugging Face cache)" if ref.kind == "hub" else "LLMBATCH_HOME"
+        raise UserError(f"model.source: this node keeps the model at {got}, the driver at {path}; give every "
+                        f"node the same {home}")
+
+
 def resolve_local(source: str, *, log=None, revision: str | None = None) -> Path:
     """The model as a checkpoint directory on this machine, preparing or copying it once if needed; a hub model
     at `revision` (a commit) when given, as the driver's nodes must hold the revision the driver resolved."""

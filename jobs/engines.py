@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from llmbatch.cluster.engine_limits import concurrent_batches, device_of, scheduler_limits
 from llmbatch.cluster.model_facts import facts_for_checkpoint
+from llmbatch.cluster.model_store import ensure_model_here
 from llmbatch.cluster.resources import (
     ReplicaShape, can_host, cpu_kv_cache_bytes, default_memory_utilization, engine_dtype, engine_in_process,
     replica_threads,
@@ -19,7 +21,8 @@ Nodes = dict[str, dict[str, float]]   # node id -> its Ray resources
 
 def engine_stage(model: ResolvedModel, engine, sampling: dict[str, Any], *, accelerator: str, shape: ReplicaShape,
                  replicas: tuple[int, int], nodes: Nodes, accelerator_type: str | None, batch_size: int, rows: int,
-                 progress_actor: str | None = None, max_concurrent_batches: int | None = None) -> EngineSettings:
+                 progress_actor: str | None = None, max_concurrent_batches: int | None = None,
+                 on_cluster: bool = False) -> EngineSettings:
     """The settings of one engine stage: `engine` is the model.engine section it runs with."""
     hosts = hosts_for(shape, nodes, accelerator_type)
     per_node = math.ceil(replicas[1] / max(1, len(hosts)))
@@ -43,6 +46,8 @@ def engine_stage(model: ResolvedModel, engine, sampling: dict[str, Any], *, acce
         engine=model.engine,
         in_process=engine_in_process(accelerator, engine.tensor_parallel_size),
         threads=replica_threads(accelerator, smallest_host_cpus(nodes, hosts), per_node),
+        ensure_model=(partial(ensure_model_here, str(model.path), model.source)
+                      if on_cluster and model.kind != "local" else None),
     )
 
 

@@ -216,7 +216,7 @@ def _build_stages(job: ResolvedJob, pool: Pool, run_id: str, run_uri: str, finge
                           replicas=pool.replicas, nodes=pool.nodes, accelerator_type=spec.resources.accelerator_type,
                           batch_size=spec.resources.batch_size, rows=inputs.rows,
                           progress_actor=progress_actor_name(run_id),
-                          max_concurrent_batches=spec.resources.max_concurrent_batches)
+                          max_concurrent_batches=spec.resources.max_concurrent_batches, on_cluster=on_cluster)
     cache = result_cache_for(spec, fingerprint, engine.engine_kwargs, job.sampling, log)
     context = OutputContext(run_id, spec.model.source, job.model.max_len, task=spec.task,
                             logprobs=spec.sampling.logprobs,
@@ -391,7 +391,8 @@ def _judge_stages(job: ResolvedJob, pool: Pool, on_cluster: bool,
         stage = engine_stage(model, model_spec.engine, judge_sampling_params(scorer.scale),
                              accelerator=pool.accelerator, shape=shape, replicas=replicas, nodes=pool.nodes,
                              accelerator_type=spec.resources.accelerator_type, batch_size=spec.resources.batch_size,
-                             rows=rows, max_concurrent_batches=spec.resources.max_concurrent_batches)
+                             rows=rows, max_concurrent_batches=spec.resources.max_concurrent_batches,
+                             on_cluster=on_cluster)
         stages.append((scorer, stage, model.max_len))
     return stages
 

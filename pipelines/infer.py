@@ -32,6 +32,7 @@ class EngineSettings:
     engine: str = "vllm"               # vllm | seq2seq (encoder-decoder families, batched HF generate)
     in_process: bool = False           # vLLM's engine core and worker in the replica's own process
     threads: int | None = None         # compute threads of each replica (OMP_NUM_THREADS); None = Ray's
+    ensure_model: Any = None           # called where a replica or tokenizer starts: puts the model on that node
 
 
 def preload_engine_stage() -> None:
@@ -130,6 +131,7 @@ def build_infer_stage(settings: EngineSettings):
     stage.__dict__["fn"] = _llmbatch_engine_udf()
     stage.fn_constructor_kwargs["progress_actor"] = settings.progress_actor
     stage.fn_constructor_kwargs["in_process"] = settings.in_process
+    stage.fn_constructor_kwargs["ensure_model"] = settings.ensure_model
     env_vars = engine_env(settings)
     if env_vars:
         stage.map_batches_kwargs["runtime_env"] = {"env_vars": env_vars}
@@ -219,8 +221,11 @@ def _llmbatch_engine_udf():
     from llmbatch.pipelines.logprobs import completion_logprob
 
     class LlmbatchEngineUDF(vLLMEngineStageUDF):
-        def __init__(self, *args, progress_actor: str | None = None, in_process: bool = False, **kwargs):
+        def __init__(self, *args, progress_actor: str | None = None, in_process: bool = False, ensure_model=None,
+                     **kwargs):
             constructing_at = time.time()
+            if ensure_model is not None:
+                ensure_model()
             if in_process:
                 self._start_in_process(*args, **kwargs)
             else:

@@ -52,9 +52,11 @@ class JudgeRenderStage:
                            adds=(JUDGED_ROW, PROMPT_COLUMN, TOKENS_COLUMN, ROW_ERROR_COLUMN), keeps=False)
 
     def __init__(self, model_path: str, scorer: JudgeScorerBase, input_columns: dict[str, str],
-                 max_model_len: int | None, trust_remote_code: bool = False):
+                 max_model_len: int | None, trust_remote_code: bool = False, ensure_model=None):
         from transformers import AutoTokenizer
 
+        if ensure_model is not None:  # a node that joined after the run started gets the model first
+            ensure_model()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.text = TextTokenizer(self.tokenizer)  # the judged row's values (its answer too) are text
         self.scorer = scorer

@@ -141,7 +141,8 @@ def build_dataset(inputs: ScannedInput, id_column: str | None, render: RenderSet
     ds = ray.data.from_items(shard_task_rows(inputs.tasks), override_num_blocks=len(inputs.tasks))
     ds = ds.map_batches(_read_shards, fn_kwargs={"schema_bytes": schema_bytes, "id_column": id_column, "done": done},
                         batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
-    ds = ds.map_batches(RenderStage, fn_constructor_args=(engine.model_path, render), batch_size=engine.batch_size,
+    ds = ds.map_batches(RenderStage, fn_constructor_args=(engine.model_path, render, engine.ensure_model),
+                        batch_size=engine.batch_size,
                         batch_format="pyarrow", compute=cpu_stage_pool(engine), num_cpus=CPU_STAGE_CPUS)
     if output.cache_uri is not None:
         ds = ds.map_batches(CacheLookupStage, fn_constructor_args=(output.cache_uri,), batch_size=engine.batch_size,
@@ -176,7 +177,8 @@ def build_judge_pass(ds: ray.data.Dataset, scorer: Any, judge: EngineSettings, i
     check_chain(judge_pass_columns(scorer, judge, inputs, output))
     columns = output_names_for_inputs(inputs.schema.names, [f.name for f in output.extra_fields()])
     ds = ds.map_batches(JudgeRenderStage, fn_constructor_args=(judge.model_path, scorer, columns, judge_max_len,
-                                                               bool(judge.engine_kwargs.get("trust_remote_code"))),
+                                                               bool(judge.engine_kwargs.get("trust_remote_code")),
+                                                               judge.ensure_model),
                         batch_size=judge.batch_size, batch_format="pyarrow",
                         compute=cpu_stage_pool(judge), num_cpus=CPU_STAGE_CPUS)
     ds = build_infer_stage(judge)(ds)

@@ -209,8 +209,11 @@ class RenderStage:
     Rows that cannot be rendered keep a null prompt and get `_row_error`.
     """
 
-    def __init__(self, model_path: str, settings: RenderSettings):
+    def __init__(self, model_path: str, settings: RenderSettings, ensure_model=None):
         from transformers import AutoTokenizer
+
+        if ensure_model is not None:  # a node that joined after the run started gets the model first
+            ensure_model()
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=settings.trust_remote_code)
         self.settings = settings

@@ -279,3 +279,23 @@ def test_a_hub_model_on_a_node_is_the_commit_the_driver_resolved(monkeypatch, tm
     path = resolve_local("org/model", revision="abc123")
     assert path == tmp_path / "snapshots" / "abc123"
     assert asked == [("org/model", "abc123", True), ("org/model", "abc123", False)]
+
+
+def test_a_node_that_joins_later_gets_the_model_at_the_drivers_path(monkeypatch, tmp_path):
+    import llmbatch.cluster.model_store as store
+    from llmbatch.cluster.model_store import ensure_model_here
+    from llmbatch.errors import UserError
+
+    here = tmp_path / "ckpt"
+    here.mkdir()
+    (here / "config.json").write_text("{}")
+    ensure_model_here(str(here), "s3://models/m")            # already here: nothing fetched
+    fetched = []
+    monkeypatch.setattr(store, "resolve_local", lambda source, revision=None: fetched.append((source, revision))
+                        or tmp_path / "hf" / "snapshots" / "abc123")
+    ensure_model_here(str(tmp_path / "hf" / "snapshots" / "abc123"), "org/model")
+    assert fetched == [("org/model", "abc123")]
+    with pytest.raises(UserError, match="give every node the same HF_HOME"):
+        ensure_model_here(str(tmp_path / "elsewhere" / "snapshots" / "abc123"), "org/model")
+    with pytest.raises(UserError, match="a local checkpoint must be on every node"):
+        ensure_model_here(str(tmp_path / "missing"), str(tmp_path / "missing"))

@@ -18,7 +18,7 @@ from llmbatch.pipelines.infer import EngineSettings, build_infer_stage, sampling
 from llmbatch.pipelines.inprocess_engine import IN_PROCESS_ENV, in_process_wrapper_class
 
 REPO = Path(__file__).resolve().parents[2]
-OUR_UDF_KEYWORDS = {"progress_actor", "in_process"}  # what build_infer_stage adds to the stage's constructor kwargs
+OUR_UDF_KEYWORDS = {"progress_actor", "in_process", "ensure_model"}  # what build_infer_stage adds to the stage's constructor kwargs
 
 
 def test_the_seam_holds_on_the_installed_ray():
@@ -67,7 +67,7 @@ def test_llmbatch_builds_its_engine_stage_on_the_installed_ray(built):
     constructor_kwargs = map_kwargs["fn_constructor_kwargs"]
     assert constructor_kwargs["max_concurrent_batches"] == 12
     assert {key: constructor_kwargs[key] for key in OUR_UDF_KEYWORDS} == {"progress_actor": "progress",
-                                                                          "in_process": True}
+                                                                          "in_process": True, "ensure_model": None}
     rays_kwargs = {key: value for key, value in constructor_kwargs.items() if key not in OUR_UDF_KEYWORDS}
     in_process = inspect.signature(stage.fn._start_in_process)
     for takes, signature in (("ray.data.llm's engine stage UDF", inspect.signature(seam.vLLMEngineStageUDF.__init__)),
