@@ -10,13 +10,15 @@ from llmbatch.cluster.resources import ReplicaShape, check_fits
 from llmbatch.errors import UserError
 
 Nodes = dict[str, dict[str, float]]
+DEFAULT_SCALE_UP_TIMEOUT = "15m"   # when the cluster publishes its node types and the job sets no timeout
 POLL_SECONDS = 5.0
 REPORT_SECONDS = 30.0
 
 
 def node_groups() -> list[dict[str, float]] | None:
-    """The resources of each node type the cluster's autoscaler may still add (from the cluster config it
-    publishes, as Ray Data and Ray Train read it); None on a cluster without an autoscaler."""
+    """The resources of each node type the cluster's autoscaler may still add, from the cluster config published
+    to Ray's GCS (as Ray Data and Ray Train read it); None when none is published, which is so on a fixed
+    cluster and also on Ray 2.60's own autoscalers (v1 and v2), which act on requests all the same."""
     try:
         from ray._private.state import state
 

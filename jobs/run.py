@@ -21,8 +21,8 @@ from llmbatch.cluster.connect import alive_nodes, join_cluster, start_local_ray
 from llmbatch.cluster.diagnose import explain_failure
 from llmbatch.cluster.model_sync import ensure_model_on_nodes
 from llmbatch.cluster.resources import check_fits, choose_accelerator, replica_capacity, replica_shape
-from llmbatch.cluster.scale_up import (accelerator_to_come, ask_autoscaler, groups_can_host, node_groups, totals,
-                                      wait_for_nodes)
+from llmbatch.cluster.scale_up import (DEFAULT_SCALE_UP_TIMEOUT, accelerator_to_come, ask_autoscaler,
+                                      groups_can_host, node_groups, totals, wait_for_nodes)
 from llmbatch.cluster.shared_paths import PathCheck, check_nodes_see
 from llmbatch.crash_points import crash_point
 from llmbatch.errors import JobFailed, UserError
@@ -290,13 +290,17 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
     On a cluster, replicas the nodes cannot hold yet are asked of the autoscaler and waited for."""
     spec = job.spec
     groups = node_groups() if on_cluster else None
+    waits = on_cluster and (groups is not None or spec.resources.scale_up_timeout is not None)
     to_come = accelerator_to_come(spec.resources.accelerator, cluster, groups)
     if to_come:
         log.info("gpu_nodes_to_come", note="the cluster has no GPU node now; its autoscaler can add them")
-    scaling = groups is not None and (to_come or spec.resources.accelerator == "gpu")
+    scaling = waits and (to_come or spec.resources.accelerator == "gpu")
+    if waits and not to_come and spec.resources.accelerator == "auto" and cluster.get("GPU", 0) < 1:
+        log.warning("no_gpu_node", note="accelerator: auto found no GPU node and runs on CPU; if the autoscaler "
+                                        "can add GPU nodes, set resources.accelerator: gpu so the run asks for them")
     accelerator = to_come or ("gpu" if scaling else choose_accelerator(spec.resources.accelerator, cluster))
     shape = replica_shape(accelerator, spec.model.engine.tensor_parallel_size)
-    if scaling and not groups_can_host(shape, groups, spec.resources.accelerator_type):
+    if scaling and groups is not None and not groups_can_host(shape, groups, spec.resources.accelerator_type):
         need = ", ".join(f"{amount * shape.workers_per_replica:g} {key}" for key, amount in shape.bundle.items())
         pinned = f" with {spec.resources.accelerator_type} GPUs" if spec.resources.accelerator_type else ""
         raise UserError(f"resources: no node type the cluster's autoscaler may add holds one replica ({need} on one "
@@ -312,9 +316,9 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
         # for a fixed pool the plan is only reported; the engines need not wait for its token count
         prediction = _in_background(predict, spec, accelerator, fingerprint, log, required=False)
     asked = False
-    if groups is not None:
-        nodes, asked = wait_for_nodes(shape, wanted[0], spec.resources.accelerator_type,
-                                      parse_duration(spec.resources.scale_up_timeout), nodes_now=alive_nodes,
+    if waits:
+        timeout = parse_duration(spec.resources.scale_up_timeout or DEFAULT_SCALE_UP_TIMEOUT)
+        nodes, asked = wait_for_nodes(shape, wanted[0], spec.resources.accelerator_type, timeout, nodes_now=alive_nodes,
                                       request=ask_autoscaler, ask=wanted[1], log=log)
         cluster = totals(nodes) if asked else cluster
     else:

@@ -172,9 +172,10 @@ class ResourcesSpec(_Section):
         None, ge=1, description="With replicas: auto, never more replicas than this.")
     budget: Optional[float] = Field(
         None, gt=0, description="With replicas: auto, the most this run may cost, in USD (planner's prices).")
-    scale_up_timeout: str = Field(
-        "15m", description="On a cluster, how long to wait for the autoscaler to add the nodes the replicas need "
-                           "(resources.accelerator: gpu, or replicas the nodes cannot hold yet) before failing.")
+    scale_up_timeout: Optional[str] = Field(
+        None, description="On a cluster with an autoscaler: ask it for the nodes the replicas need and wait this "
+                          "long for them (e.g. 15m) before failing. null = take the cluster as it is, unless it "
+                          "publishes its node types to Ray (then 15m).")
 
     @field_validator("replicas", mode="before")
     @classmethod
