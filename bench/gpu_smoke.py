@@ -41,13 +41,10 @@ def gpus() -> list[tuple[str, int]]:
 
 
 def device_label(name: str) -> str | None:
-    """Ray's accelerator label for an nvidia-smi product name, e.g. 'NVIDIA H100 80GB HBM3' -> H100."""
-    for label in ("H200", "H100", "B200", "L40S", "L4", "A10G"):
-        if label in name.upper().replace(" ", ""):
-            return label
-    if "A100" in name.upper():
-        return "A100-80G" if "80G" in name.upper() else "A100-40G"
-    return None
+    """Ray's accelerator label for an nvidia-smi product name, as Ray derives it: the model word after the brand,
+    without a '-SKU' suffix ('NVIDIA H100 80GB HBM3' -> H100, 'NVIDIA A100-SXM4-80GB' -> A100)."""
+    found = re.match(r"\w+\s+([A-Z0-9]+)", name)
+    return found.group(1) if found else None
 
 
 def write_job(folder: Path, model: str, prompts: int, input_words: int, max_tokens: int, **extra) -> Path:
@@ -94,6 +91,8 @@ def main() -> None:
     name, baseline = devices[0]
     label = device_label(name)
     expected = offline_defaults(device_for_label(label))
+    if label == "A100" and "80GB" in name.upper():  # Ray's label covers both cards; the limits are the same
+        print("A100 80 GB: Ray labels it A100, which llmbatch plans as the 40 GB card", flush=True)
     print(f"GPUs: {len(devices)} x {name} (Ray label {label}); expected limits {expected}", flush=True)
 
     job = write_job(folder, args.model, args.prompts, args.input_words, args.max_tokens,

@@ -30,13 +30,14 @@ ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in [
     Accelerator("B200-180GB", 180 * 10**9, 14.24),
 ]}
 
-# Ray's accelerator_type labels (ray.util.accelerators; what `accelerator_type:X` node resources say) -> the
-# planner's device. A label naming two memory sizes is not guessed at.
+# Ray's accelerator_type labels (what `accelerator_type:X` node resources say) -> the planner's device. Ray labels
+# every A100 node `A100` (the first word of the product name), whatever its memory: it is planned as the 40 GB
+# card, the smaller, so that a plan never counts on memory the node may not have (--accelerator A100-80GB plans
+# for the other).
 RAY_LABELS: dict[str, str] = {
-    "L4": "L4", "A10G": "A10G", "L40S": "L40S", "A100-40G": "A100-40GB", "A100-80G": "A100-80GB",
-    "H100": "H100-80GB", "H200": "H200-141GB", "B200": "B200-180GB",
+    "L4": "L4", "A10G": "A10G", "L40S": "L40S", "A100": "A100-40GB", "A100-40G": "A100-40GB",
+    "A100-80G": "A100-80GB", "H100": "H100-80GB", "H200": "H200-141GB", "B200": "B200-180GB",
 }
-AMBIGUOUS_LABELS: dict[str, tuple[str, ...]] = {"A100": ("A100-40G", "A100-80G")}
 
 
 def accelerator(name: str) -> Accelerator:
@@ -47,16 +48,12 @@ def accelerator(name: str) -> Accelerator:
     if key is None:
         from llmbatch.errors import UserError
 
-        ambiguous = next((v for k, v in AMBIGUOUS_LABELS.items() if k.lower() == name.lower()), None)
-        if ambiguous:
-            raise UserError(f"accelerator '{name}' names more than one memory size; say which: "
-                            f"{' or '.join(ambiguous)}")
         raise UserError(f"unknown accelerator '{name}'; known: {', '.join(ACCELERATORS)} "
                         f"(or Ray's labels {', '.join(RAY_LABELS)})")
     return ACCELERATORS[key]
 
 
 def device_for_label(label: str | None) -> Accelerator | None:
-    """The device behind a Ray accelerator_type label, None when the label is unknown or ambiguous."""
+    """The device behind a Ray accelerator_type label, None when the label is unknown."""
     key = next((v for k, v in RAY_LABELS.items() if label and k.lower() == label.lower()), None)
     return ACCELERATORS[key] if key else None

@@ -28,7 +28,8 @@ def scheduler_limits(accelerator: str, device: Accelerator | None, max_num_seqs:
     limits: dict[str, int] = {}
     seqs, tokens = offline_defaults(device) if accelerator == "gpu" else (None, None)
     if max_num_seqs or seqs:
-        limits["max_num_seqs"] = max_num_seqs or seqs
+        # vLLM refuses max_num_batched_tokens below max_num_seqs: a job's own token budget caps the default
+        limits["max_num_seqs"] = max_num_seqs or min(seqs, max_num_batched_tokens or seqs)
     if max_num_batched_tokens or tokens:
         limits["max_num_batched_tokens"] = max_num_batched_tokens or tokens
     return limits

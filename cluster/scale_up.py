@@ -74,6 +74,15 @@ def wait_for_nodes(shape: ReplicaShape, replicas: int, accelerator_type: str | N
     except UserError as first:
         missing = str(first)
     request(replica_bundles(shape, max(replicas, ask or 0), accelerator_type))
+    try:
+        return _wait(shape, replicas, accelerator_type, timeout_seconds, missing, nodes_now, log, sleep, clock), True
+    except BaseException:  # a run that will not use the nodes must not keep them asked for
+        request([])
+        raise
+
+
+def _wait(shape: ReplicaShape, replicas: int, accelerator_type: str | None, timeout_seconds: float, missing: str,
+          nodes_now: Callable[[], Nodes], log, sleep: Callable[[float], Any], clock: Callable[[], float]) -> Nodes:
     started = last_report = clock()
     log.info("waiting_for_nodes", replicas=replicas, why=missing, timeout_s=timeout_seconds,
              note="asked the autoscaler for the replicas' resources")
@@ -83,7 +92,7 @@ def wait_for_nodes(shape: ReplicaShape, replicas: int, accelerator_type: str | N
         try:
             check_fits(shape, replicas, totals(nodes), list(nodes.values()), accelerator_type)
             log.info("nodes_ready", waited_s=round(clock() - started, 1), nodes=len(nodes))
-            return nodes, True
+            return nodes
         except UserError as exc:
             missing = str(exc)
         waited = clock() - started

@@ -20,7 +20,7 @@ from llmbatch.cluster import model_store
 from llmbatch.cluster.connect import alive_nodes, join_cluster, start_local_ray
 from llmbatch.cluster.diagnose import explain_failure
 from llmbatch.cluster.model_sync import ensure_model_on_nodes
-from llmbatch.cluster.resources import check_fits, choose_accelerator, replica_capacity, replica_shape
+from llmbatch.cluster.resources import can_host, check_fits, choose_accelerator, replica_capacity, replica_shape
 from llmbatch.cluster.scale_up import (DEFAULT_SCALE_UP_TIMEOUT, accelerator_to_come, ask_autoscaler,
                                       groups_can_host, node_groups, totals, wait_for_nodes)
 from llmbatch.cluster.shared_paths import PathCheck, check_nodes_see
@@ -40,8 +40,7 @@ from llmbatch.pipelines.resume import FinishedWork, write_attempt
 from llmbatch.pipelines.run_folder import (
     AUTOMATIC_RESUME, RunStart, check_same_engine, decide_start, prepare_run_folder, read_folder_state,
 )
-from llmbatch.pipelines.run_files import LOCK_DIR
-from llmbatch.pipelines.run_lock import RunLock, record_name
+from llmbatch.pipelines.run_lock import RunLock
 from llmbatch.run_manifest import Manifest
 from llmbatch.storage import is_s3, join, write_local
 from llmbatch.versions import software_versions
@@ -74,6 +73,7 @@ class RunResult:
 
 
 INPUT_FILES_CHECKED = 64
+PROBE_TEXT = b"written by the run's driver, to see that every node sees this folder\n"
 
 
 @dataclass
@@ -151,7 +151,7 @@ def _run_on_pool(job: ResolvedJob, pool: Pool, lock: RunLock, start: RunStart, a
     spec = job.spec
     try:
         if on_cluster:
-            _check_nodes_see_the_paths(job, lock, list(pool.nodes))
+            _check_nodes_see_the_paths(job, lock, list(pool.nodes), log)
             _copy_model_to_hosts(job.model, pool.shape, pool.nodes, spec.resources.accelerator_type)
         stages = _build_stages(job, pool, run_id, run_uri, fingerprint, on_cluster, marks, log)
         engine = {"dtype": stages.engine.engine_kwargs.get("dtype"), "engine": stages.engine.engine}
@@ -300,7 +300,8 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
                                         "can add GPU nodes, set resources.accelerator: gpu so the run asks for them")
     accelerator = to_come or ("gpu" if scaling else choose_accelerator(spec.resources.accelerator, cluster))
     shape = replica_shape(accelerator, spec.model.engine.tensor_parallel_size)
-    if scaling and groups is not None and not groups_can_host(shape, groups, spec.resources.accelerator_type):
+    if scaling and groups is not None and not groups_can_host(shape, groups, spec.resources.accelerator_type) \
+            and not any(can_host(shape, node, spec.resources.accelerator_type) for node in alive_nodes().values()):
         need = ", ".join(f"{amount * shape.workers_per_replica:g} {key}" for key, amount in shape.bundle.items())
         pinned = f" with {spec.resources.accelerator_type} GPUs" if spec.resources.accelerator_type else ""
         raise UserError(f"resources: no node type the cluster's autoscaler may add holds one replica ({need} on one "
@@ -308,7 +309,8 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
     auto = spec.resources.replicas == "auto"
     if auto:
         device, sizing = predict(spec, accelerator, fingerprint, log, required=True)
-        check_planned_parallelism(spec, sizing)
+        if spec.resources.accelerator_type or accelerator == "cpu":  # planned on the device the run gets
+            check_planned_parallelism(spec, sizing)
         wanted = (1, sizing.replicas)
         prediction = _done((device, sizing))
     else:
@@ -323,14 +325,21 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
         cluster = totals(nodes) if asked else cluster
     else:
         nodes = alive_nodes()
-    if auto:
-        capacity = replica_capacity(shape, cluster)
-        low = high = max(1, min(wanted[1], capacity))
-        log.info("replicas_planned", planned=wanted[1], capacity=capacity, replicas=low,
-                 notes=prediction.result()[1].notes or None)
-    else:
-        low, high = wanted
-    check_fits(shape, low, cluster, list(nodes.values()), spec.resources.accelerator_type)
+    try:
+        if auto:
+            capacity = replica_capacity(shape, cluster)
+            low = max(1, min(wanted[1], capacity))
+            # on a cluster that grows, the pool grows onto the nodes still coming, up to the plan
+            high = wanted[1] if waits else low
+            log.info("replicas_planned", planned=wanted[1], capacity=capacity, replicas=[low, high],
+                     notes=prediction.result()[1].notes or None)
+        else:
+            low, high = wanted
+        check_fits(shape, low, cluster, list(nodes.values()), spec.resources.accelerator_type)
+    except BaseException:
+        if asked:
+            _withdraw_autoscaler_request(log)
+        raise
     return Pool(accelerator, shape, (low, high), nodes, cluster, auto, prediction, asked)
 
 
@@ -346,31 +355,41 @@ def _prediction(pool: Pool, log) -> tuple[Any, Any]:
     return device, sizing
 
 
-def _check_nodes_see_the_paths(job: ResolvedJob, lock: RunLock, node_ids: list[str]) -> None:
+def _check_nodes_see_the_paths(job: ResolvedJob, lock: RunLock, node_ids: list[str], log) -> None:
     """On a cluster, refuse local paths that not every node sees as this driver does: the input files (the
-    first INPUT_FILES_CHECKED), the output (this run's lock record) and the cache (a file written for it)."""
+    first INPUT_FILES_CHECKED), and a probe file this driver writes in the run folder and in the cache."""
     spec = job.spec
-    checks = [PathCheck("input.path", os.path.abspath(f.uri), f.size) for f in job.input.files[:INPUT_FILES_CHECKED]
-              if not is_s3(f.uri)]
-    if not is_s3(lock.run_uri):
-        record = os.path.abspath(os.path.join(lock.run_uri, LOCK_DIR, record_name(lock.generation)))
-        checks.append(PathCheck("output.path", record, os.stat(record).st_size))
-    probe = None
-    if spec.cache is not None and not is_s3(spec.cache.path):
-        os.makedirs(spec.cache.path, exist_ok=True)
-        probe = os.path.join(os.path.abspath(spec.cache.path), f".llmbatch-visible-{lock.run_id}-g{lock.generation}")
-        write_local(probe, b"seen\n")
-        checks.append(PathCheck("cache.path", probe, 5))
+    checks = [PathCheck("input.path", os.path.abspath(os.path.expanduser(f.uri)), f.size)
+              for f in job.input.files[:INPUT_FILES_CHECKED] if not is_s3(f.uri)]
+    probes = []
+    folders = [("output.path", lock.run_uri)]
+    if spec.cache is not None:
+        folders.append(("cache.path", spec.cache.path))
+    for field, folder in folders:
+        if is_s3(folder):
+            continue
+        probe = os.path.join(os.path.abspath(os.path.expanduser(folder)),
+                             f".llmbatch-visible-{lock.run_id}-g{lock.generation}")
+        try:
+            os.makedirs(os.path.dirname(probe), exist_ok=True)
+            write_local(probe, PROBE_TEXT)
+        except OSError as exc:  # a read-only cache: nothing to check that this run would write
+            log.warning("path_not_checked", field=field, path=folder, reason=str(exc))
+            continue
+        probes.append(probe)
+        checks.append(PathCheck(field, probe, len(PROBE_TEXT)))
     try:
         check_nodes_see(checks, node_ids)
     finally:
-        if probe is not None:
-            os.remove(probe)
+        for probe in probes:
+            try:
+                os.remove(probe)
+            except OSError:
+                pass
 
 
 def _copy_model_to_hosts(model: ResolvedModel, shape, nodes: dict, accelerator_type: str | None) -> None:
-    if model.kind != "hub":
-        ensure_model_on_nodes(model.source, str(model.path), hosts_for(shape, nodes, accelerator_type))
+    ensure_model_on_nodes(model.source, str(model.path), hosts_for(shape, nodes, accelerator_type))
 
 
 def _judge_stages(job: ResolvedJob, pool: Pool, on_cluster: bool,

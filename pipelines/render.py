@@ -306,7 +306,9 @@ class RenderStage:
             placed.append(i)
         limit = self.settings.max_model_len
         for i, ids in zip(placed, self.text.encode_many(items)):
-            if isinstance(ids, Exception):
+            if isinstance(ids, RowError):
+                errors[i], prompts[i] = str(ids), None
+            elif isinstance(ids, Exception):
                 errors[i], prompts[i] = f"render: {type(ids).__name__}: {ids}", None
             elif limit is not None and len(ids) >= limit:
                 errors[i], prompts[i] = (f"prompt is {len(ids)} tokens; model.engine.max_model_len is {limit} "

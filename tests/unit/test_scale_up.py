@@ -65,10 +65,11 @@ def test_nodes_that_already_hold_the_replicas_ask_nothing():
 
 
 def test_a_cluster_that_never_grows_fails_after_the_timeout_saying_what_to_check():
-    clock = Clock()
+    clock, asked = Clock(), []
     with capture_logs() as logs, pytest.raises(UserError) as refused:
-        wait_for_nodes(replica_shape("gpu", 1), 1, None, 60, nodes_now=lambda: CPU_HEAD, request=lambda b: None,
+        wait_for_nodes(replica_shape("gpu", 1), 1, None, 60, nodes_now=lambda: CPU_HEAD, request=asked.append,
                        log=structlog.get_logger(), sleep=clock.sleep, clock=clock)
+    assert len(asked) == 2 and asked[-1] == []             # the request is withdrawn with the failure
     assert str(refused.value).startswith("resources.scale_up_timeout: the cluster did not grow to hold 1 replica(s) "
                                          "in 60 s")
     assert "max_workers" in str(refused.value) and clock.now == 60
