@@ -106,7 +106,7 @@ def shipped_package(job_text: str | None = None) -> Iterator[str]:
 def own_modules(spec: JobSpec) -> list[Path]:
     """The top-level modules of the job's python scorers that are the submitter's own code (a file or folder
     outside the installed packages): they ship with the job, as Ray's py_modules."""
-    installed = {Path(p).resolve() for p in [*site.getsitepackages(), *(
+    installed = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages(), *(
         sysconfig.get_paths().get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib"))] if p}
     found: list[Path] = []
     for scorer in spec.scoring:
