@@ -96,9 +96,13 @@ def ensure_model_here(path: str, source: str) -> None:
                         "at the same path (or use an s3:// prefix)")
     got = resolve_local(source, revision=Path(path).name if ref.kind == "hub" else None)
     if str(got) != path:
-        home = "HF_HOME (the Hugging Face cache)" if ref.kind == "hub" else "LLMBATCH_HOME"
         raise UserError(f"model.source: this node keeps the model at {got}, the driver at {path}; give every "
-                        f"node the same {home}")
+                        f"node the same {cache_home(ref.kind)}")
+
+
+def cache_home(kind: str) -> str:
+    """The setting that decides where a node keeps a model of this kind."""
+    return "HF_HOME (the Hugging Face cache)" if kind == "hub" else "LLMBATCH_HOME"
 
 
 def resolve_local(source: str, *, log=None, revision: str | None = None) -> Path:

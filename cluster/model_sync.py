@@ -20,17 +20,16 @@ def ensure_model_on_nodes(source: str, driver_path: str, node_ids: list[str]) ->
     """Prepare (catalog), copy (s3://), download (a hub id, at the commit the driver resolved) or find (a local
     directory) the model on each node; every node must see it at the same path, since all replicas get one
     model path."""
-    from llmbatch.cluster.model_store import classify_source
+    from llmbatch.cluster.model_store import cache_home, classify_source
 
-    hub = classify_source(source).kind == "hub"
-    revision = Path(driver_path).name if hub else None   # .../snapshots/<commit>
+    kind = classify_source(source).kind
+    revision = Path(driver_path).name if kind == "hub" else None   # .../snapshots/<commit>
     refs = [_resolve_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
             .remote(source, revision) for node in node_ids]
     paths = dict(ray.get(refs))
     elsewhere = {node: path for node, path in paths.items() if path != driver_path}
     if elsewhere:
         node, path = next(iter(elsewhere.items()))
-        home = "HF_HOME (the Hugging Face cache)" if hub else "LLMBATCH_HOME"
         raise UserError(f"model.source: node {node[:12]} keeps the model at {path}, the driver at {driver_path}; "
-                        f"give every node the same {home}")
+                        f"give every node the same {cache_home(kind)}")
     return paths

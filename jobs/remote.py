@@ -31,6 +31,7 @@ SHIPPED_JOB = "submitted_job.yaml"
 # Endpoint and region settings the cluster needs to reach the same storage; never credentials.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 @dataclass
@@ -90,14 +91,13 @@ def shipped_package(job_text: str | None = None) -> Iterator[str]:
     import llmbatch.jobs
     import llmbatch.pipelines
 
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     with tempfile.TemporaryDirectory(prefix="llmbatch-ship-") as folder:
         root = Path(folder) / "llmbatch"
         shutil.copytree(Path(llmbatch.__file__).parent, root, ignore=shutil.ignore_patterns(
             "__pycache__", "*.pyc", "jobs", "cluster", "pipelines"))
         for layer in (llmbatch.jobs, llmbatch.cluster, llmbatch.pipelines):
             shutil.copytree(Path(layer.__file__).parent, root / layer.__name__.rsplit(".", 1)[1],
-                            ignore=skip, dirs_exist_ok=True)
+                            ignore=NOT_SHIPPED, dirs_exist_ok=True)
         if job_text is not None:
             (root / SHIPPED_JOB).write_text(job_text, encoding="utf-8")
         yield str(root)
@@ -134,13 +134,12 @@ def shipped_modules(places: list[Path]) -> Iterator[list[str]]:
     if not places:
         yield []
         return
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     with tempfile.TemporaryDirectory(prefix="llmbatch-ship-own-") as folder:
         shipped = []
         for place in places:
             target = Path(folder) / (place.name if place.is_dir() else place.stem)
             if place.is_dir():
-                shutil.copytree(place, target, ignore=skip)
+                shutil.copytree(place, target, ignore=NOT_SHIPPED)
             else:
                 target.mkdir()
                 shutil.copy(place, target / "__init__.py")
