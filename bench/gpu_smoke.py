@@ -5,7 +5,8 @@
 
 It checks, in order, and prints PASS or FAIL for each:
  1. the engine's scheduler limits are vLLM's offline ones for this GPU (manifest's `engine` section);
- 2. the engine ran bf16/fp16 (not float32) with CUDA graphs (no enforce_eager);
+ 2. the engine ran bf16/fp16 (not float32) with CUDA graphs (no enforce_eager), and vLLM fitted the model's
+    context to memory (no max_model_len in the job: -1 in the manifest, vLLM's "Auto-fit max_model_len" line);
  3. llmbatch's output tokens/s against `vllm bench throughput` on the same prompts' shape, same box;
  4. GPU memory returns to where it was once a run has ended;
  5. with 2 or more GPUs: a TP=2 job with a judge pass on the same model finishes (the first pass's placement
@@ -108,6 +109,9 @@ def main() -> None:
     captured = re.search(r"[Cc]apturing CUDA graph|Graph capturing finished", log) is not None
     check("dtype and CUDA graphs", engine.get("dtype") != "float32" and not engine.get("enforce_eager") and captured,
           f"dtype {engine.get('dtype')}, enforce_eager {engine.get('enforce_eager')}, graph capture logged: {captured}")
+    fitted = re.search(r"Auto-fit max_model_len: [^\n]*", log)
+    check("max_model_len fitted to memory", engine.get("max_model_len") == -1 and fitted is not None,
+          f"manifest max_model_len {engine.get('max_model_len')}; vLLM: {fitted.group(0) if fitted else 'no auto-fit line'}")
     ours = manifest.get("output_tokens_per_second") or 0.0
 
     bench = subprocess.run(["vllm", "bench", "throughput", "--model", args.model, "--num-prompts", str(args.prompts),

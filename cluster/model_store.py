@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -20,6 +21,12 @@ from llmbatch.storage import filesystem_for, is_s3, local_child, storage_errors,
 
 SOURCE_FILE = ".llmbatch-source.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+COPY_STREAMS = 16   # files of an s3:// checkpoint fetched at once
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,12 @@ class ModelRef:
             leaf = re.sub(r"[^A-Za-z0-9._-]", "-", self.source.rstrip("/").rsplit("/", 1)[-1]) or "model"
             return models_dir() / "s3" / f"{leaf}-{digest}"
         return None
+
+    @property
+    def config_dir(self) -> Path | None:
+        """Where a driver keeps an s3:// model's files other than its weights (config, tokenizer)."""
+        full = self.cache_dir
+        return full.with_name(full.name + ".config") if self.kind == "s3" and full else None
 
 
 def classify_source(source: str) -> ModelRef:
@@ -85,38 +98,43 @@ def _check_local(path: Path) -> None:
         raise UserError(f"model.source: {path} holds no config.json; expected a Hugging Face checkpoint directory")
 
 
-def ensure_model_here(path: str, source: str) -> None:
-    """Make the checkpoint the driver resolved at `path` present on this machine (a node that joined after the
-    run started): prepared, copied or downloaded into its own cache, which must put it at the same path."""
-    if is_checkpoint_dir(Path(path)):
-        return
+def ensure_model_here(source: str, revision: str | None = None, weights: bool = True) -> str:
+    """The model on this node, fetched into its own cache the first time (once per node: concurrent callers
+    wait on one lock); a hub model at the commit the driver resolved. With `weights` False, only its config
+    and tokenizer (for the stages that tokenize). Returns the path this node keeps it at."""
     ref = classify_source(source)
     if ref.kind == "local":
-        raise UserError(f"model.source: {path} is not on this node; a local checkpoint must be on every node "
-                        "at the same path (or use an s3:// prefix)")
-    got = resolve_local(source, revision=Path(path).name if ref.kind == "hub" else None)
-    if str(got) != path:
-        raise UserError(f"model.source: this node keeps the model at {got}, the driver at {path}; give every "
-                        f"node the same {cache_home(ref.kind)}")
+        if not is_checkpoint_dir(Path(ref.source)):
+            raise UserError(f"model.source: {ref.source} is not on this node; a local checkpoint must be on every "
+                            "node at the same path (or use an s3:// prefix)")
+        return ref.source
+    return str(resolve_local(source, revision=revision, weights=weights))
 
 
-def cache_home(kind: str) -> str:
-    """The setting that decides where a node keeps a model of this kind."""
-    return "HF_HOME (the Hugging Face cache)" if kind == "hub" else "LLMBATCH_HOME"
-
-
-def resolve_local(source: str, *, log=None, revision: str | None = None) -> Path:
+def resolve_local(source: str, *, log=None, revision: str | None = None, weights: bool = True) -> Path:
     """The model as a checkpoint directory on this machine, preparing or copying it once if needed; a hub model
-    at `revision` (a commit) when given, as the driver's nodes must hold the revision the driver resolved."""
+    at `revision` (a commit) when given, as the driver's nodes must hold the revision the driver resolved.
+
+    With `weights` False an s3:// or hub model brings only its other files (config, tokenizer): what a
+    cluster's driver reads, while each node's engines fetch the weights themselves."""
     ref = classify_source(source)
     if ref.kind == "local":
         _check_local(Path(ref.source))
         return Path(ref.source)
     if ref.kind == "hub":
-        return _hub_snapshot(source, local_only=False, revision=revision)
+        return _hub_snapshot(source, local_only=False, revision=revision, weights=weights)
     target = ref.cache_dir
     if is_checkpoint_dir(target):
         return target
+    if ref.kind == "s3" and not weights:
+        light = ref.config_dir
+        if not is_checkpoint_dir(light):
+            with _lock(light):
+                if not is_checkpoint_dir(light):
+                    if log:
+                        log.info("model_config_copy_started", model=source, cache=str(light))
+                    _copy_s3(source, light, weights=False)
+        return light
     with _lock(target):
         if is_checkpoint_dir(target):
             return target
@@ -152,21 +170,29 @@ def locate_catalog_gguf(entry: CatalogModel) -> Path:
     return path
 
 
-def _copy_s3(source: str, target: Path) -> None:
+def _copy_s3(source: str, target: Path, weights: bool = True) -> None:
+    """Copy the checkpoint under `source` (without its weight files when `weights` is False) into `target`:
+    COPY_STREAMS files at once, into a staging folder renamed into place once every file has its listed size."""
     fs, inner = filesystem_for(source)
     inner = inner.rstrip("/")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         with storage_errors(source, "copy model from"):
-            files = [f for f in fs.find(inner) if not f.endswith("/")]
-            if f"{inner}/config.json" not in files:
-                raise UserError(f"model.source: {source} holds no config.json; expected a Hugging Face checkpoint prefix")
-            targets = [Path(local_child(str(staging), remote[len(inner) + 1:], source=f"model.source {source}"))
-                       for remote in files]
-            for remote, local in zip(files, targets):
-                local.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(remote, str(local))
+            listing = _listing(fs, inner, source)
+            if not any(is_weight_file(name) for name in listing):
+                raise UserError(f"model.source: {source} holds config.json but no weights "
+                                f"({', '.join(WEIGHT_SUFFIXES)} files); copy the whole checkpoint")
+            places = {name: local_child(str(staging), name, source=f"model.source {source}") for name in listing}
+            names = [name for name in listing if weights or not is_weight_file(name)]
+            targets = [places[name] for name in names]
+            for local in targets:
+                Path(local).parent.mkdir(parents=True, exist_ok=True)
+            fs.get([f"{inner}/{name}" for name in names], targets, batch_size=COPY_STREAMS)
+            short = [name for name, local in zip(names, targets) if os.path.getsize(local) != listing[name]["size"]]
+            if short:
+                raise UserError(f"model.source: {source}/{short[0]} changed or was cut short while copying; "
+                                "submit again")
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -174,21 +200,49 @@ def _copy_s3(source: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _hub_snapshot(repo_id: str, *, local_only: bool, revision: str | None = None) -> Path:
-    """A hub model from the local Hugging Face cache; else downloaded (or, when only checking, looked up)."""
+def _listing(fs, inner: str, source: str) -> dict[str, dict]:
+    """Every file under an s3:// checkpoint prefix, by its name below the prefix, with its size and ETag."""
+    found = fs.find(inner, detail=True)
+    listing = {key[len(inner) + 1:]: info for key, info in found.items()
+               if not key.endswith("/") and info.get("type") != "directory"}
+    if "config.json" not in listing:
+        raise UserError(f"model.source: {source} holds no config.json; expected a Hugging Face checkpoint prefix")
+    return listing
+
+
+def _hub_snapshot(repo_id: str, *, local_only: bool, revision: str | None = None, weights: bool = True) -> Path:
+    """A hub model from the local Hugging Face cache when it is there whole; else downloaded (or, when only
+    checking, looked up). Without `weights`, every file but the weights."""
     from huggingface_hub import model_info, snapshot_download
 
+    ignore = None if weights else [f"*{suffix}" for suffix in WEIGHT_SUFFIXES]
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, ignore_patterns=ignore))
+        if not weights or local_only or weights_complete(path):
+            return path
     except Exception:
         pass  # not cached locally
     try:
         if local_only:
             model_info(repo_id, timeout=5)
             return Path(repo_id)
-        return Path(snapshot_download(repo_id, revision=revision, etag_timeout=10))
+        return Path(snapshot_download(repo_id, revision=revision, etag_timeout=10, ignore_patterns=ignore))
     except Exception as exc:
         raise UserError(_hub_error(repo_id, exc)) from exc
+
+
+def weights_complete(path: Path) -> bool:
+    """Whether a checkpoint folder holds all its weights: every shard its index names, else a weight file (a
+    download cut short leaves shards missing; the hub's cache adds a file only once it is whole)."""
+    indexes = list(path.glob("*.index.json"))
+    for index in indexes:
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return False
+        if not shards or not all((path / shard).is_file() for shard in shards):
+            return False
+    return bool(indexes) or any(is_weight_file(p.name) for p in path.iterdir() if p.is_file())
 
 
 def _hub_error(repo_id: str, exc: Exception) -> str:
@@ -232,6 +286,22 @@ def list_cached() -> list[CachedModel]:
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         found.append(CachedModel(target.name, info["source"], info["kind"], target, size))
     return found
+
+
+def fingerprint_of(source: str, path: Path) -> str:
+    """The model's identity for the result cache and the profiles: for an s3:// model, its listing (every
+    file's name, size and ETag) with no byte read; for a hub model, the commit; else its bytes (fingerprint)."""
+    ref = classify_source(source)
+    if ref.kind == "hub":
+        return f"hub:{source}@{path.name}"
+    if ref.kind == "s3":
+        fs, inner = filesystem_for(source)
+        with storage_errors(source, "read model from"):
+            listing = _listing(fs, inner.rstrip("/"), source)
+        entries = sorted([name, info.get("size"), str(info.get("ETag") or info.get("etag") or "").strip('"')]
+                         for name, info in listing.items())
+        return "etag:" + hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return fingerprint(path)
 
 
 def fingerprint(path: Path) -> str:

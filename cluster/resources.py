@@ -136,6 +136,15 @@ PROMPT_TOKENS_ALLOWANCE = 512
 KV_HEADROOM, KV_SPARE_TOKENS = 1.25, 1024
 
 
+def cpu_max_model_len(kv_bytes_per_token: int, context: int | None, memory_share_bytes: float) -> int | None:
+    """The model's context, capped by the tokens a CPU replica's memory share holds as KV cache (in whole
+    blocks of 16 tokens); None when the context is unknown."""
+    if not context:
+        return None
+    fits = int((memory_share_bytes / kv_bytes_per_token - KV_SPARE_TOKENS) / KV_HEADROOM) // 16 * 16
+    return max(16, min(context, fits))
+
+
 def cpu_kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int | None, max_tokens: int, rows: int,
                        batch_size: int, memory_share_bytes: float) -> int | None:
     """A CPU replica's KV cache sized to the rows it can hold at once, or None to keep the memory share.

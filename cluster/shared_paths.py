@@ -33,10 +33,10 @@ def unseen(checks: list[PathCheck]) -> list[str]:
 def refusal(blind: dict[str, list[str]]) -> UserError:
     """The error for nodes (by address) that do not see the run's local paths."""
     lines = [f"node {node} does not see {problem}" for node, problems in sorted(blind.items()) for problem in problems]
-    return UserError(f"{lines[0]}: a run on a cluster needs paths every node sees; use s3:// (or storage every "
-                     "node mounts at the same place) for input.path, output.path and cache.path",
-                     lines=[*lines, "use s3:// (or storage every node mounts at the same place) for input.path, "
-                                    "output.path and cache.path"])
+    advice = ("use s3:// (or storage every node mounts at the same place) for input.path, output.path, "
+              "cache.path and a model.source folder")
+    return UserError(f"{lines[0]}: a run on a cluster needs paths every node sees; {advice}",
+                     lines=[*lines, advice])
 
 
 def check_nodes_see(checks: list[PathCheck], node_ids: list[str]) -> None:

@@ -10,13 +10,14 @@ from llmbatch.cluster.engine_limits import concurrent_batches, device_of, schedu
 from llmbatch.cluster.model_facts import facts_for_checkpoint
 from llmbatch.cluster.model_store import ensure_model_here
 from llmbatch.cluster.resources import (
-    ReplicaShape, can_host, cpu_kv_cache_bytes, default_memory_utilization, engine_dtype, engine_in_process,
+    ReplicaShape, can_host, cpu_kv_cache_bytes, cpu_max_model_len, default_memory_utilization, engine_dtype, engine_in_process,
     replica_threads,
 )
 from llmbatch.jobs.resolve import ResolvedModel
 from llmbatch.pipelines.infer import EngineSettings
 
 Nodes = dict[str, dict[str, float]]   # node id -> its Ray resources
+AUTO_FIT = -1   # vLLM's max_model_len for "the model's context, or as much of it as the KV cache holds"
 
 
 def engine_stage(model: ResolvedModel, engine, sampling: dict[str, Any], *, accelerator: str, shape: ReplicaShape,
@@ -30,7 +31,11 @@ def engine_stage(model: ResolvedModel, engine, sampling: dict[str, Any], *, acce
     if model.engine == "vllm":
         kwargs.update(scheduler_limits(accelerator, device_of(host_labels(nodes, hosts), accelerator_type),
                                        engine.max_num_seqs, engine.max_num_batched_tokens))
-    if model.engine == "vllm":
+        if engine.max_model_len is None:
+            fitted = fitted_max_len(model, accelerator, kwargs, smallest_host_memory(nodes, hosts))
+            kwargs.pop("max_model_len", None)
+            if fitted is not None:
+                kwargs["max_model_len"] = fitted
         kwargs.update(kv_cache_for(kwargs, model.path, accelerator, engine, sampling.get("max_tokens") or 1, rows,
                                    batch_size, smallest_host_memory(nodes, hosts)))
     return EngineSettings(
@@ -46,9 +51,31 @@ def engine_stage(model: ResolvedModel, engine, sampling: dict[str, Any], *, acce
         engine=model.engine,
         in_process=engine_in_process(accelerator, engine.tensor_parallel_size),
         threads=replica_threads(accelerator, smallest_host_cpus(nodes, hosts), per_node),
-        ensure_model=(partial(ensure_model_here, str(model.path), model.source)
+        ensure_model=(partial(ensure_model_here, model.source, model.path.name if model.kind == "hub" else None)
                       if on_cluster and model.kind != "local" else None),
     )
+
+
+def fitted_max_len(model: ResolvedModel, accelerator: str, engine_kwargs: dict[str, Any],
+                   host_memory: float | None) -> int | None:
+    """max_model_len when the job sets none: the model's own context, capped by the KV cache a replica holds.
+    On GPU vLLM measures that itself at start-up (AUTO_FIT); on CPU it is the memory share the replica gets."""
+    if accelerator != "cpu":
+        return AUTO_FIT
+    if not host_memory or model.path is None:
+        return model.max_len
+    try:
+        per_token = facts_for_checkpoint(model.path).kv_bytes_per_token(engine_kwargs["dtype"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return model.max_len
+    return cpu_max_model_len(per_token, model.max_len, engine_kwargs["gpu_memory_utilization"] * host_memory)
+
+
+def row_limit(stage: EngineSettings, model: ResolvedModel) -> int | None:
+    """The longest prompt plus output a row may have on this stage's engines: their max_model_len, or the
+    model's context where vLLM fits it at start-up (a longer row then fails alone, in the engine)."""
+    value = stage.engine_kwargs.get("max_model_len")
+    return value if value and value > 0 else model.max_len
 
 
 def hosts_for(shape: ReplicaShape, nodes: Nodes, accelerator_type: str | None) -> list[str]:

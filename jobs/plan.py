@@ -8,7 +8,7 @@ from typing import Any
 from llmbatch.cluster import model_store, profiles
 from llmbatch.cluster.accelerators import ACCELERATORS, Accelerator, accelerator
 from llmbatch.cluster.model_facts import facts_for_checkpoint
-from llmbatch.cluster.resources import engine_dtype
+from llmbatch.cluster.resources import PROMPT_TOKENS_ALLOWANCE, engine_dtype
 from llmbatch.cluster.sizing import choose_tensor_parallel, cost_usd, replicas_for_budget, replicas_for_deadline, wall_seconds
 from llmbatch.errors import UserError
 from llmbatch.jobs.resolve import ResolvedJob, resolve
@@ -17,6 +17,7 @@ from llmbatch.jobs.spec import JobSpec
 COUNT_ALL_UP_TO = 5000   # rows; above this the input is sampled
 SAMPLE_ROWS = 1000
 AUTO_MAX_REPLICAS = 64
+PLANNED_SEQUENCE_TOKENS = 2048   # the least sequence length a replica is sized for
 
 
 @dataclass
@@ -143,13 +144,23 @@ def assumed_rates(params: int, device: Accelerator) -> profiles.Rates:
                           mean_input_tokens=0.0, mean_output_tokens=0.0, measurements=0)
 
 
+def planning_len(job: ResolvedJob) -> int:
+    """The sequence length a replica's KV cache must hold several of: the job's max_model_len when it sets one;
+    else its rows' own length (an allowance for the prompt plus max_tokens, at least 2048) within the model's
+    context, which vLLM may hold at full length but the job's rows never reach."""
+    if job.spec.model.engine.max_model_len:
+        return job.spec.model.engine.max_model_len
+    wanted = max(PLANNED_SEQUENCE_TOKENS, PROMPT_TOKENS_ALLOWANCE + job.max_tokens)
+    return min(job.model.max_len or wanted, wanted)
+
+
 def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) -> Plan:
     """The plan of a job that resolves: a job `submit` would refuse is refused here too (UserError)."""
     device = accelerator_for(spec, accelerator_name)
-    job = resolve(spec, fetch_models=True, fetch_judges=False, log=log)
+    job = resolve(spec, fetch_models=True, fetch_judges=False, without_weights=True, log=log)
     model_path = job.model.path
     facts = facts_for_checkpoint(model_path)
-    max_len = job.model.max_len or 2048
+    max_len = planning_len(job)
     dtype = engine_settings(spec, device)["dtype"]
     fit = choose_tensor_parallel(facts, device, max_len, None if dtype == "auto" else dtype)
     notes: list[str] = []
@@ -162,7 +173,7 @@ def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) ->
         notes.append(f"model.engine.tensor_parallel_size is {spec.model.engine.tensor_parallel_size}; "
                      f"the model needs {tp} x {device.name} per replica")
     engine = engine_settings(spec, device, tp)
-    fingerprint = model_store.fingerprint(model_path)
+    fingerprint = model_store.fingerprint_of(spec.model.source, model_path)
     key = profiles.profile_key(fingerprint, device.name, engine)
     stored = profiles.load(key)
     rates = profiles.rates(stored)

@@ -17,14 +17,14 @@ from llmbatch.cluster import model_store
 from llmbatch.cluster.model_facts import context_of
 from llmbatch.cluster.model_inspect import engine_for_checkpoint, has_chat_template
 from llmbatch.errors import UserError
-from llmbatch.jobs.spec import EngineSpec, JobSpec
+from llmbatch.jobs.spec import JobSpec
 from llmbatch.pipelines.read import FORMAT_BY_EXTENSION, InputFile, input_shape_problems, list_input_files
 from llmbatch.pipelines.render import RenderSettings, template_fields
 from llmbatch.pipelines.schema import output_schema, task_fields
 from llmbatch.pipelines.scorer_specs import score_fields, scorer_problems
 from llmbatch.storage import check_bucket
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = model_store.WEIGHT_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,14 @@ class ResolvedJob:
 
 def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = False,
             fetch_judges: bool | None = None, fetch_later: bool = False, scan_input: bool = True,
-            log=None) -> ResolvedJob:
+            without_weights: bool = False, log=None) -> ResolvedJob:
     """Check `spec` against its storage, input and models, and derive the settings every command uses.
 
     `fetch_models` prepares, copies or downloads the job's model when it is not on this machine yet, and the
     judges' models too unless `fetch_judges` is False; nothing is fetched for a job already found wrong.
     `fetch_later` accepts a hub model that is not downloaded yet (submit fetches it once nothing refuses the run).
+    `without_weights` fetches an s3:// or hub model's config and tokenizer only: a cluster's driver reads no
+    more, and each node's engines fetch the weights themselves.
     `scan_input` reads every input shard's row count and schema here; submit leaves that to its pre-pass on
     Ray and calls `schema_problems` with what the pre-pass found."""
     from llmbatch.pipelines.infer import sampling_params, scoring_params
@@ -89,7 +91,8 @@ def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = F
     problems += format_problems(spec, files)
 
     fetch_judges = fetch_models if fetch_judges is None else fetch_judges
-    model = _resolve_model(spec.model, "model", fetch_models and not problems, log, problems, fetch_later)
+    model = _resolve_model(spec.model, "model", fetch_models and not problems, log, problems, fetch_later,
+                           without_weights)
     if model is not None:
         problems += model_problems(spec, model)
     judges = []
@@ -100,7 +103,7 @@ def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = F
                 judge = model
             else:
                 judge = _resolve_model(scorer.model, f"{where}.model", fetch_judges and not problems, log, problems,
-                                       fetch_later)
+                                       fetch_later, without_weights)
             if judge is not None:
                 if judge.engine != "vllm":
                     problems.append(f"{where}.model: a judge answers through vLLM's structured outputs; "
@@ -298,16 +301,16 @@ def _storage_problems(spec: JobSpec) -> list[str]:
 
 
 def _resolve_model(model, where: str, fetch: bool, log, problems: list[str],
-                   fetch_later: bool = False) -> ResolvedModel | None:
+                   fetch_later: bool = False, without_weights: bool = False) -> ResolvedModel | None:
     try:
         ref = model_store.classify_source(model.source)
         if fetch:
-            path: Path | None = model_store.resolve_local(model.source, log=log)
+            path: Path | None = model_store.resolve_local(model.source, log=log, weights=not without_weights)
         elif fetch_later and ref.kind == "hub":
-            path = _checkpoint_here(ref)
+            path = _checkpoint_here(ref, without_weights)
         else:
             model_store.check_source(model.source)
-            path = _checkpoint_here(ref)
+            path = _checkpoint_here(ref, without_weights)
     except UserError as exc:
         problems += [line.replace("model.source", f"{where}.source", 1) for line in exc.lines]
         return None
@@ -319,30 +322,28 @@ def _resolve_model(model, where: str, fetch: bool, log, problems: list[str],
     except UserError as exc:
         problems += [line.replace("model.source", f"{where}.source", 1) for line in exc.lines]
         return None
-    if not _has_weights(path):
+    if not _has_weights(path) and not (without_weights and ref.kind in ("s3", "hub")):
         problems.append(f"{where}.source: {path} holds config.json but no weights ({', '.join(WEIGHT_SUFFIXES)} "
                         "files); copy the whole checkpoint")
     context = _context_limit(path)
     return ResolvedModel(model.source, ref.kind, path, engine, context,
-                         _max_len(model.engine.max_model_len, context, engine), has_chat_template(path))
+                         _max_len(model.engine.max_model_len, context), has_chat_template(path))
 
 
-def _max_len(configured: int | None, context: int | None, engine: str) -> int | None:
-    """max_model_len as the engine gets it: the configured one, the model's own without one, and the model's
-    own when the configured one is the spec's default and the model holds less (GPT-2: 1024)."""
-    if configured is None:
-        return context
-    default = EngineSpec.model_fields["max_model_len"].default
-    if engine == "vllm" and context and configured == default and context < configured:
-        return context
-    return configured
+def _max_len(configured: int | None, context: int | None) -> int | None:
+    """The longest sequence a row may have: the configured max_model_len, else the model's own context (the
+    engine stage may cap that by memory: see jobs/engines.py)."""
+    return configured if configured is not None else context
 
 
-def _checkpoint_here(ref: model_store.ModelRef) -> Path | None:
+def _checkpoint_here(ref: model_store.ModelRef, without_weights: bool = False) -> Path | None:
     if ref.kind == "local":
         return Path(ref.source)
     if ref.kind in ("catalog", "s3"):
-        return ref.cache_dir if model_store.is_checkpoint_dir(ref.cache_dir) else None
+        for folder in (ref.cache_dir, ref.config_dir if without_weights else None):
+            if folder is not None and model_store.is_checkpoint_dir(folder):
+                return folder
+        return None
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(ref.source, "config.json")

@@ -10,7 +10,7 @@ import secrets
 import threading
 import time
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,14 +19,14 @@ import structlog
 from llmbatch.cluster import model_store
 from llmbatch.cluster.connect import alive_nodes, join_cluster, start_local_ray
 from llmbatch.cluster.diagnose import explain_failure
-from llmbatch.cluster.model_sync import ensure_model_on_nodes
+from llmbatch.cluster.gpu_memory import wait_for_free_memory
 from llmbatch.cluster.resources import can_host, check_fits, choose_accelerator, replica_capacity, replica_shape
 from llmbatch.cluster.scale_up import (DEFAULT_SCALE_UP_TIMEOUT, accelerator_to_come, ask_autoscaler,
                                       groups_can_host, node_groups, totals, wait_for_nodes)
 from llmbatch.cluster.shared_paths import PathCheck, check_nodes_see
 from llmbatch.crash_points import crash_point
 from llmbatch.errors import JobFailed, UserError
-from llmbatch.jobs.engines import engine_stage, hosts_for
+from llmbatch.jobs.engines import engine_stage, row_limit
 from llmbatch.jobs.feedback import predict, record_run
 from llmbatch.jobs.finalize import Execution, commit, run_cost
 from llmbatch.jobs.plan import check_planned_parallelism, engine_settings as plan_engine_settings
@@ -98,6 +98,7 @@ class Stages:
     context: Any                     # pipelines.pipeline.OutputContext
     judges: list[tuple[dict[str, Any], EngineSettings, int | None]]
     first_pass: str                  # where the first pass writes: the run folder, or staging before judges
+    render: Any                      # pipelines.render.RenderSettings, at the engines' max_model_len
 
 
 def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False,
@@ -114,7 +115,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     started_at = datetime.now(timezone.utc).isoformat()
     run_uri = join(spec.output.path, run_id)
 
-    job = resolve(spec, run_uri=run_uri, fetch_later=True, scan_input=False, log=log)
+    job = resolve(spec, run_uri=run_uri, fetch_later=True, scan_input=False, without_weights=on_cluster, log=log)
     log.info("input_listed", files=len(job.input.files), bytes=sum(f.size for f in job.input.files))
     lock = RunLock.acquire(run_uri, run_id, log)
     try:
@@ -129,8 +130,9 @@ def _run_held(job: ResolvedJob, lock: RunLock, run_id: str, run_uri: str, marks:
               started_at: str, log, *, show_worker_logs: bool, on_cluster: bool, measurement_source: str,
               overwrite: bool, resume: bool) -> RunResult:
     """The run, once this driver holds its lock: nothing is deleted or written before."""
-    job, start, attempt = _decide_and_fetch(job, run_id, run_uri, resume=resume, overwrite=overwrite, log=log)
-    fingerprint = model_store.fingerprint(job.model.path)
+    job, start, attempt = _decide_and_fetch(job, run_id, run_uri, resume=resume, overwrite=overwrite,
+                                            on_cluster=on_cluster, log=log)
+    fingerprint = model_store.fingerprint_of(job.model.source, job.model.path)
     lock.check("starting Ray")
     marks["started_ray"] = time.time()
     cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
@@ -148,11 +150,9 @@ def _run_on_pool(job: ResolvedJob, pool: Pool, lock: RunLock, start: RunStart, a
                  fingerprint: str, run_id: str, run_uri: str, marks: dict[str, float | None], started_at: str, log,
                  *, on_cluster: bool, measurement_source: str) -> RunResult:
     """Build the passes on the pool, prepare the run folder, execute, commit."""
-    spec = job.spec
     try:
         if on_cluster:
             _check_nodes_see_the_paths(job, lock, list(pool.nodes), log)
-            _copy_model_to_hosts(job.model, pool.shape, pool.nodes, spec.resources.accelerator_type)
         stages = _build_stages(job, pool, run_id, run_uri, fingerprint, on_cluster, marks, log)
         engine = {"dtype": stages.engine.engine_kwargs.get("dtype"), "engine": stages.engine.engine}
         check_same_engine(start, engine, run_id)
@@ -187,15 +187,17 @@ def _withdraw_autoscaler_request(log) -> None:
 
 
 def _decide_and_fetch(job: ResolvedJob, run_id: str, run_uri: str, *, resume: bool, overwrite: bool,
-                      log) -> tuple[ResolvedJob, RunStart, dict[str, Any]]:
+                      on_cluster: bool, log) -> tuple[ResolvedJob, RunStart, dict[str, Any]]:
     """How the run folder starts and this attempt's record, decided under the run's lock; the models are
-    fetched only once nothing refuses the run."""
+    fetched only once nothing refuses the run (on a cluster, only what the driver reads: the engines fetch
+    the weights on their own nodes)."""
     spec, files = job.spec, job.input.files
     attempt = {"spec": spec.model_dump(mode="json"), "input_files": [f.identity() for f in files]}
     start = decide_start(read_folder_state(run_uri), attempt, resume=resume, overwrite=overwrite, run_id=run_id,
                          run_uri=run_uri)
     if any(model.path is None for model in (job.model, *job.judges)):
-        job = resolve(spec, run_uri=run_uri, fetch_models=True, scan_input=False, log=log)
+        job = resolve(spec, run_uri=run_uri, fetch_models=True, scan_input=False, without_weights=on_cluster,
+                      log=log)
     if job.model.engine == "vllm":
         preload_engine_stage()
     return job, start, attempt
@@ -218,7 +220,8 @@ def _build_stages(job: ResolvedJob, pool: Pool, run_id: str, run_uri: str, finge
                           progress_actor=progress_actor_name(run_id),
                           max_concurrent_batches=spec.resources.max_concurrent_batches, on_cluster=on_cluster)
     cache = result_cache_for(spec, fingerprint, engine.engine_kwargs, job.sampling, log)
-    context = OutputContext(run_id, spec.model.source, job.model.max_len, task=spec.task,
+    limit = row_limit(engine, job.model)
+    context = OutputContext(run_id, spec.model.source, limit, task=spec.task,
                             logprobs=spec.sampling.logprobs,
                             scorers=tuple(spec.scoring),
                             cache_uri=cache.uri if cache else None)
@@ -226,7 +229,8 @@ def _build_stages(job: ResolvedJob, pool: Pool, run_id: str, run_uri: str, finge
     if problems:
         raise UserError(problems[0], lines=problems)
     judges = _judge_stages(job, pool, on_cluster, inputs.rows)
-    return Stages(inputs, engine, cache, context, judges, staging_uri(run_uri, 0) if judges else run_uri)
+    return Stages(inputs, engine, cache, context, judges, staging_uri(run_uri, 0) if judges else run_uri,
+                  replace(job.render, max_model_len=limit))
 
 
 def _execute_passes(job: ResolvedJob, stages: Stages, pool: Pool, run_id: str, run_uri: str, start: RunStart,
@@ -250,7 +254,7 @@ def _execute_passes(job: ResolvedJob, stages: Stages, pool: Pool, run_id: str, r
     log.info("run_started", rows=to_do, replicas=pool.replicas[1], accelerator=pool.accelerator,
              model=spec.model.source, output=run_uri)
     if to_do > 0:
-        ds = build_dataset(inputs, spec.input.id_column, job.render, stages.engine, stages.context, counter,
+        ds = build_dataset(inputs, spec.input.id_column, stages.render, stages.engine, stages.context, counter,
                            done=finished.done if finished else None)
         marks["dataset_started"] = time.time()
         _execute(ds, stages.first_pass, counter, to_do, started, lock, log, spec.output.rows_per_part)
@@ -260,8 +264,9 @@ def _execute_passes(job: ResolvedJob, stages: Stages, pool: Pool, run_id: str, r
     generation_seconds = time.time() - started
     replicas = ray.get(counter.snapshot.remote())["replicas"]
     device, sizing = _prediction(pool, log)
+    gpu_nodes = [node for node, res in pool.nodes.items() if res.get("GPU")] if pool.accelerator == "gpu" else []
     judge_stats = _judge_passes(stages.judges, stages.first_pass, run_uri, run_id, inputs, stages.context,
-                                spec.model.source, lock, log)
+                                spec.model.source, lock, log, gpu_nodes)
     marks["judges_done"] = time.time() if stages.judges else None
     engine_section = {"accelerator": pool.accelerator,
                       "replicas": pool.replicas[0] if pool.auto else spec.resources.replicas,
@@ -357,10 +362,14 @@ def _prediction(pool: Pool, log) -> tuple[Any, Any]:
 
 def _check_nodes_see_the_paths(job: ResolvedJob, lock: RunLock, node_ids: list[str], log) -> None:
     """On a cluster, refuse local paths that not every node sees as this driver does: the input files (the
-    first INPUT_FILES_CHECKED), and a probe file this driver writes in the run folder and in the cache."""
+    first INPUT_FILES_CHECKED), a local model's config, and a probe file this driver writes in the run folder
+    and in the cache."""
     spec = job.spec
     checks = [PathCheck("input.path", os.path.abspath(os.path.expanduser(f.uri)), f.size)
               for f in job.input.files[:INPUT_FILES_CHECKED] if not is_s3(f.uri)]
+    for field, model in _local_models(job):
+        config = model.path / "config.json"
+        checks.append(PathCheck(field, str(config), config.stat().st_size))
     probes = []
     folders = [("output.path", lock.run_uri)]
     if spec.cache is not None:
@@ -388,8 +397,16 @@ def _check_nodes_see_the_paths(job: ResolvedJob, lock: RunLock, node_ids: list[s
                 pass
 
 
-def _copy_model_to_hosts(model: ResolvedModel, shape, nodes: dict, accelerator_type: str | None) -> None:
-    ensure_model_on_nodes(model.source, str(model.path), hosts_for(shape, nodes, accelerator_type))
+def _local_models(job: ResolvedJob) -> list[tuple[str, ResolvedModel]]:
+    """(job file field, model) of each local-folder model the job's engines load, which every node must see."""
+    models = [("model.source", job.model)]
+    judges = iter(job.judges)
+    for number, scorer in enumerate(job.spec.scoring):
+        if scorer.kind == "judge":
+            judge = next(judges)
+            if scorer.model is not None:
+                models.append((f"scoring.{number}.model.source", judge))
+    return [(field, model) for field, model in models if model.kind == "local" and model.path is not None]
 
 
 def _judge_stages(job: ResolvedJob, pool: Pool, on_cluster: bool,
@@ -409,14 +426,12 @@ def _judge_stages(job: ResolvedJob, pool: Pool, on_cluster: bool,
         except UserError as exc:
             detail = str(exc).split(": ", 1)[-1]
             raise UserError(f"scoring.{number}.replicas: the judge's engine replicas do not fit: {detail}") from None
-        if on_cluster:
-            _copy_model_to_hosts(model, shape, pool.nodes, spec.resources.accelerator_type)
         stage = engine_stage(model, model_spec.engine, judge_sampling_params(scorer.scale),
                              accelerator=pool.accelerator, shape=shape, replicas=replicas, nodes=pool.nodes,
                              accelerator_type=spec.resources.accelerator_type, batch_size=spec.resources.batch_size,
                              rows=rows, max_concurrent_batches=spec.resources.max_concurrent_batches,
                              on_cluster=on_cluster)
-        stages.append((scorer, stage, model.max_len))
+        stages.append((scorer, stage, row_limit(stage, model)))
     return stages
 
 
@@ -435,8 +450,9 @@ def result_cache_for(spec: JobSpec, fingerprint: str, engine_kwargs: dict[str, A
 
 
 def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inputs, context, model_source: str,
-                  lock: RunLock, log) -> dict[str, Any]:
-    """Each judge rereads the previous pass's parts and writes the next; the last writes the run's output."""
+                  lock: RunLock, log, gpu_nodes: list[str]) -> dict[str, Any]:
+    """Each judge rereads the previous pass's parts and writes the next; the last writes the run's output.
+    On GPUs, each starts once the GPUs have its engines' memory share free again."""
     from llmbatch.pipelines.pipeline import build_judge_pass, read_output_parts
     from llmbatch.pipelines.progress import ProgressCounter, progress_actor_name
 
@@ -447,6 +463,8 @@ def _judge_passes(judges: list, first_pass: str, run_uri: str, run_id: str, inpu
         name = scorer.name
         log.info("judge_pass_started", scorer=name, model=scorer.model.source if scorer.model else model_source,
                  replicas=judge_engine.replicas[1])
+        if gpu_nodes:
+            wait_for_free_memory(gpu_nodes, judge_engine.engine_kwargs["gpu_memory_utilization"], log)
         counter = ProgressCounter.options(name=f"{progress_actor_name(run_id)}-judge-{name}").remote(run_id)
         ds = build_judge_pass(read_output_parts(source), scorer.grading(), judge_engine, inputs, context,
                               judge_max_len, counter)

@@ -26,7 +26,8 @@ class EngineSpec(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")
     max_model_len: Optional[int] = Field(
-        2048, gt=0, description="Longest prompt plus generation, in tokens; null = the model's own limit.")
+        None, gt=0, description="Longest prompt plus generation, in tokens; null = the model's own context, "
+                                "capped by what the KV cache holds (vLLM fits it on GPU, llmbatch on CPU).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs each engine replica spans.")
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="Share of device memory for weights and KV cache; null = a safe default per device.")

@@ -32,7 +32,8 @@ class EngineSettings:
     engine: str = "vllm"               # vllm | seq2seq (encoder-decoder families, batched HF generate)
     in_process: bool = False           # vLLM's engine core and worker in the replica's own process
     threads: int | None = None         # compute threads of each replica (OMP_NUM_THREADS); None = Ray's
-    ensure_model: Any = None           # called where a replica or tokenizer starts: puts the model on that node
+    ensure_model: Any = None           # on a cluster: (weights=True) -> the model's path on the calling node, fetched
+                                       # there first if needed; where a replica or a tokenizing stage starts
 
 
 def preload_engine_stage() -> None:
@@ -202,7 +203,7 @@ def _seq2seq_stage(settings: EngineSettings):
         return ds.map_batches(
             Seq2SeqEngineStage,
             fn_constructor_args=(settings.model_path, settings.engine_kwargs, settings.sampling_params,
-                                 settings.progress_actor),
+                                 settings.progress_actor, settings.ensure_model),
             batch_size=settings.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=settings.replicas[0], max_size=settings.replicas[1]),
             **remote_args)
@@ -224,8 +225,8 @@ def _llmbatch_engine_udf():
         def __init__(self, *args, progress_actor: str | None = None, in_process: bool = False, ensure_model=None,
                      **kwargs):
             constructing_at = time.time()
-            if ensure_model is not None:
-                ensure_model()
+            if ensure_model is not None:  # on a cluster: the weights, fetched once per node, at this node's path
+                kwargs["model"] = ensure_model()
             if in_process:
                 self._start_in_process(*args, **kwargs)
             else:

@@ -55,8 +55,8 @@ class JudgeRenderStage:
                  max_model_len: int | None, trust_remote_code: bool = False, ensure_model=None):
         from transformers import AutoTokenizer
 
-        if ensure_model is not None:  # a node that joined after the run started gets the model first
-            ensure_model()
+        if ensure_model is not None:  # on a cluster: this node's copy of the config and tokenizer
+            model_path = ensure_model(weights=False)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.text = TextTokenizer(self.tokenizer)  # the judged row's values (its answer too) are text
         self.scorer = scorer

@@ -212,8 +212,8 @@ class RenderStage:
     def __init__(self, model_path: str, settings: RenderSettings, ensure_model=None):
         from transformers import AutoTokenizer
 
-        if ensure_model is not None:  # a node that joined after the run started gets the model first
-            ensure_model()
+        if ensure_model is not None:  # on a cluster: this node's copy of the config and tokenizer
+            model_path = ensure_model(weights=False)
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=settings.trust_remote_code)
         self.settings = settings

@@ -54,10 +54,12 @@ class Seq2SeqEngineStage:
                            adds=(RENDERED_PROMPT, INFERENCE_ERROR, *ENGINE_RESULT_COLUMNS, TOKEN_LOGPROBS_COLUMN))
 
     def __init__(self, model_path: str, engine_kwargs: dict, sampling_params: dict,
-                 progress_actor: str | None = None):
+                 progress_actor: str | None = None, ensure_model=None):
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+        if ensure_model is not None:  # on a cluster: the weights, fetched once per node, at this node's path
+            model_path = ensure_model()
         unknown = sorted(k for k, v in sampling_params.items() if k not in SUPPORTED_SAMPLING and v is not None)
         if unknown:
             raise ValueError(f"Seq2SeqEngineStage: sampling parameter(s) {unknown} are not supported "

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import AWS_TEST_ENV
 from support import CLI, DEMO_MODEL, read_output, run_cli, write_job
 
 RAY = str(Path(CLI).with_name("ray"))
@@ -30,15 +32,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, demo_model):
-    """A head and a second node, each declaring 2 CPUs and 1 logical GPU, token auth on. The second node runs in
-    a mount namespace of its own where `head_only` is an empty tmpfs: what the head keeps there, it does not
-    see (mounting needs root, or sudo)."""
-    from llmbatch.cluster.home import llmbatch_home
+    """A head and a second node, each declaring 2 CPUs and 1 logical GPU, token auth on, each with a model cache
+    of its own (LLMBATCH_HOME; the demo model is in both) and the credentials of the test's S3 endpoint. The
+    second node runs in a mount namespace of its own where `head_only` is an empty tmpfs: what the head keeps
+    there, it does not see (mounting needs root, or sudo)."""
+    from llmbatch.cluster.home import models_dir
 
     root = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)
-    env = {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "LLMBATCH_HOME": str(llmbatch_home()), "PATH": f"{Path(CLI).parent}:{os.environ['PATH']}"}
+    homes = {"head": root / "head-cache", "worker": root / "worker-cache"}
+    for home in homes.values():
+        shutil.copytree(models_dir() / demo_model, home / "models" / demo_model, copy_function=os.link)
+    env = {**os.environ, **AWS_TEST_ENV, "HOME": str(root / "home"), "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": token, "LLMBATCH_HOME": str(homes["head"]),
+           "PATH": f"{Path(CLI).parent}:{os.environ['PATH']}"}
     (root / "home").mkdir()
     gcs, dashboard = _free_port(), _free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "1", "--disable-usage-stats"]
@@ -52,15 +59,16 @@ def cluster(tmp_path_factory, demo_model):
     try:
         subprocess.run([*sudo, "unshare", "--mount", "--propagation", "private", "sh", "-c",
                         f"mount -t tmpfs -o mode=1777 head-only {shlex.quote(str(head_only))} && exec {worker}"],
-                       env=env, check=True, capture_output=True, timeout=180)
+                       env={**env, "LLMBATCH_HOME": str(homes["worker"])}, check=True, capture_output=True,
+                       timeout=180)
         client_env = {"HOME": env["HOME"], "RAY_AUTH_TOKEN": token, "LLMBATCH_HOME": env["LLMBATCH_HOME"]}
         yield {"address": f"http://127.0.0.1:{dashboard}", "token": token, "env": client_env,
-               "head_only": head_only}
+               "head_only": head_only, "homes": homes}
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def _job(tmp_path: Path, rows: int, **resources) -> Path:
+def _job(tmp_path: Path, rows: int, source: str = DEMO_MODEL, **resources) -> Path:
     """The nodes' GPUs are logical: vLLM's CPU build runs the replicas, where compiling the model (the GPU
     default) would take minutes, hence enforce_eager, and where a GPU's scheduler limits would make vLLM's
     start-up profiling pass thousands of tokens, hence small ones."""
@@ -68,7 +76,7 @@ def _job(tmp_path: Path, rows: int, **resources) -> Path:
     data.write_text("".join(json.dumps({"n": i, "prompt": f"Count from {i} to {i + 3}."}) + "\n"
                             for i in range(rows)), encoding="utf-8")
     return write_job(tmp_path / "job.yaml", name="cluster-job", model={
-        "source": DEMO_MODEL, "engine": {"dtype": "float32", "gpu_memory_utilization": 0.2, "enforce_eager": True,
+        "source": source, "engine": {"dtype": "float32", "gpu_memory_utilization": 0.2, "enforce_eager": True,
                                      "max_num_seqs": 16, "max_num_batched_tokens": 2048}},
         input={"path": str(data)}, sampling={"max_tokens": 8}, output={"path": str(tmp_path / "out")},
         resources={"accelerator": "gpu", "batch_size": 2, **resources})
@@ -82,13 +90,23 @@ def _dashboard_jobs(address: str, token: str | None):
         return json.loads(response.read())
 
 
-def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp_path: Path):
+def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp_path: Path, s3):
     """`submit --address --wait` runs the pipeline as a Ray job whose submission id is the run id;
     list/status/logs and the dashboard show it; two 1-GPU replicas land on the two nodes. The job's python
-    scorer is a module only the submitter has (on its PYTHONPATH): it ships with the job."""
+    scorer is a module only the submitter has (on its PYTHONPATH): it ships with the job. The model is an
+    s3:// prefix: the driver copies its config and tokenizer only, and each node's engine copies the weights
+    into that node's own cache."""
+    from llmbatch.cluster.model_store import ModelRef, resolve_local, weights_complete
+
+    s3.mkdir("models")
+    local = resolve_local(DEMO_MODEL)
+    for path in local.iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            s3.put_file(str(path), f"models/smollm2/{path.name}")
+    source = "s3://models/smollm2"
     address = cluster["address"]
     env = {**cluster["env"], "PYTHONPATH": str(Path(__file__).parent)}
-    job = _job(tmp_path, rows=24, replicas=2)
+    job = _job(tmp_path, rows=24, source=source, replicas=2)
     write_job(job, **{**yaml.safe_load(job.read_text()), "scoring": [
         {"name": "words", "kind": "python", "function": "row_scorers:words_per_answer"}]})
     proc = run_cli("submit", str(job), "--address", address, "--run-id", "cl-run", "--wait", env=env)
@@ -103,6 +121,13 @@ def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp
     assert sum(r["rows"] for r in replicas) == 24
     assert manifest["engine"]["accelerator"] == "gpu"
     assert (manifest["engine"]["max_num_seqs"], manifest["engine"]["max_num_batched_tokens"]) == (16, 2048)
+    assert manifest["engine"]["max_model_len"] == -1     # no max_model_len: vLLM fits the context to memory
+    assert manifest["model"]["fingerprint"].startswith("etag:")
+    ref = ModelRef(source, "s3")
+    driver_copy = cluster["homes"]["head"] / ref.config_dir.relative_to(ref.config_dir.parents[2])
+    assert (driver_copy / "tokenizer.json").is_file() and not list(driver_copy.glob("*.safetensors"))
+    for home in cluster["homes"].values():   # each node's engine replica fetched the weights into its own cache
+        assert weights_complete(home / ref.cache_dir.relative_to(ref.cache_dir.parents[2]))
 
     listing = run_cli("list", "--address", address, env=env, check=True).stdout
     line = next(l for l in listing.splitlines() if l.startswith("cl-run "))
@@ -111,11 +136,12 @@ def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp
     assert "status:      SUCCEEDED" in status and "rows_ok:     24" in status
     logs = run_cli("logs", "cl-run", "--address", address, env=env, check=True).stdout
     assert "run_finished" in logs and "cl-run" in logs
+    assert "model_config_copy_started" in logs and "model_copy_started" not in logs
 
     jobs = _dashboard_jobs(address, cluster["token"])
     ours = [j for j in jobs if j.get("submission_id") == "cl-run"]
     assert ours and ours[0]["metadata"] == {"llmbatch": "1", "job": "cluster-job", "run_id": "cl-run",
-                                            "model": DEMO_MODEL, "output": str(tmp_path / "out" / "cl-run")}
+                                            "model": source, "output": str(tmp_path / "out" / "cl-run")}
     with pytest.raises(urllib.error.HTTPError) as unauthorized:
         _dashboard_jobs(address, None)
     assert unauthorized.value.code == 401

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from flaky_s3 import FlakyS3Proxy
@@ -106,3 +107,39 @@ def test_a_model_key_that_climbs_out_of_the_cache_is_refused_and_nothing_is_writ
     assert proc.returncode == 2, proc.stderr
     assert "the key '../../escape.pth' would be written outside" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("escape.pth"))
+
+
+def test_a_drivers_copy_of_an_s3_model_holds_no_weights_and_its_fingerprint_reads_no_bytes(tmp_path: Path, s3,
+                                                                                          demo_model: str,
+                                                                                          monkeypatch):
+    """What a cluster's driver fetches of an s3:// model: its config and tokenizer, beside (not in) the folder a
+    node's engines fill with the whole checkpoint; the model's fingerprint comes from the listing (names, sizes,
+    ETags), the same wherever it is computed, and changes when a file does."""
+    from llmbatch.cluster.model_store import ModelRef, fingerprint_of, resolve_local, weights_complete
+
+    s3.mkdir("models")
+    _upload_dir(s3, resolve_local(DEMO_MODEL), "models/smollm2")
+    monkeypatch.setenv("LLMBATCH_HOME", str(tmp_path / "home"))
+    source = "s3://models/smollm2"
+    ref = ModelRef(source, "s3")
+
+    light = resolve_local(source, weights=False)
+    assert light == ref.config_dir and light != ref.cache_dir and not ref.cache_dir.exists()
+    names = {p.name for p in light.iterdir()}
+    assert {"config.json", "tokenizer.json"} <= names and not any(n.endswith(".safetensors") for n in names)
+    first = fingerprint_of(source, light)
+    assert first.startswith("etag:")
+
+    full = resolve_local(source)
+    assert full == ref.cache_dir and weights_complete(full)
+    assert fingerprint_of(source, full) == first
+    assert resolve_local(source, weights=False) == full   # a node that holds it whole gives the tokenizer from there
+
+    s3.pipe_file("models/smollm2/generation_config.json", b'{"temperature": 0.5}')
+    assert fingerprint_of(source, full) != first
+
+    s3.pipe_file("models/bare/config.json", b'{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    from llmbatch.errors import UserError
+
+    with pytest.raises(UserError, match="holds config.json but no weights"):
+        resolve_local("s3://models/bare", weights=False)

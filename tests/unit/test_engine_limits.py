@@ -69,3 +69,106 @@ def test_an_h100_engine_stage_gets_the_large_defaults_and_enough_batches(tmp_pat
                        replicas=(1, 1), nodes={"n1": {"CPU": 2, "memory": 2**34}}, accelerator_type=None,
                        batch_size=32, rows=12)
     assert "max_num_seqs" not in cpu.engine_kwargs and cpu.max_concurrent_batches is None
+
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+            "intermediate_size": 14336, "max_position_embeddings": 131072, "torch_dtype": "bfloat16"}
+
+
+def _checkpoint(tmp_path, config):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_without_max_model_len_gpu_engines_fit_the_models_context_to_memory_and_rows_keep_the_context(tmp_path):
+    from llmbatch.jobs.engines import AUTO_FIT, row_limit
+
+    model = ResolvedModel("org/m", "hub", _checkpoint(tmp_path, LLAMA_8B), "vllm", 131072, 131072, None)
+    nodes = {"n1": {"CPU": 16, "GPU": 8, "accelerator_type:H100": 1, "memory": 2**40}}
+    stage = engine_stage(model, EngineSpec(), {"max_tokens": 64}, accelerator="gpu", shape=replica_shape("gpu", 1),
+                         replicas=(8, 8), nodes=nodes, accelerator_type=None, batch_size=32, rows=100)
+    assert stage.engine_kwargs["max_model_len"] == AUTO_FIT == -1   # vLLM: the context, or what the KV cache holds
+    assert row_limit(stage, model) == 131072
+    model = ResolvedModel("org/m", "hub", tmp_path, "vllm", 131072, 8192, None)   # as resolve sets it
+    pinned = engine_stage(model, EngineSpec(max_model_len=8192), {"max_tokens": 64}, accelerator="gpu",
+                          shape=replica_shape("gpu", 1), replicas=(8, 8), nodes=nodes, accelerator_type=None,
+                          batch_size=32, rows=100)
+    assert pinned.engine_kwargs["max_model_len"] == 8192 and row_limit(pinned, model) == 8192
+
+
+def test_without_max_model_len_a_cpu_engine_gets_the_context_its_memory_share_holds(tmp_path):
+    from llmbatch.cluster.resources import cpu_max_model_len
+    from llmbatch.jobs.engines import row_limit
+
+    model = ResolvedModel("m", "local", _checkpoint(tmp_path, LLAMA_8B), "vllm", 131072, 131072, None)
+    per_token = 2 * 32 * 8 * 128 * 4          # float32 on CPU: 256 KiB a token
+    nodes = {"n1": {"CPU": 2, "memory": 16 * 2**30}}
+    stage = engine_stage(model, EngineSpec(), {"max_tokens": 64}, accelerator="cpu", shape=replica_shape("cpu", 1),
+                         replicas=(1, 1), nodes=nodes, accelerator_type=None, batch_size=8, rows=10)
+    limit = stage.engine_kwargs["max_model_len"]
+    share = stage.engine_kwargs["gpu_memory_utilization"] * 16 * 2**30
+    assert limit == cpu_max_model_len(per_token, 131072, share) and limit % 16 == 0
+    assert 1024 < limit < 131072 and limit * per_token < share     # capped: 128k tokens would need 32 GiB
+    assert row_limit(stage, model) == limit
+    assert cpu_max_model_len(per_token, 4096, share) == 4096         # a short context fits whole
+    assert cpu_max_model_len(per_token, None, share) is None
+
+
+def test_the_planner_sizes_replicas_for_the_jobs_rows_not_a_long_context_they_never_reach(tmp_path):
+    from types import SimpleNamespace
+
+    from llmbatch.jobs.plan import planning_len
+    from llmbatch.jobs.spec import EngineSpec as Engine
+
+    def job(max_model_len, context, max_tokens):
+        spec = SimpleNamespace(model=SimpleNamespace(engine=Engine(max_model_len=max_model_len)))
+        return SimpleNamespace(spec=spec, model=SimpleNamespace(max_len=max_model_len or context),
+                               max_tokens=max_tokens)
+
+    assert planning_len(job(None, 131072, 256)) == 2048
+    assert planning_len(job(None, 131072, 4000)) == 4512
+    assert planning_len(job(None, 1024, 256)) == 1024
+    assert planning_len(job(32768, 131072, 256)) == 32768
+
+
+class _Log:
+    def __init__(self):
+        self.events = []
+
+    def info(self, event, **kw):
+        self.events.append(event)
+
+    warning = info
+
+
+def test_a_judge_pass_waits_until_the_gpus_have_its_memory_share_free_again():
+    from llmbatch.cluster.gpu_memory import wait_for_free_memory
+
+    readings = iter([{"a": 0.95, "b": 0.2}, {"a": 0.95, "b": 0.5}, {"a": 0.95, "b": 0.93}])
+    now, pauses, log = [0.0], [], _Log()
+
+    def pause(seconds):
+        pauses.append(seconds)
+        now[0] += seconds
+
+    assert wait_for_free_memory(["a", "b"], 0.9, log, probe=lambda nodes: next(readings), clock=lambda: now[0],
+                                pause=pause)
+    assert len(pauses) == 2 and log.events == ["gpu_memory_wait", "gpu_memory_free"]
+
+
+def test_gpu_memory_still_held_at_the_timeout_lets_the_engines_start_and_say_so():
+    from llmbatch.cluster.gpu_memory import wait_for_free_memory
+
+    now, log = [0.0], _Log()
+
+    def pause(seconds):
+        now[0] += seconds
+
+    assert not wait_for_free_memory(["a"], 0.9, log, timeout=10, probe=lambda nodes: {"a": 0.4},
+                                    clock=lambda: now[0], pause=pause)
+    assert log.events == ["gpu_memory_wait", "gpu_memory_still_held"]
+    quiet = _Log()   # nodes without GPUs NVML can read: nothing to wait on
+    assert wait_for_free_memory(["a"], 0.9, quiet, probe=lambda nodes: {"a": None}) and quiet.events == []

@@ -281,7 +281,7 @@ def test_a_hub_model_on_a_node_is_the_commit_the_driver_resolved(monkeypatch, tm
     assert asked == [("org/model", "abc123", True), ("org/model", "abc123", False)]
 
 
-def test_a_node_that_joins_later_gets_the_model_at_the_drivers_path(monkeypatch, tmp_path):
+def test_a_node_fetches_the_model_into_its_own_cache_and_uses_its_own_path(monkeypatch, tmp_path):
     import llmbatch.cluster.model_store as store
     from llmbatch.cluster.model_store import ensure_model_here
     from llmbatch.errors import UserError
@@ -289,13 +289,62 @@ def test_a_node_that_joins_later_gets_the_model_at_the_drivers_path(monkeypatch,
     here = tmp_path / "ckpt"
     here.mkdir()
     (here / "config.json").write_text("{}")
-    ensure_model_here(str(here), "s3://models/m")            # already here: nothing fetched
+    assert ensure_model_here(str(here)) == str(here)          # a local folder: used where it is
     fetched = []
-    monkeypatch.setattr(store, "resolve_local", lambda source, revision=None: fetched.append((source, revision))
-                        or tmp_path / "hf" / "snapshots" / "abc123")
-    ensure_model_here(str(tmp_path / "hf" / "snapshots" / "abc123"), "org/model")
-    assert fetched == [("org/model", "abc123")]
-    with pytest.raises(UserError, match="give every node the same HF_HOME"):
-        ensure_model_here(str(tmp_path / "elsewhere" / "snapshots" / "abc123"), "org/model")
+    monkeypatch.setattr(store, "resolve_local", lambda source, revision=None, weights=True: fetched.append(
+        (source, revision, weights)) or tmp_path / "node-hf" / "snapshots" / "abc123")
+    assert ensure_model_here("org/model", "abc123") == str(tmp_path / "node-hf" / "snapshots" / "abc123")
+    assert ensure_model_here("s3://models/m", weights=False).endswith("abc123")
+    assert fetched == [("org/model", "abc123", True), ("s3://models/m", None, False)]
     with pytest.raises(UserError, match="a local checkpoint must be on every node"):
-        ensure_model_here(str(tmp_path / "missing"), str(tmp_path / "missing"))
+        ensure_model_here(str(tmp_path / "missing"))
+
+
+def _fake_hub(monkeypatch, tmp_path, snapshot):
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, ignore_patterns=None, **kwargs):
+        asked.append((local_files_only, ignore_patterns))
+        if not local_files_only:
+            (snapshot / "model-00002-of-00002.safetensors").write_bytes(b"w2")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return asked
+
+
+def test_a_hub_snapshot_missing_a_shard_its_index_names_is_downloaded_again(monkeypatch, tmp_path):
+    from llmbatch.cluster.model_store import resolve_local, weights_complete
+
+    snapshot = tmp_path / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (snapshot / "model-00001-of-00002.safetensors").write_bytes(b"w1")
+    assert not weights_complete(snapshot)
+    asked = _fake_hub(monkeypatch, tmp_path, snapshot)
+    assert resolve_local("org/model", revision="abc123") == snapshot
+    assert [local for local, _ in asked] == [True, False] and weights_complete(snapshot)
+    asked.clear()
+    assert resolve_local("org/model", revision="abc123") == snapshot
+    assert [local for local, _ in asked] == [True]              # whole now: taken from the cache
+
+
+def test_a_hub_model_without_weights_asks_the_hub_for_every_file_but_the_weights(monkeypatch, tmp_path):
+    from llmbatch.cluster.model_store import resolve_local
+
+    snapshot = tmp_path / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    asked = _fake_hub(monkeypatch, tmp_path, snapshot)
+    assert resolve_local("org/model", weights=False) == snapshot
+    assert asked == [(True, ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf"])]
+
+
+def test_the_fingerprint_of_a_hub_model_is_its_commit(tmp_path):
+    from llmbatch.cluster.model_store import fingerprint_of
+
+    assert fingerprint_of("org/model", tmp_path / "snapshots" / "abc123") == "hub:org/model@abc123"

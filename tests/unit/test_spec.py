@@ -62,7 +62,7 @@ def test_minimal_spec_loads_with_documented_defaults(tmp_path):
     assert spec.input.id_column is None
     assert spec.input.limit is None
     assert spec.model.engine.dtype == "auto"
-    assert spec.model.engine.max_model_len == 2048
+    assert spec.model.engine.max_model_len is None
     assert spec.model.engine.tensor_parallel_size == 1
     assert spec.output.path == "out/demo"
 
