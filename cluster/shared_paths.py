@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from llmbatch.errors import UserError
 
 
+ANSWER_SECONDS = 120.0
+
+
 @dataclass(frozen=True)
 class PathCheck:
     field: str            # the job file's field the path comes from, e.g. output.path
@@ -50,8 +53,14 @@ def check_nodes_see(checks: list[PathCheck], node_ids: list[str]) -> None:
     def look(wanted: list[PathCheck]) -> tuple[str, list[str]]:
         return ray.util.get_node_ip_address(), unseen(wanted)
 
-    answers = ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-                       .remote(checks) for node in node_ids])
+    refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(checks)
+            for node in node_ids]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ANSWER_SECONDS)
+    if len(ready) < len(refs):
+        silent = [node[:8] for node, ref in zip(node_ids, refs) if ref not in ready]
+        raise UserError(f"node(s) {', '.join(silent)} did not say within {ANSWER_SECONDS:.0f} s whether they see the "
+                        "run's paths (a node that is busy or going away); `ray status` shows the nodes; submit again")
+    answers = ray.get(refs)
     blind = {f"{address} ({node[:8]})": problems for node, (address, problems) in zip(node_ids, answers) if problems}
     if blind:
         raise refusal(blind)

@@ -74,7 +74,7 @@ def validate(job_file: str, overrides: tuple[str, ...]) -> None:
     from llmbatch.jobs.resolve import resolve
     from llmbatch.jobs.spec import load_spec
 
-    spec = load_spec(job_file, list(overrides))
+    spec = latest_slot(load_spec(job_file, list(overrides)))
     resolve(spec)
     click.echo(f"ok: {job_file} is valid (job '{spec.name}', model {spec.model.source}, input {spec.input.path})")
 
@@ -112,7 +112,7 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
 
         click.get_current_context().find_root().obj["traceback_in_logs"] = True
         job_file = shipped_job_file()
-    spec = load_spec(job_file, list(overrides))
+    spec = latest_slot(load_spec(job_file, list(overrides)))
     if dry_run:
         from llmbatch.jobs.plan import plan_for, render_plan
 
@@ -166,7 +166,7 @@ def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, as_
     from llmbatch.jobs.plan import plan_for, render_plan
     from llmbatch.jobs.spec import load_spec
 
-    spec = load_spec(job_file, list(overrides))
+    spec = latest_slot(load_spec(job_file, list(overrides)))
     result = plan_for(spec, accelerator, planning_address(address), log=structlog.get_logger())
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
 
@@ -389,6 +389,11 @@ def spec_cmd() -> None:
 
     click.echo(spec_reference())
 
+
+from llmbatch.jobs.schedule_cli import latest_slot, schedule, scheduler  # noqa: E402  (the groups register on main)
+
+main.add_command(scheduler)
+main.add_command(schedule)
 
 if __name__ == "__main__":
     sys.exit(main())

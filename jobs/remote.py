@@ -5,6 +5,7 @@ import asyncio
 import importlib.util
 import itertools
 import os
+import shlex
 import shutil
 import site
 import sys
@@ -43,7 +44,7 @@ class Submission:
 
 
 def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bool = False,
-                      resume: bool = False) -> Submission:
+                      resume: bool = False, extra_metadata: dict[str, str] | None = None) -> Submission:
     """Send the job to the cluster: the project code and the resolved job file travel as the runtime env's
     package; the entrypoint names only the run.
 
@@ -61,8 +62,8 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
     if is_s3(os.environ.get(PROFILE_STORE_ENV, "")):  # a shared store; a local folder means nothing there
         env_vars[PROFILE_STORE_ENV] = os.environ[PROFILE_STORE_ENV]
     job_text = yaml.safe_dump(spec.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
-    metadata = {METADATA_MARK: "1", "job": spec.name, "run_id": run_id, "model": spec.model.source,
-                "output": run_uri}
+    metadata = {**(extra_metadata or {}), METADATA_MARK: "1", "job": spec.name, "run_id": run_id,
+                "model": spec.model.source, "output": run_uri}
     entrypoint = f"python -m llmbatch.jobs.cli submit {SHIPPED_JOB} --run-id {run_id} --on-cluster"
     if overwrite:
         entrypoint += " --overwrite"
@@ -299,3 +300,58 @@ def _timestamp(ms: int | None) -> str | None:
     if not ms:
         return None
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + "Z"
+
+
+def submit_command(address: str, args: list[str], submission_id: str, metadata: dict[str, str]) -> str:
+    """Run `python -m llmbatch.jobs.cli ARGS` on the cluster as a Ray job, with the llmbatch package shipped the
+    way submit_to_cluster ships it (for commands that set up the cluster, such as deploying the scheduler)."""
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    entrypoint = " ".join(["python", "-m", "llmbatch.jobs.cli", *(shlex.quote(a) for a in args)])
+    jobs = client(address)
+    with shipped_package() as package, jobs_api_errors(address):
+        jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
+                        runtime_env={"py_modules": [package], "env_vars": env_vars})
+    return submission_id
+
+
+def wait_until_done(address: str, submission_id: str, timeout: float) -> tuple[str, str]:
+    """(status, logs) of a submission once it ended, or after `timeout` seconds."""
+    jobs = client(address)
+    deadline = time.time() + timeout
+    with jobs_api_errors(address):
+        status = str(jobs.get_job_status(submission_id).value)
+        while status not in TERMINAL and time.time() < deadline:
+            time.sleep(1)
+            status = str(jobs.get_job_status(submission_id).value)
+        return status, jobs.get_job_logs(submission_id)
+
+
+class JobsApiRunner:
+    """The scheduler's way to the cluster: runs submitted, watched and stopped through the Jobs API as
+    `submit --address` does, outcomes read from the runs' manifests."""
+
+    def __init__(self, address: str):
+        self.address = address
+
+    def submit(self, spec: JobSpec, run_id: str, metadata: dict[str, str], overwrite: bool = False) -> str:
+        return submit_to_cluster(spec, run_id, self.address, overwrite=overwrite,
+                                 extra_metadata=metadata).submission_id
+
+    def status(self, run_id: str) -> tuple[str | None, str | None]:
+        found = attempts(self.address, run_id)
+        if not found:
+            return None, None
+        return _status(found[-1]), found[-1].message
+
+    def stop(self, run_id: str) -> None:
+        jobs = client(self.address)
+        with jobs_api_errors(self.address):
+            jobs.stop_job(job_info(self.address, run_id).submission_id)
+
+    def outcome(self, run_uri: str) -> dict[str, Any] | None:
+        try:
+            manifest = read_manifest(run_uri)
+        except (UserError, OSError, ValueError):
+            return None
+        return {"status": manifest.status, "rows_ok": manifest.rows.ok, "rows_error": manifest.rows.error,
+                "wall_seconds": manifest.wall_seconds, "cost_usd": manifest.cost.usd if manifest.cost else None}

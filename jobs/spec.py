@@ -223,6 +223,52 @@ class ResourcesSpec(_Section):
         return self.replicas[0], self.replicas[1]
 
 
+class ScheduleSpec(_Section):
+    cron: str = Field(..., description="When slots are due: a five-field cron expression, e.g. '0 2 * * *' "
+                                       "(02:00 every day), read in `timezone`.")
+    timezone: str = Field("UTC", description="IANA timezone the cron expression is read in, e.g. Europe/Berlin.")
+    catchup: Literal["latest", "all", "none"] = Field(
+        "latest", description="Slots missed while the scheduler was down or paused: latest = run the newest, "
+                              "all = run each (oldest first, at most max_catchup), none = run none.")
+    max_catchup: int = Field(10, ge=1, description="With catchup: all, the most missed slots run (the newest).")
+    starting_deadline: Optional[str] = Field(
+        None, description="A slot not started within this long of its time is recorded missed, e.g. 2h; "
+                          "null = no deadline.")
+    concurrency: Literal["allow", "forbid", "replace"] = Field(
+        "forbid", description="A slot due while runs of this schedule are active: allow = run it (up to "
+                              "max_active at once, later slots wait), forbid = skip it, replace = cancel them.")
+    max_active: int = Field(1, ge=1, description="With concurrency: allow, runs of this schedule at once.")
+    paused: bool = Field(False, description="No slot fires while paused (they count as missed).")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise ValueError(f"'{value}' is not a five-field cron expression (minute hour day month weekday), "
+                             "e.g. '0 2 * * *'")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"'{value}' is not an IANA timezone name, e.g. UTC or Europe/Berlin") from None
+        return value
+
+    @field_validator("starting_deadline")
+    @classmethod
+    def _starting_deadline(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+
 class JobSpec(_Section):
     name: str = Field(..., pattern=NAME_PATTERN, description="Job name: lowercase letters, digits and '-'.")
     task: Literal["generate", "score"] = Field(
@@ -235,6 +281,9 @@ class JobSpec(_Section):
     cache: Optional[CacheSpec] = Field(
         None, description="Reuse results across runs (greedy or seeded sampling only); null = no cache.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Replicas and batching.")
+    schedule: Optional[ScheduleSpec] = Field(
+        None, description="Run the job on a schedule (`llmbatch schedule apply`); input.path and output.path may "
+                          "then hold {ds}, {slot}, {data_interval_start} and {data_interval_end}.")
 
     @field_validator("scoring")
     @classmethod
@@ -262,6 +311,17 @@ class JobSpec(_Section):
         if self.task == "score" and self.input.messages_column is not None:
             raise ValueError("input.messages_column: task: score continues a text prompt; "
                              "use input.prompt_column or input.template")
+        return self
+
+    @model_validator(mode="after")
+    def _slot_templates(self) -> "JobSpec":
+        from llmbatch.jobs.slots import TEMPLATE_FIELDS
+
+        for field, path in (("input.path", self.input.path), ("output.path", self.output.path)):
+            used = [name for name in TEMPLATE_FIELDS if "{" + name + "}" in path]
+            if used and self.schedule is None:
+                raise ValueError(f"{field}: {{{used[0]}}} is filled in per slot by a schedule; add a schedule "
+                                 "section, or write the path out")
         return self
 
     @field_validator("name", mode="before")

@@ -54,6 +54,32 @@ def write_whole(fs: fsspec.AbstractFileSystem, inner: str, body: bytes) -> None:
         fs.pipe_file(inner, body)
 
 
+def create_once(fs: fsspec.AbstractFileSystem, inner: str, body: bytes) -> bool:
+    """Create the file with `body` unless it exists; whether this call created it. Of two writers racing for one
+    name exactly one wins: S3's conditional PUT (`If-None-Match: *`), locally a hard link of a whole temporary
+    file (which fails when the name exists, and never shows a half-written file)."""
+    if not getattr(fs, "local_file", False):
+        try:
+            fs.pipe_file(inner, body, mode="create")
+            return True
+        except FileExistsError:
+            return False
+    import uuid
+
+    os.makedirs(os.path.dirname(inner), exist_ok=True)
+    tmp = f"{inner}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(body)
+        os.link(tmp, inner)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_local(path, body: bytes) -> None:
     """Write a local file in one step: a crash leaves the old file or the new one, never half of either."""
     from fsspec.implementations.local import LocalFileSystem

@@ -25,7 +25,7 @@ from typing import Any
 
 from llmbatch.errors import JobFailed, UserError
 from llmbatch.pipelines.run_files import LOCK_DIR
-from llmbatch.storage import filesystem_for, join, storage_errors, write_whole
+from llmbatch.storage import create_once, filesystem_for, join, storage_errors, write_whole
 
 EXPIRY_ENV = "LLMBATCH_LOCK_EXPIRY_SECONDS"
 DEFAULT_EXPIRY_SECONDS = 90.0
@@ -132,26 +132,8 @@ class _Folder:
         return (self.read(generation) or {}).get("token") == mine
 
     def _create(self, generation: int, body: bytes) -> bool:
-        path = f"{self.inner}/{record_name(generation)}"
         with storage_errors(self.uri, "take the run lock at"):
-            if self.local:
-                os.makedirs(self.inner, exist_ok=True)
-                tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-                try:
-                    with open(tmp, "wb") as handle:
-                        handle.write(body)
-                    os.link(tmp, path)
-                    return True
-                except FileExistsError:
-                    return False
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-            try:
-                self.fs.pipe_file(path, body, mode="create")
-                return True
-            except FileExistsError:
-                return False
+            return create_once(self.fs, f"{self.inner}/{record_name(generation)}", body)
 
     def overwrite(self, generation: int, body: bytes) -> None:
         with storage_errors(self.uri, "renew the run lock at"):

@@ -143,7 +143,8 @@ def test_unknown_top_level_key_lists_sections():
     raw = minimal_raw()
     raw["xyzzy"] = True
     assert spec_error_lines(raw) == [
-        "xyzzy: unknown key (known keys: name, task, model, input, sampling, scoring, output, cache, resources)"
+        "xyzzy: unknown key (known keys: name, task, model, input, sampling, scoring, output, cache, resources, "
+        "schedule)"
     ]
 
 
@@ -374,7 +375,7 @@ def test_spec_reference_lists_every_field_with_default_and_description():
 
         from pydantic import BaseModel
 
-        from llmbatch.jobs.spec import CacheSpec
+        from llmbatch.jobs.spec import CacheSpec, ScheduleSpec
         n = 0
         for field in model.model_fields.values():
             n += 1
@@ -382,6 +383,8 @@ def test_spec_reference_lists_every_field_with_default_and_description():
                 n += count(field.annotation)
             elif CacheSpec in get_args(field.annotation):  # Optional[CacheSpec]
                 n += count(CacheSpec)
+            elif ScheduleSpec in get_args(field.annotation):
+                n += count(ScheduleSpec)
         return n
     from llmbatch.jobs.spec import SCORER_KINDS
 
