@@ -169,8 +169,9 @@ class ScheduleClient:
         except urllib.error.HTTPError as exc:
             try:
                 lines = json.loads(exc.read()).get("error") or [str(exc)]
-            except ValueError:
-                lines = [f"HTTP {exc.code} from the scheduler at {self.url}"]
+            except (ValueError, AttributeError):
+                lines = [f"no scheduler answers at {self.url} (HTTP {exc.code}: Serve has no such app); deploy it "
+                         "with `llmbatch scheduler deploy`, or pass --url"]
             if exc.code == 401:
                 lines = [f"the scheduler at {self.url} refused the token; use its state's api-token (--state) or "
                          f"set {TOKEN_ENV}"]

@@ -77,7 +77,8 @@ class Scheduler:
         if decision.replace:
             for record in active:
                 self.runner.stop(record.run_id)
-                self.store.update(record.moved_to("replaced", self._now(), reason=decision.replace, finished_at=self._now()))
+                self.store.update(record.moved_to("replaced", self._now(), reason=decision.replace,
+                                                  finished_at=self._now()))
         for slot, trigger in decision.fire:
             self.fire(spec, slot, trigger)
         for request_id, request in self.store.backfills(name):
@@ -121,6 +122,12 @@ class Scheduler:
             submission = self.runner.submit(job_for_slot(spec, slot), record.run_id, slot_metadata(spec, slot),
                                             overwrite=overwrite)
         except Exception as exc:
+            try:
+                status, _ = self.runner.status(record.run_id)
+            except Exception:
+                status = None
+            if status in ("PENDING", "RUNNING"):   # another scheduler replica submitted it meanwhile
+                return record
             failed = record.moved_to("failed", self._now(), reason=f"could not submit: {exc}",
                                     finished_at=self._now())
             self.store.update(failed)

@@ -71,7 +71,11 @@ class FakeCluster:
         self.lock = threading.Lock()
 
     def submit(self, spec, run_id, metadata, overwrite=False):
+        from llmbatch.errors import UserError
+
         with self.lock:
+            if self.ray.get(run_id) in ("PENDING", "RUNNING"):   # as the Jobs API: one live submission per run
+                raise UserError(f"run {run_id} is still RUNNING on the cluster")
             self.submitted.append(run_id)
             self.ray[run_id] = "RUNNING"
             self.metadata = metadata
@@ -242,6 +246,17 @@ def test_a_restarted_scheduler_neither_repeats_nor_loses_a_slot(tmp_path):
     assert store.record("nightly", "20261202T0200Z").status == "succeeded" and len(cluster.submitted) == 2
 
 
+def test_a_scheduler_that_submits_a_run_another_replica_just_submitted_keeps_its_record(tmp_path):
+    store, cluster, clock, scheduler = _setup(tmp_path)
+    clock.now = datetime(2026, 12, 2, 2, 1, tzinfo=UTC)
+    scheduler.tick()
+    record = store.record("nightly", "20261202T0200Z")
+    spec = validate_spec(store.schedule("nightly")["job"])
+    again = scheduler._submit(spec, slot_at("0 2 * * *", "UTC", datetime(2026, 12, 2, 2, tzinfo=UTC)), record)
+    assert again.status == "submitted" and store.record("nightly", "20261202T0200Z").status == "submitted"
+    assert cluster.submitted == ["nightly-20261202T0200Z"]
+
+
 def test_two_schedulers_racing_on_one_state_fire_each_slot_once(tmp_path):
     store, cluster, clock, _ = _setup(tmp_path, catchup="all", concurrency="allow", max_active=10)
     clock.now = datetime(2026, 12, 6, 3, tzinfo=UTC)
@@ -387,3 +402,17 @@ def test_a_raycronjob_export_carries_the_cron_the_zone_and_its_gaps():
     assert template["clusterSelector"] == {"ray.io/cluster": "prod"}
     shipped = template["entrypoint"].split("--job-base64 ", 1)[1]
     assert validate_spec(yaml.safe_load(base64.b64decode(shipped))).name == "nightly"
+
+
+def test_validate_plan_and_submit_take_a_scheduled_job_at_its_latest_slot(capsys):
+    from llmbatch.jobs.schedule_cli import latest_slot
+
+    spec = validate_spec({**NIGHTLY, "schedule": {"cron": "* * * * *"}})
+    filled = latest_slot(spec)
+    now = datetime.now(UTC)
+    assert filled.schedule is None and filled.input.path in {
+        f"s3://prompts/{(now - timedelta(minutes=k)).strftime('%Y-%m-%d')}/" for k in (0, 1, 2)}
+    assert "has a schedule; this runs it once, for its latest slot" in capsys.readouterr().err
+    plain = validate_spec({**NIGHTLY, "input": {"path": "s3://p/"}, "output": {"path": "s3://r"},
+                           "schedule": None})
+    assert latest_slot(plain) is plain
