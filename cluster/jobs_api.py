@@ -33,6 +33,14 @@ def cluster_address(option: str | None) -> str | None:
     return address.rstrip("/")
 
 
+def required_address(option: str | None, why: str) -> str:
+    """The cluster address of a command that has no local form; `why` ends the error without one."""
+    target = cluster_address(option)
+    if target is None:
+        raise UserError(f"no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS ({why})")
+    return target
+
+
 def planning_address(option: str | None) -> str | None:
     """The cluster a plan is fitted to: `--address`, else RAY_ADDRESS when it is a dashboard URL
     (a Ray node's own RAY_ADDRESS, such as 'auto' or a GCS address, does not make a plan ask a cluster)."""

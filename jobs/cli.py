@@ -216,13 +216,9 @@ def profile(model_source: str, input_path: str | None, samples: int, max_tokens:
 
 
 def _address(address: str | None) -> str:
-    from llmbatch.cluster.jobs_api import cluster_address
+    from llmbatch.cluster.jobs_api import required_address
 
-    target = cluster_address(address)
-    if target is None:
-        raise UserError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS "
-                        "(runs on the embedded local Ray are only visible while `submit` runs)")
-    return target
+    return required_address(address, "runs on the embedded local Ray are only visible while `submit` runs")
 
 
 @main.command()

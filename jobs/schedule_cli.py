@@ -24,13 +24,9 @@ ADDRESS_HELP = "Ray Jobs API address of the cluster, e.g. http://HEAD:8265 (defa
 
 
 def _jobs_address(address: str | None) -> str:
-    from llmbatch.cluster.jobs_api import cluster_address
+    from llmbatch.cluster.jobs_api import required_address
 
-    target = cluster_address(address)
-    if target is None:
-        raise UserError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS "
-                        "(the scheduler runs on a Ray cluster; `ray start --head` makes a local one)")
-    return target
+    return required_address(address, "the scheduler runs on a Ray cluster; `ray start --head` makes a local one")
 
 
 def _store(state: str | None):

@@ -1,12 +1,11 @@
 """Real processes only: the llmbatch CLI, an embedded Ray, vLLM on CPU, and a moto S3 server on 127.0.0.1."""
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 import pytest
 
-from support import DEMO_MODEL, run_cli
+from support import DEMO_MODEL, free_port, run_cli
 
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
@@ -15,18 +14,12 @@ AWS_TEST_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto's server) on 127.0.0.1 for the whole session."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     yield f"http://127.0.0.1:{port}"

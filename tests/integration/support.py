@@ -67,3 +67,11 @@ def read_output(run_uri: str, filesystem=None) -> tuple[list[OutputRow], dict]:
         table = pads.dataset(files, format="parquet").to_table()
     rows = [OutputRow.model_validate(r) for r in table.to_pylist()]
     return rows, manifest
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

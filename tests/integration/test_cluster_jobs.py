@@ -17,17 +17,9 @@ import pytest
 import yaml
 
 from conftest import AWS_TEST_ENV
-from support import CLI, DEMO_MODEL, read_output, run_cli, write_job
+from support import CLI, DEMO_MODEL, free_port, read_output, run_cli, write_job
 
 RAY = str(Path(CLI).with_name("ray"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def cluster(tmp_path_factory, demo_model):
            "RAY_AUTH_TOKEN": token, "LLMBATCH_HOME": str(homes["head"]),
            "PATH": f"{Path(CLI).parent}:{os.environ['PATH']}"}
     (root / "home").mkdir()
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "1", "--disable-usage-stats"]
     subprocess.run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                     "--dashboard-port", str(dashboard), "--include-dashboard", "true", *common],
@@ -221,7 +213,7 @@ def test_wrong_token_and_unreachable_address_fail_with_one_line(cluster, tmp_pat
     proc = run_cli("list", "--address", cluster["address"], env=env)
     assert proc.returncode != 0 and "requires a token and none was sent" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = run_cli("submit", str(_job(tmp_path, rows=1)), "--address", f"http://127.0.0.1:{_free_port()}",
+    proc = run_cli("submit", str(_job(tmp_path, rows=1)), "--address", f"http://127.0.0.1:{free_port()}",
                    env=cluster["env"])
     assert proc.returncode != 0 and "cannot reach the Ray Jobs API at http://127.0.0.1:" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -15,17 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from support import CLI, DEMO_MODEL, run_cli, write_job
+from support import CLI, DEMO_MODEL, free_port, run_cli, write_job
 
 RAY = str(Path(CLI).with_name("ray"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def head(tmp_path_factory, demo_model):
     env = {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "LLMBATCH_HOME": str(llmbatch_home()), "PATH": f"{Path(CLI).parent}:{os.environ['PATH']}"}
     (root / "home").mkdir()
-    gcs, dashboard, serve_port = _free_port(), _free_port(), _free_port()
+    gcs, dashboard, serve_port = free_port(), free_port(), free_port()
     subprocess.run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                     "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--node-ip-address",
                     "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"],
