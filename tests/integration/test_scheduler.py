@@ -97,6 +97,8 @@ def test_a_per_minute_schedule_runs_once_per_slot_across_a_restart_of_the_app(he
     first = _wait("the first slot's run", lambda: [r for r in _history(head, "minutely")
                                                    if r["status"] in ("submitted", "running")], 150)[0]
     run_cli("schedule", "pause", "minutely", env=head["env"], check=True)   # no further run after this one
+    status = run_cli("status", first["run_id"], env=head["env"], check=True).stdout
+    assert "PENDING" in status or "RUNNING" in status                      # the app goes down mid-run
     run_cli("scheduler", "delete", env=head["env"], check=True, timeout=600)
     _deploy(head)                                                            # the app restarts mid-run
 
