@@ -32,7 +32,7 @@ SHIPPED_JOB = "submitted_job.yaml"
 # Endpoint and region settings the cluster needs to reach the same storage; never credentials.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.pyc")
+NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.pyc", "deploy")
 
 
 @dataclass

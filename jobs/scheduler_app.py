@@ -80,6 +80,13 @@ class SchedulerApp:
         return JSONResponse(answer, status_code=status)
 
 
+def build(args: dict[str, Any]):
+    """The app from a Serve config's `args` (state, jobs_address, tick_seconds): how a KubeRay RayService
+    declares it (cluster/deploy/kuberay/rayservice-scheduler.yaml)."""
+    return SchedulerApp.bind(str(args["state"]), str(args["jobs_address"]),
+                             float(args.get("tick_seconds", DEFAULT_TICK_SECONDS)))
+
+
 def deploy(state: str, jobs_address: str, tick_seconds: float, http_host: str, http_port: int) -> None:
     """Start (or update) the app on the cluster this process is connected to."""
     serve.start(http_options={"host": http_host, "port": http_port})
