@@ -16,8 +16,34 @@ def _say_error(text: str) -> None:
     click.echo(strip_url_credentials(text), err=True)
 
 
+GLOBAL_FLAGS = ("--debug",)
+GLOBAL_OPTIONS = ("--log-format",)
+
+
+def global_options_first(args: list[str]) -> list[str]:
+    """`llmbatch submit JOB --debug` as `llmbatch --debug submit JOB`: the global options may come anywhere."""
+    front, rest, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in GLOBAL_FLAGS or any(arg.startswith(f"{o}=") for o in GLOBAL_OPTIONS):
+            front.append(arg)
+        elif arg in GLOBAL_OPTIONS and i + 1 < len(args):
+            front += [arg, args[i + 1]]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
 class _Group(click.Group):
     """Prints user errors as plain lines (exit 2) and hides tracebacks unless --debug."""
+
+    def main(self, args=None, **kwargs):
+        return super().main(args=global_options_first(list(sys.argv[1:] if args is None else args)), **kwargs)
 
     def invoke(self, ctx: click.Context):
         try:

@@ -358,17 +358,39 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 
 def parse_yaml(text: str, source: str) -> dict:
     try:
+        repeated = repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError([f"{where}: not valid YAML ({problem})"]) from None
+    if repeated:
+        raise SpecError(repeated, source=source)
     if raw is None:
         raise SpecError([f"{source}: the job file is empty"])
     if not isinstance(raw, dict):
         raise SpecError([f"{source}: the job file must be a mapping of sections (name, model, input, ...)"])
     return raw
+
+
+def repeated_keys(node, path: str = "") -> list[str]:
+    """A key given twice in one mapping, by its YAML path: YAML keeps the last one silently."""
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            where = f"{path}.{key}" if path else key
+            if key in first and key != "<<":
+                problems.append(f"{where}: given twice (lines {first[key] + 1} and {key_node.start_mark.line + 1}); "
+                                "the second would replace the first: keep one")
+            first.setdefault(key, key_node.start_mark.line)
+            problems += repeated_keys(value_node, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += repeated_keys(item, f"{path}.{index}")
+    return problems
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -414,3 +414,24 @@ def test_each_scorer_spec_names_the_output_columns_it_adds():
     assert typed == [("score_exact", "bool"), ("score_mine", "bool"), ("score_helpful", "double"),
                      ("score_helpful_raw", "string")]
     assert typed == [(f.name, str(f.type)) for f in score_fields(list(spec.scoring))]
+
+
+def test_a_key_given_twice_is_an_error_naming_its_path_and_lines(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("name: twice\nmodel: {source: m}\ninput: {path: in.jsonl}\noutput: {path: out}\n"
+                   "sampling:\n  max_tokens: 64\nsampling:\n  temperature: 0.5\n"
+                   "scoring:\n  - {name: a, kind: regex, pattern: x, pattern: y}\n")
+    with pytest.raises(SpecError) as error:
+        load_spec(job)
+    assert error.value.lines == [
+        "sampling: given twice (lines 5 and 7); the second would replace the first: keep one",
+        "scoring.0.pattern: given twice (lines 10 and 10); the second would replace the first: keep one"]
+
+
+def test_global_options_may_follow_the_command():
+    from llmbatch.jobs.cli import global_options_first
+
+    assert global_options_first(["submit", "job.yaml", "--debug", "--log-format", "json", "--set", "a=1"]) == [
+        "--debug", "--log-format", "json", "submit", "job.yaml", "--set", "a=1"]
+    assert global_options_first(["--log-format=json", "plan", "j.yaml", "--", "--debug"]) == [
+        "--log-format=json", "plan", "j.yaml", "--", "--debug"]
