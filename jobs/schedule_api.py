@@ -4,6 +4,7 @@ and a log line without it.
 
     GET    /schedules                        every schedule, with its next slot and last outcome
     POST   /schedules              {job}     apply a job file with a schedule (insert or update by name)
+    GET    /schedules/NAME                   the applied job file, with its schedule
     DELETE /schedules/NAME                   forget a schedule (its history stays)
     POST   /schedules/NAME/pause | resume
     POST   /schedules/NAME/trigger           run a slot now, out of schedule
@@ -60,6 +61,8 @@ class ScheduleApi:
                 return 200, self.list()
             if name is None and method == "POST":
                 return 200, self.apply((body or {}).get("job"))
+            if verb is None and method == "GET":
+                return 200, self.store.schedule(name)
             if verb is None and method == "DELETE":
                 self.store.schedule(name)
                 self.store.delete_schedule(name)

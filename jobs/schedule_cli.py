@@ -303,18 +303,24 @@ def backfill(name: str, start: str, end: str, reprocess: str, max_active: int, d
 
 
 @schedule.command("export")
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("name_or_job_file")
 @click.option("--kuberay", is_flag=True, required=True, help="As a KubeRay RayCronJob manifest.")
 @click.option("--image", default="llmbatch:latest", show_default=True, help="The container image with llmbatch.")
 @click.option("--cluster", default="llmbatch", show_default=True, help="The RayCluster the runs go to (its name).")
-def export(job_file: str, kuberay: bool, image: str, cluster: str) -> None:
-    """Print a KubeRay RayCronJob manifest for JOB_FILE's schedule, for teams that schedule on KubeRay."""
+@_api_options
+def export(name_or_job_file: str, kuberay: bool, image: str, cluster: str, address: str | None, url: str | None,
+           state: str | None) -> None:
+    """Print a KubeRay RayCronJob manifest for a schedule (NAME, as applied to the scheduler) or a job file's,
+    for teams that schedule on KubeRay."""
     from llmbatch.jobs.kuberay_export import raycronjob_manifest
-    from llmbatch.jobs.spec import load_spec
+    from llmbatch.jobs.spec import load_spec, validate_spec
 
-    spec = load_spec(job_file)
+    if os.path.isfile(name_or_job_file):
+        spec = load_spec(name_or_job_file)
+    else:
+        spec = validate_spec(_client(address, url, state).call("GET", f"/schedules/{name_or_job_file}")["job"])
     if spec.schedule is None:
-        raise UserError(f"{job_file}: schedule: the job file has no schedule section")
+        raise UserError(f"{name_or_job_file}: schedule: the job file has no schedule section")
     click.echo(raycronjob_manifest(spec, image, cluster), nl=False)
 
 

@@ -321,6 +321,8 @@ def test_apply_list_pause_resume_trigger_and_history_through_the_api(tmp_path):
     assert api.handle("POST", "/schedules", {"job": NIGHTLY}, auth) == (200, {"name": "nightly",
                                                                               "applied": "created"})
     assert api.handle("POST", "/schedules", {"job": NIGHTLY}, auth)[1]["applied"] == "updated"
+    status, applied = api.handle("GET", "/schedules/nightly", None, auth)
+    assert status == 200 and applied["job"]["schedule"]["cron"] == "0 2 * * *"
     status, bad = api.handle("POST", "/schedules", {"job": {**NIGHTLY, "schedule": {"cron": "nope"}}}, auth)
     assert status == 400 and bad["error"][0].startswith("schedule.cron:")
     status, listed = api.handle("GET", "/schedules", None, auth)
