@@ -19,24 +19,34 @@ def embedded_ray_warning(env: dict[str, str]) -> str | None:
     return OPEN_EMBEDDED_RAY if env.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" else None
 
 
-def start_local_ray(*, show_worker_logs: bool = False) -> dict:
+_dashboard_url: str | None = None
+
+
+def dashboard_url() -> str | None:
+    """The embedded Ray's dashboard, when `start_local_ray` started one."""
+    return _dashboard_url
+
+
+def start_local_ray(*, show_worker_logs: bool = False, dashboard: bool = False) -> dict:
     """An embedded single-machine Ray for this process; returns its resources. Its servers listen on every
     interface, and, with Ray's token authentication (the default), refuse any client without this machine's
-    token (~/.ray/auth_token)."""
+    token (~/.ray/auth_token). With `dashboard`, Ray's dashboard runs too (see `dashboard_url`)."""
     # A RAY_ADDRESS in the environment means a cluster; the embedded runtime must not join it.
     if ray.is_initialized():
         return ray.cluster_resources()
     warning = embedded_ray_warning(dict(os.environ))
     if warning:
         structlog.get_logger().warning("embedded_ray_open", note=warning)
-    ray.init(
+    context = ray.init(
         address="local",
         num_cpus=os.cpu_count(),
-        include_dashboard=False,
+        include_dashboard=dashboard,
         log_to_driver=show_worker_logs,
         logging_level="WARNING",
         configure_logging=True,
     )
+    global _dashboard_url
+    _dashboard_url = f"http://{context.dashboard_url}" if dashboard and context.dashboard_url else None
     quiet_ray_data()
     tolerate_replica_start_failures()
     return ray.cluster_resources()

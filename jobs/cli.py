@@ -7,13 +7,11 @@ import traceback
 import click
 import structlog
 
-from llmbatch.errors import JobFailed, SpecError, UserError
+from llmbatch.cluster.accelerators import PRICES_ENV, accelerator_names
+from llmbatch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, EXIT_USER, JobFailed, UserError
+from llmbatch.jobs.error_report import emit, log_format_asked, report_for, usage_report
 from llmbatch.jobs.logs import configure_logging
 from llmbatch.redact import strip_url_credentials
-
-
-def _say_error(text: str) -> None:
-    click.echo(strip_url_credentials(text), err=True)
 
 
 GLOBAL_FLAGS = ("--debug",)
@@ -40,41 +38,58 @@ def global_options_first(args: list[str]) -> list[str]:
 
 
 class _Group(click.Group):
-    """Prints user errors as plain lines (exit 2) and hides tracebacks unless --debug."""
+    """Reports every error in one format (jobs.error_report) and exits with its code; tracebacks only with
+    --debug (and in a cluster run's logs)."""
 
     def main(self, args=None, **kwargs):
         return super().main(args=global_options_first(list(sys.argv[1:] if args is None else args)), **kwargs)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        log_format = log_format_asked(args)  # parsing consumes args
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            emit(usage_report(exc), log_format)
+            raise click.exceptions.Exit(exc.exit_code) from None
+
     def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.NoArgsIsHelpError):
             raise
-        except UserError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                traceback.print_exc()
-            if isinstance(exc, SpecError) and exc.source:
-                _say_error(f"error: {exc}")
-            for line in exc.lines:
-                _say_error(f"error: {line}" if not isinstance(exc, SpecError) else f"  {line}")
-            ctx.exit(exc.exit_code)
-        except JobFailed as exc:
-            _say_error(f"error: job failed: {exc}")
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
+        except click.UsageError as exc:
+            report = usage_report(exc)
+        except click.ClickException:
+            raise
+        except (UserError, JobFailed) as exc:
+            report = report_for(exc, traceback.format_exc() if debug else None)
+        except KeyboardInterrupt as exc:
+            report = report_for(exc)
         except Exception as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            if ctx.obj and ctx.obj.get("traceback_in_logs"):
-                traceback.print_exc()
-            _say_error(f"error: {type(exc).__name__}: {exc}")
-            click.echo("(run with --debug for the traceback)", err=True)
-            ctx.exit(1)
+            keep_traceback = debug or bool(ctx.obj and ctx.obj.get("traceback_in_logs"))
+            report = report_for(exc, traceback.format_exc() if keep_traceback else None)
+        emit(report, ctx.params.get("log_format") or "console")
+        ctx.exit(report.exit_code)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES_HELP = f"""\b
+Exit codes:
+  {EXIT_OK}    ok
+  {EXIT_JOB_FAILED}    the job failed: its pipeline stopped, or it had more error rows than output.max_error_rate;
+       plan (and submit --dry-run): the job cannot run as written or misses its deadline or budget
+  {EXIT_USER}    a user error: the job file, a flag, the input, the model, storage or credentials
+  {EXIT_INTERNAL}    an internal error in llmbatch (--debug shows the traceback)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+
+Errors go to stderr as lines that start with 'error: ' (with --log-format json: one JSON object per error,
+with its exit_code).
+"""
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
 @click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True,
               help="Log lines for people (console) or machines (json).")
@@ -86,6 +101,7 @@ def main(ctx: click.Context, debug: bool, log_format: str) -> None:
 
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["log_format"] = log_format
     configure_logging(log_format, "debug" if debug else "info")
     use_token_if_available()  # Ray reads its auth mode once, when first imported
 
@@ -117,8 +133,12 @@ ADDRESS_HELP = "Ray Jobs API address of a cluster, e.g. http://HEAD:8265 (defaul
               help="Override a job-file field, e.g. --set sampling.max_tokens=64 (repeatable).")
 @click.option("--address", help=ADDRESS_HELP + " Without one, the job runs on an embedded local Ray.")
 @click.option("--wait", is_flag=True, help="With --address: stream the run's logs and exit with its outcome.")
-@click.option("--show-worker-logs", is_flag=True, help="Stream Ray worker and vLLM engine logs to the terminal.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (replicas, time, cost; fitted to the --address cluster when given) and run nothing.")
+@click.option("--show-worker-logs", is_flag=True, help="Stream Ray worker and vLLM engine logs to the terminal "
+              "(they go to the run's log file otherwise), with plain log lines instead of the live view.")
+@click.option("--dashboard", is_flag=True, help="Start Ray's dashboard with the embedded Ray and show its address "
+              "(a cluster has its own: --address prints the run's link).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (replicas, time, cost; fitted to the --address cluster when given) and run nothing; "
+              "exit 1 when it finds the job cannot run as written or misses its deadline or budget (as `plan`).")
 @click.option("--overwrite", is_flag=True, help="Replace a committed run already at output.path/RUN_ID, or start an uncommitted one over "
               "instead of continuing it.")
 @click.option("--resume", "resume_id", metavar="RUN_ID",
@@ -126,8 +146,14 @@ ADDRESS_HELP = "Ray Jobs API address of a cluster, e.g. http://HEAD:8265 (defaul
               "Unlike a plain resubmission, it refuses when the job or its input changed.")
 @click.option("--on-cluster", is_flag=True, hidden=True)
 def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], address: str | None, wait: bool,
-           show_worker_logs: bool, dry_run: bool, overwrite: bool, resume_id: str | None, on_cluster: bool) -> None:
-    """Run a job and write parquet results plus a manifest (JOB_FILE '-' reads standard input)."""
+           show_worker_logs: bool, dashboard: bool, dry_run: bool, overwrite: bool, resume_id: str | None,
+           on_cluster: bool) -> None:
+    """Run a job and write parquet results plus a manifest (JOB_FILE '-' reads standard input).
+
+    On the embedded Ray, a live view on a terminal shows the run's phase, rows, speed, time left and engine
+    replicas; otherwise, and with --log-format json, log lines do. Ray's and vLLM's own output goes to the run's
+    log file (its path is shown), and the run joins this machine's history (`llmbatch runs`). With --address,
+    the run's dashboard link is printed and `llmbatch logs` follows it."""
     from llmbatch.cluster.jobs_api import cluster_address
     from llmbatch.jobs.run import check_run_id, new_run_id, run_job
     from llmbatch.jobs.spec import load_spec
@@ -140,11 +166,10 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
         job_file = shipped_job_file()
     spec = latest_slot(load_spec(job_file, list(overrides)))
     if dry_run:
-        from llmbatch.jobs.plan import plan_for, render_plan
-
         from llmbatch.cluster.jobs_api import planning_address
+        from llmbatch.jobs.plan import plan_for
 
-        click.echo(render_plan(plan_for(spec, None, planning_address(address), log=structlog.get_logger())))
+        _show_plan(plan_for(spec, None, planning_address(address), log=structlog.get_logger()))
         return
     if resume_id:
         if run_id and run_id != resume_id:
@@ -154,9 +179,18 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
         run_id = resume_id
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     target = None if on_cluster else cluster_address(address)
+    if on_cluster:
+        result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=True, on_cluster=True,
+                         overwrite=overwrite, resume=bool(resume_id))
+        click.echo(render_summary(result.manifest, result.summary))
+        return
     if target is None:
-        result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=show_worker_logs or on_cluster,
-                         on_cluster=on_cluster, overwrite=overwrite, resume=bool(resume_id))
+        from llmbatch.jobs.local_run import Display, run_here
+
+        settings = click.get_current_context().find_root().obj
+        display = Display(settings["log_format"], "debug" if settings["debug"] else "info", show_worker_logs,
+                          dashboard)
+        result = run_here(spec, run_id, display, overwrite=overwrite, resume=bool(resume_id))
         click.echo(render_summary(result.manifest, result.summary))
         return
     from llmbatch.jobs.remote import submit_to_cluster, wait_for
@@ -165,6 +199,8 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     attempt = "" if submission.submission_id == run_id else f" as {submission.submission_id}"
     shown = strip_url_credentials(target)
     click.echo(f"submitted {run_id}{attempt} to {shown}; output: {submission.run_uri}")
+    if shown == target and shown.startswith(("http://", "https://")):  # no link with its credentials hidden
+        click.echo(f"dashboard: {shown.rstrip('/')}/#/jobs/{submission.submission_id}")
     if not wait:
         click.echo(f"follow it with: llmbatch logs {run_id} --follow --address {shown}")
         return
@@ -178,23 +214,46 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
 @click.argument("job_file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a job-file field, e.g. --set resources.replicas=auto (repeatable).")
-@click.option("--accelerator", help="Plan for this accelerator (CPU, L4, A10G, A100-40GB, A100-80GB, H100-80GB); "
-                                    "default: resources.accelerator_type, A10G for gpu, else CPU.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--accelerator", metavar="NAME", help=f"Plan for this accelerator: {accelerator_names()}. Default: "
+              "resources.accelerator_type, else gpu for resources.accelerator: gpu, else cpu.")
+@click.option("--prices", "prices_file", metavar="FILE",
+              help="USD per device-hour by accelerator name, a YAML or JSON mapping such as 'H100: 2.49' (default: "
+                   f"the file ${PRICES_ENV} names; accelerators it leaves out keep their list price).")
+@click.option("--explain", is_flag=True, help="Also print the arithmetic: tokens, rates, replica-seconds, wall time, "
+                                              "cost and how the replica count was chosen.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (with its problems and reasoning).")
 @click.option("--address", help="Fit the plan to this Ray cluster's capacity (its dashboard, http://HEAD:8265; "
                                 "default: RAY_ADDRESS when it is such a URL, else no cluster check).")
-def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, as_json: bool,
-         address: str | None) -> None:
-    """Estimate replicas, GPUs, wall time, GPU-hours and cost from measured throughput."""
-    import json
+def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, prices_file: str | None, explain: bool,
+         as_json: bool, address: str | None) -> None:
+    """Estimate replicas, GPUs, wall time, GPU-hours and cost from measured throughput.
 
+    Exits 1 after the plan, with one error line per reason, when the job cannot run as written (a
+    tensor_parallel_size below what the model needs, a cluster that cannot hold it) or misses its
+    resources.deadline or resources.budget. Never builds or downloads model weights: a catalog model must be
+    prepared first (llmbatch models prepare NAME)."""
     from llmbatch.cluster.jobs_api import planning_address
-    from llmbatch.jobs.plan import plan_for, render_plan
+    from llmbatch.jobs.plan import plan_for
     from llmbatch.jobs.spec import load_spec
 
     spec = latest_slot(load_spec(job_file, list(overrides)))
-    result = plan_for(spec, accelerator, planning_address(address), log=structlog.get_logger())
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
+    result = plan_for(spec, accelerator, planning_address(address), prices=prices_file, log=structlog.get_logger())
+    _show_plan(result, as_json=as_json, explain=explain)
+
+
+def _show_plan(result, *, as_json: bool = False, explain: bool = False) -> None:
+    """Print a plan, then exit 1 with its problems when it has any."""
+    import json
+
+    from llmbatch.jobs.plan import refuse_if_blocked, render_explanation, render_plan
+
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(render_plan(result))
+        if explain:
+            click.echo(render_explanation(result))
+    refuse_if_blocked(result)
 
 
 @main.command()
@@ -278,7 +337,7 @@ def logs(run_id: str, address: str | None, follow: bool) -> None:
 @main.command("list")
 @click.option("--address", help=ADDRESS_HELP)
 def list_cmd(address: str | None) -> None:
-    """List llmbatch runs on a cluster, newest first."""
+    """List llmbatch runs on a cluster, newest first (`llmbatch runs` adds the runs this machine started)."""
     from llmbatch.jobs.remote import list_runs
 
     runs = list_runs(_address(address))
@@ -292,6 +351,49 @@ def list_cmd(address: str | None) -> None:
                    f"{run['job']} / {run['model']}")
 
 
+@main.command("runs")
+@click.option("--job", metavar="NAME", help="Only the runs of this job.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@click.option("--address", help="Also list the runs on this Ray cluster (its dashboard, http://HEAD:8265; "
+                                "default: RAY_ADDRESS when it is such a URL).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1),
+              help="How many of the newest runs to show.")
+def runs(job: str | None, as_json: bool, address: str | None, limit: int) -> None:
+    """List the runs this machine started, and a cluster's runs with --address, newest first."""
+    import json
+
+    from llmbatch.cluster.jobs_api import planning_address
+    from llmbatch.jobs.run_index import cluster_run, list_runs, newest_first, render_runs, runs_root
+
+    found = [{**run, "where": "local"} for run in list_runs(job)]
+    target = planning_address(address)
+    places = [str(runs_root())]
+    if target is not None:
+        from llmbatch.jobs.remote import list_runs as list_cluster_runs
+
+        where = strip_url_credentials(target)
+        places.append(where)
+        try:
+            on_cluster = list_cluster_runs(target)
+        except UserError as exc:
+            if address:
+                raise
+            structlog.get_logger().warning("cluster_runs_not_listed", address=where, error=str(exc),
+                                           detail="RAY_ADDRESS names this cluster; listing this machine's runs only")
+            on_cluster = []
+        found += [cluster_run(run, where) for run in on_cluster if job is None or run.get("job") == job]
+    shown = newest_first(found)[:limit]
+    if as_json:
+        click.echo(json.dumps(shown, indent=2, default=str))
+    elif not shown:
+        click.echo(f"no runs{f' of job {job}' if job else ''} in {' or on '.join(places)}")
+    else:
+        click.echo(render_runs(shown))
+        if len(found) > limit:
+            hidden = len(found) - limit
+            click.echo(f"({hidden} older run{'s' * (hidden != 1)} not shown: --limit N shows more)")
+
+
 @main.command()
 @click.argument("run_id")
 @click.option("--address", help=ADDRESS_HELP)
@@ -303,13 +405,25 @@ def cancel(run_id: str, address: str | None) -> None:
 
 
 @main.command()
-@click.argument("run_path")
+@click.argument("run")
 @click.option("--rows", default=5, show_default=True, type=click.IntRange(0), help="Sample rows to print.")
-def results(run_path: str, rows: int) -> None:
-    """Print a finished run's summary and a sample of its rows (RUN_PATH = output.path/RUN_ID)."""
-    from llmbatch.jobs.results import render_results
+@click.option("--full", is_flag=True, help="Print whole texts, not one cut line each.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and the sample rows as JSON.")
+def results(run: str, rows: int, full: bool, as_json: bool) -> None:
+    """Print a finished run's summary and a sample of its rows, each with the input's own prompt.
 
-    click.echo(render_results(run_path, rows))
+    RUN is a run id from `llmbatch runs`, `latest` (the newest run this machine started) or the run's folder,
+    output.path/RUN_ID (local or s3://)."""
+    import json
+
+    from llmbatch.jobs.results import render_results, results_json
+    from llmbatch.jobs.run_index import locate
+
+    run_uri = locate(run)
+    if as_json:
+        click.echo(json.dumps(results_json(run_uri, rows), indent=2, default=str))
+    else:
+        click.echo(render_results(run_uri, rows, full=full))
 
 
 @main.command()
@@ -404,12 +518,75 @@ def models_convert(source: str, target: str, out_dir: str) -> None:
     click.echo(f"wrote {out} ({target}, from {path}); use it as model.source: {out}")
 
 
-@main.command("spec")
-def spec_cmd() -> None:
-    """Print every job-file field with its default and meaning."""
-    from llmbatch.jobs.spec import spec_reference
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("-n", "--rows", "count", default=5, show_default=True, type=click.IntRange(0),
+              help="Rows to show, from the start of the input.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a job-file field, e.g. --set input.system_prompt='Be brief.' (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (texts exact, with token ids).")
+def preview(job_file: str, count: int, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Show the first rows as the model will see them: the input's prompt, the text after the template, system
+    prompt and chat template, and their token counts. Reads only the model's config and tokenizer; no Ray."""
+    import json
 
-    click.echo(spec_reference())
+    from llmbatch.jobs.preview import preview_job, render_preview
+    from llmbatch.jobs.spec import load_spec
+
+    spec = latest_slot(load_spec(job_file, list(overrides)))
+    shown = preview_job(spec, count, log=structlog.get_logger())
+    click.echo(json.dumps(shown.to_dict(), indent=2) if as_json else render_preview(shown))
+
+
+@main.command()
+@click.option("--input", "input_path", help="The input (jsonl, csv or parquet file, folder or glob) whose columns "
+              "the job reads; without it, a placeholder prompts.jsonl.")
+@click.option("--model", default="smollm2-135m-instruct", show_default=True,
+              help="model.source: a catalog name, local checkpoint directory, s3:// prefix or hub id.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Job file to write (default: <job name>.yaml in this folder).")
+@click.option("--force", is_flag=True, help="Replace the job file if it exists.")
+def init(input_path: str | None, model: str, out_file: str | None, force: bool) -> None:
+    """Write a commented job file for an input, its prompt (or chat messages) column picked from the input."""
+    from llmbatch.jobs.scaffold import write_job_file
+
+    target, columns, name = write_job_file(out_file, input_path, model, force)
+    if columns is None:
+        picked = "placeholder input prompts.jsonl, prompt_column: prompt"
+    elif columns.messages_column:
+        picked = f"messages_column: {columns.messages_column}"
+    else:
+        picked = f"prompt_column: {columns.prompt_column}"
+    click.echo(f"wrote {target} (job '{name}', model {model}, {picked})")
+    click.echo(f"next: llmbatch preview {target}; llmbatch validate {target}; llmbatch submit {target}")
+
+
+@main.command("spec")
+@click.option("--json-schema", "json_schema", is_flag=True,
+              help="Print the job file's JSON Schema (for editors: YAML language server, VS Code).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write to this file instead.")
+def spec_cmd(json_schema: bool, out_file: str | None) -> None:
+    """Print every job-file field with its default and meaning (or, with --json-schema, the JSON Schema)."""
+    if json_schema:
+        import json
+
+        from llmbatch.jobs.spec_schema import job_json_schema
+
+        text = json.dumps(job_json_schema(), indent=2)
+    else:
+        from llmbatch.jobs.spec import spec_reference
+
+        text = spec_reference()
+    if out_file is None:
+        click.echo(text)
+        return
+    from pathlib import Path
+
+    try:
+        Path(out_file).write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--out: cannot write {Path(out_file).absolute()}: {exc.strerror or exc}") from None
+    click.echo(f"wrote {out_file}")
 
 
 from llmbatch.jobs.schedule_cli import latest_slot, schedule, scheduler  # noqa: E402  (the groups register on main)

@@ -160,11 +160,24 @@ def cache_section(spec: JobSpec, cache: CacheNamespace | None, stats: dict[str, 
 
 
 def run_cost(generation_seconds: float, devices: int, device, judges: dict[str, Any]) -> dict[str, Any] | None:
-    """What the run's devices cost at the planner's hourly price: generation, plus each judge pass's own devices."""
+    """What the run's devices cost at the planner's hourly price (LLMBATCH_PRICES' file when it lists the device):
+    generation, plus each judge pass's own devices."""
     if device is None:
         return None
-    generation = generation_seconds / 3600 * devices * device.hourly_usd
-    judging = sum(j["wall_seconds"] / 3600 * j["devices"] * device.hourly_usd for j in judges.values())
+    hourly = hourly_price(device)
+    generation = generation_seconds / 3600 * devices * hourly
+    judging = sum(j["wall_seconds"] / 3600 * j["devices"] * hourly for j in judges.values())
     return {"usd": round(generation + judging, 6), "generation_usd": round(generation, 6),
             "judges_usd": round(judging, 6), "devices": devices, "device": device.name,
-            "hourly_usd_per_device": device.hourly_usd}
+            "hourly_usd_per_device": hourly}
+
+
+def hourly_price(device) -> float:
+    """A bad price file does not fail a run that has done its work: its cost is then at the list price."""
+    from llmbatch.cluster.accelerators import price_of
+    from llmbatch.errors import UserError
+
+    try:
+        return price_of(device).usd_per_hour
+    except UserError:
+        return device.hourly_usd

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from llmbatch.cluster import model_store, profiles
-from llmbatch.cluster.accelerators import ACCELERATORS, Accelerator, accelerator
+from llmbatch.cluster.accelerators import (
+    DEFAULT_PRICE_SOURCE, GENERIC, Accelerator, accelerator, price_of,
+)
 from llmbatch.cluster.model_facts import facts_for_checkpoint
 from llmbatch.cluster.resources import PROMPT_TOKENS_ALLOWANCE, engine_dtype
 from llmbatch.cluster.sizing import choose_tensor_parallel, cost_usd, replicas_for_budget, replicas_for_deadline, wall_seconds
-from llmbatch.errors import UserError
-from llmbatch.jobs.resolve import ResolvedJob, resolve
+from llmbatch.errors import JobFailed, UserError
+from llmbatch.jobs.resolve import ResolvedJob, fetched_without_building, model_here, resolve
 from llmbatch.jobs.spec import JobSpec
 
 COUNT_ALL_UP_TO = 5000   # rows; above this the input is sampled
@@ -47,6 +50,10 @@ class Plan:
     profile: dict[str, Any]
     work_seconds: float = 0.0        # replica-seconds of inference
     startup_seconds: float = 0.0
+    output_tokens_method: str = ""
+    price_source: str = DEFAULT_PRICE_SOURCE
+    replicas_reason: str = ""
+    problems: list[str] = field(default_factory=list)   # why the job cannot run as written, or misses its targets
     notes: list[str] = field(default_factory=list)
     past_errors: list[dict[str, Any]] = field(default_factory=list)
     cluster: dict[str, Any] | None = None   # what the cluster it was fitted to holds
@@ -63,14 +70,33 @@ class Plan:
                        cost_usd=round(cost_usd(wall, replicas, devices, self.hourly_usd), 4))
 
 
+class PlanRefused(JobFailed):
+    """The plan shows that the job cannot run as written, or misses its deadline or budget (exit 1)."""
+
+
+def parallelism_problem(spec: JobSpec, plan: Plan) -> str | None:
+    """Replicas that span fewer devices than the model needs on the device: its engines would fail loading it."""
+    asked = spec.model.engine.tensor_parallel_size
+    if plan.tensor_parallel_size <= asked:
+        return None
+    return (f"model.engine.tensor_parallel_size: {asked} x {plan.accelerator} per replica cannot hold "
+            f"{spec.model.source}; it needs {plan.tensor_parallel_size} ({plan.fit}); set "
+            f"model.engine.tensor_parallel_size: {plan.tensor_parallel_size}")
+
+
 def check_planned_parallelism(spec: JobSpec, plan: Plan) -> None:
     """`replicas: auto` sizes replicas of the planner's tensor parallelism: refuse a job whose replicas span
-    fewer devices than its model needs on the device (the engines would fail loading it)."""
-    asked = spec.model.engine.tensor_parallel_size
-    if plan.tensor_parallel_size > asked:
-        raise UserError(f"model.engine.tensor_parallel_size: {asked} x {plan.accelerator} per replica cannot hold "
-                        f"{spec.model.source}; it needs {plan.tensor_parallel_size} ({plan.fit}); set "
-                        f"model.engine.tensor_parallel_size: {plan.tensor_parallel_size}")
+    fewer devices than its model needs on the device."""
+    problem = parallelism_problem(spec, plan)
+    if problem:
+        raise UserError(problem)
+
+
+def refuse_if_blocked(plan: Plan) -> None:
+    """Exit 1 (after the plan was shown) when the plan found problems."""
+    if plan.problems:
+        raise PlanRefused("the job cannot run as written, or misses its deadline or budget",
+                          problems=plan.problems)
 
 
 def engine_settings(spec: JobSpec, device: Accelerator, tp: int | None = None) -> dict[str, Any]:
@@ -85,18 +111,23 @@ def engine_settings(spec: JobSpec, device: Accelerator, tp: int | None = None) -
 
 
 def accelerator_for(spec: JobSpec, name: str | None) -> Accelerator:
+    """--accelerator, else the pinned resources.accelerator_type, else the device resources.accelerator means."""
     if name:
-        return accelerator(name)
+        return _named_accelerator(name, "--accelerator")
     wanted = spec.resources.accelerator_type
+    if wanted and wanted.lower() in GENERIC:
+        raise UserError(f"resources.accelerator_type: '{wanted}' names no GPU type; name one (H100, A10G, ...), "
+                        f"or leave it out and set resources.accelerator: {wanted.lower()}")
     if wanted:
-        try:
-            return accelerator(wanted)
-        except UserError as exc:
-            raise UserError(f"resources.accelerator_type: {exc}; or pass --accelerator one of "
-                            f"{', '.join(ACCELERATORS)}") from None
-    if spec.resources.accelerator == "gpu":
-        return ACCELERATORS["A10G"]
-    return ACCELERATORS["CPU"]
+        return _named_accelerator(wanted, "resources.accelerator_type")
+    return accelerator("gpu" if spec.resources.accelerator == "gpu" else "cpu")
+
+
+def _named_accelerator(name: str, where: str) -> Accelerator:
+    try:
+        return accelerator(name)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def count_input_tokens(job: ResolvedJob) -> TokenEstimate:
@@ -154,109 +185,167 @@ def planning_len(job: ResolvedJob) -> int:
     return min(job.model.max_len or wanted, wanted)
 
 
-def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, log=None) -> Plan:
-    """The plan of a job that resolves: a job `submit` would refuse is refused here too (UserError)."""
+def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, prices: str | None = None, log=None) -> Plan:
+    """The plan of a job that resolves: a job `submit` would refuse is refused here too (UserError). What the
+    plan finds wrong with a job that resolves (a tensor parallelism too small, a missed deadline or budget) is
+    in its `problems`. `prices` is a price file (see cluster/accelerators.py)."""
     device = accelerator_for(spec, accelerator_name)
-    job = resolve(spec, fetch_models=True, fetch_judges=False, without_weights=True, log=log)
-    model_path = job.model.path
+    price = price_of(device, prices)
+    job = resolve(spec, fetch_models=fetched_without_building(spec.model.source), fetch_judges=False,
+                  without_weights=True, log=log)
+    model_path = model_here(job)
     facts = facts_for_checkpoint(model_path)
     max_len = planning_len(job)
     dtype = engine_settings(spec, device)["dtype"]
     fit = choose_tensor_parallel(facts, device, max_len, None if dtype == "auto" else dtype)
-    notes: list[str] = []
     if fit.tensor_parallel_size is None:
         raise UserError(f"model {spec.model.source} on {device.name}: {fit.reason}")
-    tp = max(fit.tensor_parallel_size, spec.model.engine.tensor_parallel_size)
     if device.name == "CPU":
         tp = 1  # a CPU replica is one machine; its memory check is the fit above
-    elif tp != spec.model.engine.tensor_parallel_size:
-        notes.append(f"model.engine.tensor_parallel_size is {spec.model.engine.tensor_parallel_size}; "
-                     f"the model needs {tp} x {device.name} per replica")
+    else:
+        tp = max(fit.tensor_parallel_size, spec.model.engine.tensor_parallel_size)
     engine = engine_settings(spec, device, tp)
     fingerprint = model_store.fingerprint_of(spec.model.source, model_path)
     key = profiles.profile_key(fingerprint, device.name, engine)
     stored = profiles.load(key)
-    rates = profiles.rates(stored)
-    if rates is None:
-        rates = assumed_rates(facts.parameters, device)
-        profile_info = {"used": False, "key": key, "assumed": {
-            "output_tokens_per_second": round(rates.output_tokens_per_second, 1),
-            "startup_seconds": rates.startup_seconds, "mean_output_tokens": "max_tokens"}}
+    measured = profiles.rates(stored)
+    rates = measured or assumed_rates(facts.parameters, device)
+    notes: list[str] = []
+    if measured is None:
         notes.append(f"no profile for this model on {device.name}: rates are assumed; "
                      f"run `llmbatch profile {spec.model.source}` for a measured plan")
-    else:
-        profile_info = {"used": True, "key": key, "measurements": rates.measurements,
-                        "output_tokens_per_second": round(rates.output_tokens_per_second, 2),
-                        "input_tokens_per_second": round(rates.input_tokens_per_second, 2),
-                        "prefill_tokens_per_second": _rounded(rates.prefill_tokens_per_second),
-                        "decode_tokens_per_second": _rounded(rates.decode_tokens_per_second),
-                        "requests_per_second": round(rates.requests_per_second, 3),
-                        "startup_seconds": round(rates.startup_seconds, 1),
-                        "mean_input_tokens": round(rates.mean_input_tokens, 1),
-                        "mean_output_tokens": round(rates.mean_output_tokens, 1)}
-
     estimate = count_input_tokens(job)
-    per_row_out = min(rates.mean_output_tokens or spec.sampling.max_tokens, spec.sampling.max_tokens)
+    per_row_out, output_method = _output_per_row(rates, spec.sampling.max_tokens, measured is not None)
     output_tokens = int(estimate.rows * per_row_out)
     work = rates.replica_seconds(estimate.input_tokens, output_tokens)
-    replicas = _choose_replicas(spec, work, rates.startup_seconds, tp, device, notes)
-    wall = wall_seconds(work, rates.startup_seconds, replicas)
-    return Plan(
+    choice = _choose_replicas(spec, work, rates.startup_seconds, tp, price.usd_per_hour)
+    plan = Plan(
         model=spec.model.source, accelerator=device.name, engine=engine, rows=estimate.rows,
         input_tokens=estimate.input_tokens, input_tokens_method=estimate.method, output_tokens=output_tokens,
-        tensor_parallel_size=tp, fit=fit.reason, replicas=replicas, devices_total=replicas * tp,
-        wall_seconds=round(wall, 1), device_hours=round(wall / 3600 * replicas * tp, 4),
-        cost_usd=round(cost_usd(wall, replicas, tp, device.hourly_usd), 4), hourly_usd=device.hourly_usd,
-        profile=profile_info, work_seconds=round(work, 2), startup_seconds=round(rates.startup_seconds, 2),
-        notes=notes, past_errors=profiles.prediction_errors(stored)[-5:],
-    )
+        tensor_parallel_size=tp, fit=fit.reason, replicas=choice.replicas, devices_total=0, wall_seconds=0,
+        device_hours=0, cost_usd=0, hourly_usd=price.usd_per_hour,
+        profile=_profile_info(key, rates, measured is not None), work_seconds=round(work, 2),
+        startup_seconds=round(rates.startup_seconds, 2),
+        output_tokens_method=f"{estimate.rows} rows x {per_row_out:.4g}: {output_method}",
+        price_source=price.source, replicas_reason=choice.reason, notes=notes,
+        past_errors=profiles.prediction_errors(stored)[-5:],
+    ).for_replicas(choice.replicas)  # fills in devices, wall time and cost
+    problems = [parallelism_problem(spec, plan), deadline_problem(spec, plan, choice.deadline_limit),
+                budget_problem(spec, plan)]
+    return replace(plan, problems=[p for p in problems if p])
+
+
+def _output_per_row(rates: profiles.Rates, max_tokens: int, profiled: bool) -> tuple[float, str]:
+    """Output tokens a row is planned to generate, and where that number comes from."""
+    if not profiled or not rates.mean_output_tokens:
+        return max_tokens, "sampling.max_tokens, as no profile measured the output length"
+    if rates.mean_output_tokens >= max_tokens:
+        return max_tokens, f"sampling.max_tokens, below the profile's mean output of {rates.mean_output_tokens:.1f}"
+    return rates.mean_output_tokens, "the profile's mean output length"
+
+
+def _profile_info(key: str, rates: profiles.Rates, profiled: bool) -> dict[str, Any]:
+    if not profiled:
+        return {"used": False, "key": key, "assumed": {
+            "output_tokens_per_second": round(rates.output_tokens_per_second, 1),
+            "startup_seconds": rates.startup_seconds, "mean_output_tokens": "max_tokens"}}
+    return {"used": True, "key": key, "measurements": rates.measurements,
+            "output_tokens_per_second": round(rates.output_tokens_per_second, 2),
+            "input_tokens_per_second": round(rates.input_tokens_per_second, 2),
+            "prefill_tokens_per_second": _rounded(rates.prefill_tokens_per_second),
+            "decode_tokens_per_second": _rounded(rates.decode_tokens_per_second),
+            "requests_per_second": round(rates.requests_per_second, 3),
+            "startup_seconds": round(rates.startup_seconds, 1),
+            "mean_input_tokens": round(rates.mean_input_tokens, 1),
+            "mean_output_tokens": round(rates.mean_output_tokens, 1)}
 
 
 def _rounded(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
 
 
-def _choose_replicas(spec: JobSpec, work: float, startup: float, tp: int, device: Accelerator,
-                     notes: list[str]) -> int:
+def _n(value: float) -> str:
+    """A number as the arithmetic shows it: at most two decimals, none when whole."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+@dataclass
+class ReplicaChoice:
+    replicas: int
+    reason: str                 # how the count was reached, with its arithmetic
+    deadline_limit: str = ""    # what keeps the count below what the deadline needs
+
+
+def _choose_replicas(spec: JobSpec, work: float, startup: float, tp: int, hourly_usd: float) -> ReplicaChoice:
     resources = spec.resources
     if resources.replicas != "auto":
-        return resources.replica_range[1]
+        low, high = resources.replica_range
+        if low == high:
+            return ReplicaChoice(high, f"resources.replicas: {high}")
+        return ReplicaChoice(high, f"resources.replicas: [{low}, {high}], planned at {high}")
     most = resources.max_replicas or AUTO_MAX_REPLICAS
-    choice = 1
+    cap = "resources.max_replicas" if resources.max_replicas else f"the most without resources.max_replicas, {most}"
+    if resources.deadline_seconds is None and resources.budget is None:
+        hours = max(1, math.ceil(work / 3600))
+        reason = f"about an hour of work per replica (no deadline or budget): ceil({_n(work)} s / 3600 s) = {hours}"
+        return ReplicaChoice(min(hours, most), reason + (f", capped at {most} ({cap})" if hours > most else ""))
+    choice, reasons, limit = 1, [], ""
     if resources.deadline_seconds is not None:
-        needed = replicas_for_deadline(work, startup, resources.deadline_seconds)
+        deadline = resources.deadline_seconds
+        needed = replicas_for_deadline(work, startup, deadline)
         if needed is None:
             choice = min(most, max(1, math.ceil(work / max(startup, 1.0))))
-            notes.append(f"resources.deadline {resources.deadline} cannot be met: start-up alone takes "
-                         f"{startup:.0f} s; {choice} replica(s) finish in about "
-                         f"{wall_seconds(work, startup, choice):.0f} s")
-        elif needed > most:
-            notes.append(f"resources.deadline {resources.deadline} needs {needed} replicas; capped at {most} "
-                         f"(raise resources.max_replicas to {needed} to meet it)")
-            choice = most
+            reasons.append(f"resources.deadline {resources.deadline} ({deadline:g} s) is shorter than start-up "
+                           f"({startup:.0f} s); ceil(work / start-up) = ceil({_n(work)} / {_n(startup)}) = {choice}")
         else:
+            reasons.append(f"resources.deadline {resources.deadline}: ceil(work / (deadline - start-up)) = "
+                           f"ceil({_n(work)} / ({deadline:g} - {_n(startup)})) = {needed}")
             choice = needed
+            if needed > most:
+                reasons.append(f"capped at {most} ({cap})")
+                limit = f"it needs {needed} replicas; raise resources.max_replicas to {needed}"
+                choice = most
     if resources.budget is not None:
-        affordable = replicas_for_budget(work, startup, tp, device.hourly_usd, resources.budget, most)
+        budget = f"resources.budget ${resources.budget:g}"
+        affordable = replicas_for_budget(work, startup, tp, hourly_usd, resources.budget, most)
         if affordable is None:
-            cheapest = cost_usd(wall_seconds(work, startup, 1), 1, tp, device.hourly_usd)
-            notes.append(f"resources.budget ${resources.budget:g} is below the cheapest run "
-                         f"(${cheapest:.2f} with 1 replica)")
+            reasons.append(f"{budget} does not cover even 1 replica; planned at 1, the cheapest")
+            limit = limit or f"{budget} does not cover more than 1 replica"
             choice = 1
         elif resources.deadline_seconds is None:
+            reasons.append(f"{budget}: the most replicas (up to {most}) whose cost stays within it = {affordable}")
             choice = affordable
         elif affordable < choice:
-            notes.append(f"resources.budget ${resources.budget:g} allows {affordable} replicas, fewer than the "
-                         "deadline needs")
+            reasons.append(f"{budget} allows at most {affordable}")
+            limit = f"{budget} allows at most {affordable} replica(s)"
             choice = affordable
-    if resources.deadline_seconds is None and resources.budget is None:
-        choice = min(most, max(1, math.ceil(work / 3600)))  # about an hour of work per replica
-    return max(1, min(choice, most))
+        else:
+            reasons.append(f"{budget} allows up to {affordable}")
+    return ReplicaChoice(max(1, min(choice, most)), "; ".join(reasons), limit)
 
 
-def plan_for(spec: JobSpec, accelerator_name: str | None, address: str | None, *, log=None) -> Plan:
+def deadline_problem(spec: JobSpec, plan: Plan, limit: str = "") -> str | None:
+    deadline = spec.resources.deadline_seconds
+    if deadline is None or plan.wall_seconds <= round(deadline, 1):
+        return None
+    why = f"start-up alone takes {plan.startup_seconds:.0f} s" if plan.startup_seconds >= deadline else limit
+    return (f"resources.deadline {spec.resources.deadline} is missed: {plan.replicas} replica(s) finish in about "
+            f"{plan.wall_seconds:.0f} s" + (f"; {why}" if why else ""))
+
+
+def budget_problem(spec: JobSpec, plan: Plan) -> str | None:
+    budget = spec.resources.budget
+    if budget is None or plan.cost_usd <= round(budget, 4):
+        return None
+    cost = f"{plan.cost_usd:.2f}" if plan.cost_usd >= 0.1 else f"{plan.cost_usd:.4f}"
+    return (f"resources.budget ${budget:g} is below the cheapest run: ${cost} with {plan.replicas} "
+            f"replica(s) at ${plan.hourly_usd:.2f} per device-hour")
+
+
+def plan_for(spec: JobSpec, accelerator_name: str | None, address: str | None, *, prices: str | None = None,
+             log=None) -> Plan:
     """The job's plan, fitted to the cluster at `address` when there is one."""
-    plan = plan_job(spec, accelerator_name, log=log)
+    plan = plan_job(spec, accelerator_name, prices=prices, log=log)
     if address is None:
         return plan
     from llmbatch.cluster.jobs_api import cluster_nodes
@@ -277,24 +366,29 @@ def fit_to_cluster(plan: Plan, spec: JobSpec, address: str, nodes: list[dict[str
     capacity = replica_capacity(shape, totals) if hosts else 0
     info = {"address": address, "nodes": len(nodes), "nodes_that_can_host": len(hosts),
             "cpus": totals.get("CPU", 0.0), "gpus": totals.get("GPU", 0.0), "replica_capacity": capacity}
-    notes = list(plan.notes)
+    notes, problems = list(plan.notes), list(plan.problems)
     fitted = plan
     if capacity < 1:
-        notes.append(f"the cluster at {address} cannot hold one replica ({plan.tensor_parallel_size} x "
-                     f"{plan.accelerator} on one node); the run would be refused")
+        pinned = f" with {spec.resources.accelerator_type} GPUs" if spec.resources.accelerator_type else ""
+        problems.append(f"the cluster at {address} cannot hold one replica ({plan.tensor_parallel_size} x "
+                        f"{plan.accelerator} on one node{pinned}); the run would be refused")
     elif plan.replicas > capacity:
+        held = f"what the cluster at {address} holds at once"
         if spec.resources.replicas == "auto":
-            fitted = plan.for_replicas(capacity)
-            notes.append(f"capped at {capacity} replica(s): what the cluster at {address} holds at once "
-                         f"(planned {plan.replicas})")
+            fitted = replace(plan.for_replicas(capacity), replicas_reason=f"{plan.replicas_reason}; capped at "
+                                                                          f"{capacity}, {held}")
+            notes.append(f"capped at {capacity} replica(s): {held} (planned {plan.replicas})")
+            problems = [p for p in problems if not p.startswith("resources.deadline")]
+            problems.append(deadline_problem(spec, fitted, f"the cluster at {address} holds {capacity} at once"))
         elif spec.resources.replica_range[0] > capacity:
-            notes.append(f"resources.replicas needs at least {spec.resources.replica_range[0]}, more than the "
-                         f"cluster at {address} holds at once ({capacity}); the run would be refused")
+            problems.append(f"resources.replicas needs at least {spec.resources.replica_range[0]}, more than the "
+                            f"cluster at {address} holds at once ({capacity}); the run would be refused")
         else:
-            fitted = plan.for_replicas(capacity)
-            notes.append(f"the pool grows to {capacity} replica(s) here, what the cluster at {address} holds at once "
+            fitted = replace(plan.for_replicas(capacity), replicas_reason=f"{plan.replicas_reason}; the pool "
+                                                                          f"grows to {capacity} here, {held}")
+            notes.append(f"the pool grows to {capacity} replica(s) here, {held} "
                          f"(resources.replicas allows {plan.replicas})")
-    return replace(fitted, notes=notes, cluster=info)
+    return replace(fitted, notes=notes, problems=[p for p in problems if p], cluster=info)
 
 
 def render_plan(plan: Plan) -> str:
@@ -305,13 +399,13 @@ def render_plan(plan: Plan) -> str:
         f"plan for {plan.model} on {plan.accelerator}",
         f"  rows               {plan.rows}",
         f"  input tokens       {plan.input_tokens}  ({plan.input_tokens_method})",
-        f"  output tokens      {plan.output_tokens}  (estimated)",
+        f"  output tokens      {plan.output_tokens}  ({plan.output_tokens_method or 'estimated'})",
         f"  per replica        {plan.tensor_parallel_size} x {plan.accelerator}  ({plan.fit})",
         f"  replicas           {plan.replicas}",
         f"  devices in total   {plan.devices_total}",
         f"  estimated wall     {wall}  ({plan.wall_seconds:.0f} s)",
         f"  device-hours       {plan.device_hours:.3f}",
-        f"  estimated cost     ${plan.cost_usd:.2f}  (at ${plan.hourly_usd:.2f} per device-hour)",
+        f"  estimated cost     ${plan.cost_usd:.2f}  (at ${plan.hourly_usd:.2f} per device-hour: {plan.price_source})",
     ]
     p = plan.profile
     if p["used"]:
@@ -334,3 +428,42 @@ def render_plan(plan: Plan) -> str:
     for note in plan.notes:
         lines.append(f"  note               {note}")
     return "\n".join(lines)
+
+
+def render_explanation(plan: Plan) -> str:
+    """The arithmetic behind the plan's numbers."""
+    p = plan.profile
+    wall = f"{_n(plan.startup_seconds)} + {_n(plan.work_seconds)} / {plan.replicas} = {_n(plan.wall_seconds)} s"
+    lines = [
+        "how the plan was worked out",
+        f"  tokens in          {plan.input_tokens}  ({plan.input_tokens_method})",
+        f"  tokens out         {plan.output_tokens} = {plan.output_tokens_method}",
+        f"  rates              {_rates_used(p)}",
+        f"  replica-seconds    {_work_arithmetic(plan)}",
+        f"  wall               start-up + work / replicas = {wall}",
+        f"  cost               wall x replicas x devices x $/h = {_n(plan.wall_seconds)} s / 3600 x {plan.replicas} x "
+        f"{plan.tensor_parallel_size} x ${plan.hourly_usd:g} = ${plan.cost_usd:.4f}  (price: {plan.price_source})",
+        f"  replicas           {plan.replicas}: {plan.replicas_reason}",
+    ]
+    return "\n".join(lines)
+
+
+def _rates_used(p: dict[str, Any]) -> str:
+    if not p["used"]:
+        a = p["assumed"]
+        return (f"assumed (no profile {p['key']}): {a['output_tokens_per_second']} output tok/s per replica, "
+                f"{a['startup_seconds']:g} s start-up")
+    measured = f"profile {p['key']} ({p['measurements']} measurement(s))"
+    if p.get("decode_tokens_per_second"):
+        return (f"{measured}: prefill {p['prefill_tokens_per_second']} tok/s, decode {p['decode_tokens_per_second']} "
+                f"tok/s per replica, start-up {p['startup_seconds']:g} s")
+    return f"{measured}: {p['output_tokens_per_second']} output tok/s per replica, start-up {p['startup_seconds']:g} s"
+
+
+def _work_arithmetic(plan: Plan) -> str:
+    p = plan.profile
+    if p["used"] and p.get("decode_tokens_per_second"):
+        return (f"input / prefill + output / decode = {plan.input_tokens} / {p['prefill_tokens_per_second']} + "
+                f"{plan.output_tokens} / {p['decode_tokens_per_second']} = {_n(plan.work_seconds)} s of work")
+    rate = p["output_tokens_per_second"] if p["used"] else p["assumed"]["output_tokens_per_second"]
+    return f"output / output tok/s = {plan.output_tokens} / {rate} = {_n(plan.work_seconds)} s of work"

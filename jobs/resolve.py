@@ -373,3 +373,19 @@ def _scan(files: list[InputFile], id_column: str | None) -> InputFacts:
     rows = sum(s.rows for s in scans)
     return InputFacts(tuple(files), rows, unify_input_schema(scans, id_column) if rows else None)
 
+
+def fetched_without_building(source: str) -> bool:
+    """Whether to fetch the model to read it: an s3:// or hub model's config and tokenizer are fetched if need
+    be; a catalog model is never built (plan and preview have no side effects)."""
+    try:
+        return model_store.classify_source(source).kind in ("s3", "hub")
+    except UserError:
+        return False  # resolve says what is wrong with it
+
+
+def model_here(job: ResolvedJob) -> Path:
+    if job.model.path is None:  # a catalog model not prepared: the others were fetched or are local
+        source = job.model.source
+        raise UserError(f"model.source: {source} is not prepared on this machine; "
+                        f"run: llmbatch models prepare {source}")
+    return job.model.path

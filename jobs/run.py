@@ -10,14 +10,15 @@ import secrets
 import threading
 import time
 from concurrent.futures import Future, wait
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
 from llmbatch.cluster import model_store
-from llmbatch.cluster.connect import alive_nodes, join_cluster, start_local_ray
+from llmbatch.cluster.connect import alive_nodes, dashboard_url, join_cluster, start_local_ray
 from llmbatch.cluster.diagnose import explain_failure
 from llmbatch.cluster.gpu_memory import wait_for_free_memory
 from llmbatch.cluster.resources import can_host, check_fits, choose_accelerator, replica_capacity, replica_shape
@@ -47,8 +48,13 @@ from llmbatch.versions import software_versions
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROGRESS_EVERY_SECONDS = 10.0
+LISTENER_EVERY_SECONDS = 1.0
 STALL_WARNING_SECONDS = 600.0
 PREDICTION_WAIT_SECONDS = 60.0
+
+
+# A callable taking (progress snapshot, rows in the pass), called about every second while a pass runs.
+progress_listener: ContextVar[Callable[[dict, int], None] | None] = ContextVar("progress_listener", default=None)
 
 
 def new_run_id(job_name: str) -> str:
@@ -103,7 +109,7 @@ class Stages:
 
 def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_logs: bool = False,
             on_cluster: bool = False, measurement_source: str = "run", overwrite: bool = False,
-            resume: bool = False) -> RunResult:
+            resume: bool = False, dashboard: bool = False) -> RunResult:
     """Run `spec` end to end and commit its output with a manifest: resolve, decide how the run folder starts,
     build the passes on Ray, prepare the folder, execute, commit.
 
@@ -121,22 +127,24 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     try:
         return _run_held(job, lock, run_id, run_uri, marks, started_at, log, show_worker_logs=show_worker_logs,
                          on_cluster=on_cluster, measurement_source=measurement_source, overwrite=overwrite,
-                         resume=resume)
+                         resume=resume, dashboard=dashboard)
     finally:
         lock.release()
 
 
 def _run_held(job: ResolvedJob, lock: RunLock, run_id: str, run_uri: str, marks: dict[str, float | None],
               started_at: str, log, *, show_worker_logs: bool, on_cluster: bool, measurement_source: str,
-              overwrite: bool, resume: bool) -> RunResult:
+              overwrite: bool, resume: bool, dashboard: bool = False) -> RunResult:
     """The run, once this driver holds its lock: nothing is deleted or written before."""
     job, start, attempt = _decide_and_fetch(job, run_id, run_uri, resume=resume, overwrite=overwrite,
                                             on_cluster=on_cluster, log=log)
     fingerprint = model_store.fingerprint_of(job.model.source, job.model.path)
     lock.check("starting Ray")
     marks["started_ray"] = time.time()
-    cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs)
+    log.info("ray_starting", cluster=on_cluster)
+    cluster = join_cluster() if on_cluster else start_local_ray(show_worker_logs=show_worker_logs, dashboard=dashboard)
     marks["ray_ready"] = time.time()
+    log.info("ray_started", cpus=cluster.get("CPU"), gpus=cluster.get("GPU", 0), dashboard=dashboard_url())
     pool = _size_pool(job, cluster, fingerprint, on_cluster, log)
     try:
         return _run_on_pool(job, pool, lock, start, attempt, fingerprint, run_id, run_uri, marks, started_at, log,
@@ -167,6 +175,7 @@ def _run_on_pool(job: ResolvedJob, pool: Pool, lock: RunLock, start: RunStart, a
     run = _execute_passes(job, stages, pool, run_id, run_uri, start, finished, fingerprint, started_at, marks,
                           lock, log)
     crash_point("parts")
+    log.info("committing", output=run_uri)
     manifest, summary = commit(job, run, lock, log)
     _record_measurement(job, run, manifest, measurement_source, log)
     phases = manifest.timings.model_dump() if manifest.timings else {}
@@ -174,7 +183,7 @@ def _run_on_pool(job: ResolvedJob, pool: Pool, lock: RunLock, start: RunStart, a
              wall_seconds=round(manifest.wall_seconds, 1),
              **{f"{phase}_s": seconds for phase, seconds in phases.items() if seconds is not None})
     if manifest.status == "failed":
-        raise JobFailed("; ".join(manifest.problems))
+        raise JobFailed("; ".join(manifest.problems), manifest=manifest)
     return RunResult(run_id, run_uri, manifest.status, manifest, summary)
 
 
@@ -336,8 +345,9 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
             low = max(1, min(wanted[1], capacity))
             # on a cluster that grows, the pool grows onto the nodes still coming, up to the plan
             high = wanted[1] if waits else low
+            planned = prediction.result()[1]
             log.info("replicas_planned", planned=wanted[1], capacity=capacity, replicas=[low, high],
-                     notes=prediction.result()[1].notes or None)
+                     notes=planned.notes or None, problems=planned.problems or None)
         else:
             low, high = wanted
         check_fits(shape, low, cluster, list(nodes.values()), spec.resources.accelerator_type)
@@ -484,7 +494,8 @@ def _execute(ds, target: str, counter, total_rows: int, started: float, lock: Ru
     from llmbatch.pipelines.pipeline import write_dataset
 
     stop = threading.Event()
-    reporter = threading.Thread(target=_report_progress, args=(counter, total_rows, started, stop, log), daemon=True)
+    reporter = threading.Thread(target=_report_progress, daemon=True,
+                                args=(counter, total_rows, started, stop, log, progress_listener.get()))
     reporter.start()
     try:
         write_dataset(ds, target, lock.fence, rows_per_part)
@@ -532,24 +543,44 @@ def _process_started() -> float | None:
         return None
 
 
-def _report_progress(counter, total: int, started: float, stop: threading.Event, log) -> None:
+def _report_progress(counter, total: int, started: float, stop: threading.Event, log, listener=None) -> None:
+    """A `progress` log line every PROGRESS_EVERY_SECONDS; each snapshot to `listener` (a live view) every
+    LISTENER_EVERY_SECONDS. Rows count as generated when an engine replica finishes their batch: they reach
+    the last step, where they are counted as written, only when the engine has finished its whole read task."""
     import ray
 
-    while not stop.wait(PROGRESS_EVERY_SECONDS):
+    logged = time.time()
+    while not stop.wait(LISTENER_EVERY_SECONDS if listener else PROGRESS_EVERY_SECONDS):
         try:
             snap = ray.get(counter.snapshot.remote(), timeout=5)
         except Exception:
             continue
-        elapsed = time.time() - started
-        if snap["rows"] == 0:
-            if elapsed > STALL_WARNING_SECONDS:
-                log.warning("no_rows_yet", elapsed_s=round(elapsed), hint="no replica has finished a batch; "
-                            "if the cluster cannot place the engine replicas, `ray status` shows what is pending")
-            else:
-                log.info("progress", rows_done=0, rows_total=total, elapsed_s=round(elapsed),
-                         note="starting engine replicas and warming up")
-            continue
-        busy = max(1e-6, time.time() - (snap["first_row_at"] or started))
-        log.info("progress", rows_done=snap["rows"], rows_total=total,
-                 percent=round(100 * snap["rows"] / max(1, total), 1), rows_error=snap["errors"],
-                 output_tok_s=round(snap["generated_tokens"] / busy, 1), elapsed_s=round(elapsed))
+        if listener is not None:
+            listener(snap, total)
+            if time.time() - logged < PROGRESS_EVERY_SECONDS:
+                continue
+        logged = time.time()
+        _log_progress(snap, total, started, log)
+
+
+def _log_progress(snap: dict[str, Any], total: int, started: float, log) -> None:
+    elapsed = time.time() - started
+    generated = sum(r["rows"] for r in snap["replicas"])
+    ready = sum(1 for r in snap["replicas"] if r.get("engine_ready_at"))
+    if snap["rows"] == 0 and generated == 0:
+        if elapsed > STALL_WARNING_SECONDS:
+            log.warning("no_rows_yet", elapsed_s=round(elapsed), replicas_ready=ready,
+                        hint="no replica has finished a batch; if the cluster cannot place the engine replicas, "
+                             "`ray status` shows what is pending")
+        else:
+            log.info("progress", rows_done=0, rows_total=total, elapsed_s=round(elapsed), replicas_ready=ready,
+                     note="starting engine replicas and warming up")
+        return
+    first_batch = min((r["first_batch_at"] for r in snap["replicas"] if r.get("first_batch_at")),
+                      default=snap["first_row_at"] or started)
+    busy = max(1e-6, time.time() - first_batch)
+    tokens = max(snap["generated_tokens"], sum(r["generated_tokens"] for r in snap["replicas"]))
+    done = max(snap["rows"], generated)
+    log.info("progress", rows_done=done, rows_written=snap["rows"], rows_total=total,
+             percent=round(100 * done / max(1, total), 1), rows_error=snap["errors"], replicas_ready=ready,
+             output_tok_s=round(tokens / busy, 1), elapsed_s=round(elapsed))

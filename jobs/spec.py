@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -9,13 +10,14 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llmbatch.errors import SpecError
+from llmbatch.errors import SpecError, name_problem
 from llmbatch.pipelines.scorer_specs import (
     ChrfScorer, ContainsScorer, ExactMatchScorer, JsonSchemaScorer, JsonValidScorer, JudgeScorerBase, PythonScorer,
     RegexScorer,
 )
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
+NAME_RULE = "use lowercase letters, digits and '-', starting with a letter or digit"
 
 
 class _Section(BaseModel):
@@ -327,33 +329,71 @@ class JobSpec(_Section):
     @field_validator("name", mode="before")
     @classmethod
     def _name_hint(cls, value: Any) -> Any:
-        if isinstance(value, str) and not re.match(NAME_PATTERN, value):
-            raise ValueError("must use lowercase letters, digits and '-' only, starting with a letter or digit")
+        problem = name_problem(value, "a-z0-9-", "a-z0-9", "-", NAME_RULE) if isinstance(value, str) else None
+        if problem:
+            raise ValueError(problem)
         return value
 
 
 # ---- loading -----------------------------------------------------------------------------------
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    """Read a job file ('-' = standard input), apply `key.path=value` overrides, and validate it."""
+    """Read a job file ('-' = standard input), apply `key.path=value` overrides, and validate it. Relative
+    paths in the file are taken from the file's folder; in --set values and standard input, from the current
+    directory."""
     if str(path) == "-":
         import sys
 
         raw = parse_yaml(sys.stdin.read(), "<stdin>")
         for item in overrides or []:
             apply_override(raw, item)
+        anchor_paths(raw, Path.cwd())
         return validate_spec(raw, source="<stdin>")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError([f"{path}: no such job file"]) from None
+        looked = "" if path.is_absolute() else f" (looked at {path.absolute()})"
+        raise SpecError([f"{path}: no such job file{looked}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([f"{path}: cannot read job file ({exc})"]) from None
     raw = parse_yaml(text, str(path))
+    anchor_paths(raw, path.absolute().parent)
     for item in overrides or []:
         apply_override(raw, item)
+        anchor_paths(raw, Path.cwd(), only=item.partition("=")[0].strip())
     return validate_spec(raw, source=str(path))
+
+
+def _path_fields(raw: dict) -> list[tuple[str, dict, str, bool]]:
+    """(YAML path, section, key, is a model source) of each local path a job file may hold."""
+    fields = []
+    for section in ("input", "output", "cache"):
+        if isinstance(raw.get(section), dict):
+            fields.append((f"{section}.path", raw[section], "path", False))
+    if isinstance(raw.get("model"), dict):
+        fields.append(("model.source", raw["model"], "source", True))
+    for number, scorer in enumerate(raw.get("scoring") or []):
+        if isinstance(scorer, dict) and isinstance(scorer.get("model"), dict):
+            fields.append((f"scoring.{number}.model.source", scorer["model"], "source", True))
+    return fields
+
+
+def anchor_paths(raw: dict, base: Path, only: str | None = None) -> None:
+    """Make the job's relative local paths absolute against `base`: the job file's folder for what the file
+    says, the current directory for --set values. A model source is a path when it starts with ./ or ../, or
+    when it names something that exists under `base`; catalog names and hub ids stay as they are."""
+    for where, section, key, is_model in _path_fields(raw):
+        if only is not None and not (where == only or where.startswith(only + ".")):
+            continue
+        value = section.get(key)
+        if not isinstance(value, str) or not value.strip() or "://" in value:
+            continue
+        if value.startswith(("/", "~")):
+            continue
+        if is_model and not (value.startswith(("./", "../")) or (base / value).exists()):
+            continue
+        section[key] = os.path.normpath(os.path.join(base, value)) + ("/" if value.endswith("/") else "")
 
 
 def parse_yaml(text: str, source: str) -> dict:
@@ -424,16 +464,26 @@ def validate_spec(raw: dict, source: str | None = None) -> JobSpec:
         raise SpecError(format_validation_errors(exc), source=source) from None
 
 
+UNION_TAG_ERRORS = ("union_tag_invalid", "union_tag_not_found")
+
+
 def format_validation_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = [str(p) for p in _without_union_tags(err["loc"])]
+        path = _yaml_path(err)
         message = _message(err)
-        if not loc and re.match(r"^[a-z_.]+: ", message):
+        if not path and re.match(r"^[a-z_.]+: ", message):
             lines.append(message)  # a cross-section rule names its own path
         else:
-            lines.append(f"{'.'.join(loc) or '(top level)'}: {message}")
+            lines.append(f"{path or '(top level)'}: {message}")
     return sorted(set(lines), key=lines.index)
+
+
+def _yaml_path(err: dict) -> str:
+    loc = [str(p) for p in _without_union_tags(err["loc"])]
+    if err["type"] in UNION_TAG_ERRORS:
+        loc.append("kind")
+    return ".".join(loc)
 
 
 def _without_union_tags(loc: tuple) -> tuple:
@@ -448,8 +498,8 @@ def _without_union_tags(loc: tuple) -> tuple:
 
 def _message(err: dict) -> str:
     kind = err["type"]
-    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        return f"kind must be one of: {', '.join(SCORER_KINDS)}"
+    if kind in UNION_TAG_ERRORS:
+        return _scorer_kind_message(err)
     if kind == "extra_forbidden":
         loc = [p for p in err["loc"]]
         known = _known_keys(loc[:-1])
@@ -458,17 +508,52 @@ def _message(err: dict) -> str:
         return "unknown key" + hint
     if kind == "missing":
         return "required"
+    if _is_empty(err):
+        return _empty_message(err["loc"])
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if msg.startswith("Input should be "):
         msg = "must be " + msg[len("Input should be "):]
-    if msg.startswith("String should match pattern"):
-        msg = "has a character that is not allowed"
+    if kind == "string_pattern_mismatch":
+        msg = f"{err['input']!r} does not match the pattern {err['ctx']['pattern']}"
     return msg
 
 
-def _known_keys(loc: list) -> list[str]:
+def _scorer_kind_message(err: dict) -> str:
+    kinds = ", ".join(SCORER_KINDS)
+    given = err["input"].get("kind") if isinstance(err["input"], dict) else None
+    if given is None:
+        return f"required; the kinds are {kinds}"
+    guess = difflib.get_close_matches(str(given).lower().replace("-", "_"), list(SCORER_KINDS), n=1, cutoff=0.6)
+    hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+    return f"{given!r} is not a scorer kind{hint}; the kinds are {kinds}"
+
+
+def _is_empty(err: dict) -> bool:
+    """A key given without a value (YAML null), or an empty text where text is required."""
+    if err["type"] == "string_too_short":
+        return err["input"] == ""
+    return err["input"] is None and err["type"].endswith("_type")
+
+
+def _empty_message(loc: tuple) -> str:
+    field = _field_at(loc)
+    if field is None:
+        return "must not be empty"
+    about = f" ({_first_sentence(field.description)})" if field.description else ""
+    if field.is_required():
+        return f"must not be empty{about}"
+    default = _yaml_scalar(field.get_default(call_default_factory=True))
+    return f"must not be empty{about}; leave the key out for the default, {default}"
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
+
+
+def _section_at(loc: tuple | list) -> type[BaseModel] | None:
+    """The section whose keys the mapping at pydantic's `loc` holds (a scorer's kind is part of `loc`)."""
     model: type[BaseModel] = JobSpec
     for i, part in enumerate(loc):
         if str(part) in SCORER_KINDS and i >= 2 and loc[i - 2] == "scoring":
@@ -476,12 +561,30 @@ def _known_keys(loc: list) -> list[str]:
             continue
         if isinstance(part, int) or (model is JobSpec and part == "scoring"):
             continue
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+        annotation = getattr(_field_of(model, str(part)), "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif _optional_section(annotation) is not None:
+            model = _optional_section(annotation)
+        else:
+            return None
+    return model
+
+
+def _field_of(model: type[BaseModel], key: str) -> Any:
+    """The field a YAML key names: by name, or by alias (a json_schema scorer's `schema`)."""
+    return model.model_fields.get(key) or next(
+        (field for field in model.model_fields.values() if field.alias == key), None)
+
+
+def _field_at(loc: tuple) -> Any:
+    section = _section_at(loc[:-1]) if loc else None
+    return _field_of(section, str(loc[-1])) if section is not None else None
+
+
+def _known_keys(loc: list) -> list[str]:
+    section = _section_at(loc)
+    return [field.alias or name for name, field in section.model_fields.items()] if section is not None else []
 
 
 def spec_reference() -> str:

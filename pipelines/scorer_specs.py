@@ -14,6 +14,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmbatch import env_refs
+from llmbatch.errors import name_problem
 from llmbatch.pipelines import scorers
 from llmbatch.pipelines.scorers import JUDGE_TEXT_SUFFIX, RowScorer, score_column
 
@@ -25,6 +26,8 @@ class _Section(BaseModel):
 NORMALIZATIONS = ("strip", "lowercase", "whitespace", "punctuation", "articles")
 Normalization = Literal["strip", "lowercase", "whitespace", "punctuation", "articles"]
 SCORER_NAME = r"^[a-z][a-z0-9_]*$"
+SCORER_NAME_RULE = "use lowercase letters, digits and '_', starting with a letter"
+FUNCTION_REFERENCE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
 class _ScorerSpec(_Section):
@@ -33,6 +36,14 @@ class _ScorerSpec(_Section):
 
     boolean: ClassVar[bool] = True       # the score column holds booleans (else float64)
     needs_engine: ClassVar[bool] = False  # scored in an engine pass of its own (judges), not row by row
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_rule(cls, value: Any) -> Any:
+        problem = name_problem(value, "a-z0-9_", "a-z", "_", SCORER_NAME_RULE) if isinstance(value, str) else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @property
     def column(self) -> str:
@@ -201,7 +212,7 @@ class JudgeScorerBase(_ScorerSpec):
 
 class PythonScorer(_ScorerSpec):
     kind: Literal["python"] = Field(..., description="Your own function, called once per row inside the Ray stage.")
-    function: str = Field(..., pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+    function: str = Field(..., pattern=FUNCTION_REFERENCE,
                           description="package.module:function; called as function(row, **options).")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments passed to the function. A text value may hold "
@@ -210,6 +221,13 @@ class PythonScorer(_ScorerSpec):
     returns: Literal["number", "boolean"] = Field("number", description="Column type of the score.")
     timeout_seconds: float = Field(10.0, gt=0, le=3600, description="A call that runs longer is stopped; the row "
                                                                     "gets an error instead of a score.")
+
+    @field_validator("function", mode="before")
+    @classmethod
+    def _function_form(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.fullmatch(FUNCTION_REFERENCE, value):
+            raise ValueError(function_form_problem(value))
+        return value
 
     @field_validator("options")
     @classmethod
@@ -242,6 +260,19 @@ class PythonScorer(_ScorerSpec):
         except env_refs.MissingVariable as exc:
             return scorers.failing(f"options: ${{{exc.name}}} is not set where the scorer runs")
         return scorers.python_function(self.function, options, self.is_boolean, self.timeout_seconds)
+
+
+def function_form_problem(value: str) -> str:
+    """Why `value` is not a module:function reference, with one that would be."""
+    if ":" not in value:
+        module, _, function = value.rpartition(".")
+        if module and function:
+            example = f"{module}:{function}"
+        else:
+            example = f"{value}:score_row" if value.isidentifier() else "my_scorers:score_row"
+        return f"{value!r} needs the form module:function (the ':' is missing), e.g. {example}"
+    return (f"{value!r} is not module:function: a dotted module path, one ':', then the function's name "
+            "(letters, digits and '_'), e.g. json:loads")
 
 
 ROW_SCORERS = (ExactMatchScorer, ContainsScorer, RegexScorer, JsonValidScorer, JsonSchemaScorer, ChrfScorer,

@@ -26,6 +26,47 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False, timeout: i
     return proc
 
 
+def run_cli_in_terminal(*args: str, env: dict | None = None, timeout: int = 900) -> tuple[int, str]:
+    """Run the CLI with its standard output and error on a pseudo-terminal, as a user at a terminal does;
+    returns the exit code and everything the terminal received, escape sequences included."""
+    import pty
+    import select
+
+    full_env = {**os.environ, "COLUMNS": "200", "LINES": "50", "TERM": "xterm-256color", **(env or {})}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([CLI, *args], cwd=REPO, env=full_env, stdin=subprocess.DEVNULL, stdout=follower,
+                            stderr=follower, start_new_session=True)
+    os.close(follower)
+    received = bytearray()
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the terminal closed: every process holding it has exited
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            elif proc.poll() is not None:
+                break
+        else:
+            kill_session(proc)
+            raise AssertionError(f"llmbatch {' '.join(args)} ran past {timeout} s\n{received.decode(errors='replace')}")
+    finally:
+        os.close(leader)
+    return proc.wait(timeout=60), received.decode("utf-8", errors="replace")
+
+
+def screen_text(received: str) -> str:
+    """What a terminal shows of `received`, roughly: escape sequences and carriage returns removed."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r", "", received)
+
+
 def kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL a CLI started with start_new_session and everything it started in its session (Ray, workers,
     vLLM engine processes), and wait until none is left."""

@@ -220,16 +220,23 @@ def test_wrong_token_and_unreachable_address_fail_with_one_line(cluster, tmp_pat
 
 
 def test_plan_with_an_address_is_capped_by_the_clusters_capacity(cluster, tmp_path: Path):
-    """`plan --address` asks the cluster what it holds (two 1-GPU nodes) and caps `replicas: auto` there;
-    a wrong token fails in one line."""
+    """`plan --address` asks the cluster what it holds (two 1-GPU nodes) and caps `replicas: auto` there; two
+    replicas miss the deadline, so the plan (and `submit --dry-run`) exits 1 with the reason; a wrong token
+    fails in one line."""
     job = _job(tmp_path, rows=2000, replicas="auto", deadline="4m")
     args = ("--set", "sampling.max_tokens=1024", "--address", cluster["address"])
-    planned = json.loads(run_cli("plan", str(job), "--json", *args, env=cluster["env"], check=True).stdout)
+    proc = run_cli("plan", str(job), "--json", *args, env=cluster["env"])
+    assert proc.returncode == 1, proc.stderr
+    planned = json.loads(proc.stdout)
     assert planned["cluster"]["nodes"] == 2 and planned["cluster"]["gpus"] == 2.0
     assert planned["cluster"]["replica_capacity"] == 2 and planned["replicas"] == 2
     assert any(n.startswith("capped at 2 replica(s): what the cluster at") for n in planned["notes"])
-    dry = run_cli("submit", str(job), "--dry-run", *args, env=cluster["env"], check=True).stdout
-    assert "replicas           2" in dry and "holds 2 replica(s) of this shape" in dry
+    missed = (f"resources.deadline 4m is missed: 2 replica(s) finish in about {planned['wall_seconds']:.0f} s; "
+              f"the cluster at {cluster['address']} holds 2 at once")
+    assert planned["problems"] == [missed] and f"  {missed}" in proc.stderr.splitlines()
+    dry = run_cli("submit", str(job), "--dry-run", *args, env=cluster["env"])
+    assert dry.returncode == 1 and f"  {missed}" in dry.stderr.splitlines()
+    assert "replicas           2" in dry.stdout and "holds 2 replica(s) of this shape" in dry.stdout
     proc = run_cli("plan", str(job), *args, env={**cluster["env"], "RAY_AUTH_TOKEN": "not-the-token"})
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
     assert "rejected the token" in proc.stderr

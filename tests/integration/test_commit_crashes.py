@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from llmbatch.crash_points import CRASH_ENV, CRASH_EXIT
+from llmbatch.jobs.run_index import run_dir
 from support import CLI, REPO, kill_session, read_output, run_cli, write_job
 
 ROWS = 6
@@ -104,9 +105,11 @@ def test_a_crash_at_each_step_of_writing_a_run_then_a_resubmission_finishes_it_e
 
 def _crash_then_finish(job: Path, run: Path, cache: Path, disk: Path, disk_full_log: Path) -> None:
     def crashed(step: str) -> None:
+        log = run_dir("c1") / "llmbatch.log"   # the driver's own output goes to the run's log file
+        log.unlink(missing_ok=True)
         proc = _crash_at(job, step)
         assert proc.returncode == CRASH_EXIT, f"{step}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
-        assert f"{CRASH_ENV}={step}: the driver dies here" in proc.stderr
+        assert f"{CRASH_ENV}={step}: the driver dies here" in log.read_text(encoding="utf-8")
 
     crashed("attempt")
     assert (run / "_attempt.json").is_file() and _rows_in_parts(run) == 0 and not (run / "_manifest.json").exists()

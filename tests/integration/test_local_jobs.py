@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from support import read_output, run_cli, write_job
+from llmbatch.cluster.home import llmbatch_home
+from support import read_output, run_cli, run_cli_in_terminal, screen_text, write_job
 
 MULTILINGUAL = {
     "en-capital": "What is the capital of France?",
@@ -86,7 +87,8 @@ def test_local_jsonl_job_one_row_per_input_with_errors_isolated(tmp_path: Path, 
 
 def test_chat_messages_job_uses_the_models_chat_template(tmp_path: Path, demo_model: str):
     """A messages column is rendered with the model's chat template; the system prompt goes first;
-    a malformed conversation is an error row, not a failed job."""
+    a malformed conversation is an error row, not a failed job. Run at a terminal: the live view shows the
+    run's phases and ends in the summary; Ray's and vLLM's output goes to the run's log file, not the screen."""
     rows_in = [
         {"conv": "c1", "messages": [{"role": "user", "content": "Name a primary colour."}]},
         {"conv": "c2", "messages": [{"role": "user", "content": "Hi!"},
@@ -102,7 +104,30 @@ def test_chat_messages_job_uses_the_models_chat_template(tmp_path: Path, demo_mo
                            "system_prompt": "You are terse."},
                     sampling={"max_tokens": 16}, output={"path": str(tmp_path / "out"), "max_error_rate": 0.25})
 
-    run_cli("submit", str(job), "--run-id", "chat-1", check=True)
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / demo_model).symlink_to(llmbatch_home() / "models" / demo_model)
+    code, received = run_cli_in_terminal("submit", str(job), "--run-id", "chat-1",
+                                         env={"LLMBATCH_HOME": str(home)})
+    shown = screen_text(received)
+    assert code == 0, shown[-4000:]
+    for phase in ("starting Ray", "starting engines", "finished: succeeded_with_errors"):
+        assert phase in shown, (phase, shown[-4000:])
+    assert "4/4 rows" in shown and "1 error(s)" in shown
+    assert shown.rfind("phase") < shown.find("run chat-1: succeeded_with_errors")  # the summary comes last
+    log_file = home / "runs" / "chat-1" / "llmbatch.log"
+    assert str(log_file) in shown
+    for noise in ("Triton", "core_worker", "ray.init()", "No cloud storage mirror", "Token authentication",
+                  "INFO ", "WARNING "):
+        assert noise not in shown, (noise, shown[-4000:])
+    logged = log_file.read_text(encoding="utf-8")
+    assert "run_finished" in logged and ("Triton" in logged or "WARNING" in logged or "INFO" in logged)
+    proc = run_cli("runs", "--json", env={"LLMBATCH_HOME": str(home)}, check=True)
+    (run,) = json.loads(proc.stdout)
+    assert run["run_id"] == "chat-1" and run["status"] == "succeeded_with_errors" and run["rows_ok"] == 3
+    shown_rows = run_cli("results", "latest", "--rows", "4", env={"LLMBATCH_HOME": str(home)}, check=True).stdout
+    assert "Say 'thank you' in German." in shown_rows and "<|im_start|>" not in shown_rows
+    assert str(tmp_path / "out" / "chat-1") in shown_rows
 
     rows, manifest = read_output(str(tmp_path / "out" / "chat-1"))
     by_id = {r.id: r for r in rows}

@@ -209,7 +209,8 @@ def test_scoring_spec_errors_name_the_yaml_path():
                                            {"name": "a", "kind": "bleu"}]})
     assert "scoring.0.pattern: not a valid regular expression" in err.value.lines[0]
     assert "scoring.0.flags: unknown key" in " ".join(err.value.lines)
-    assert any(line.startswith("scoring.1: kind must be one of: exact_match") for line in err.value.lines)
+    assert any(line.startswith("scoring.1.kind: 'bleu' is not a scorer kind; the kinds are exact_match")
+               for line in err.value.lines)
 
 
 def test_judge_is_constrained_to_the_scale_and_parsed_strictly():

@@ -89,6 +89,7 @@ def test_cost_and_budget():
 
 def test_accelerator_catalog_lookup():
     assert accelerator("h100-80gb").memory_bytes == 80 * GIB
+    assert accelerator("H100").name == "H100-80GB" and accelerator("gpu").name == "A10G"
     with pytest.raises(UserError, match="unknown accelerator 'TPU'"):
         accelerator("TPU")
 
@@ -183,10 +184,11 @@ def test_a_plan_is_capped_by_what_the_cluster_holds():
     assert two_gpus.replicas == 1  # only the first node holds a 2-GPU replica
     fixed = validate_spec({**base, "resources": {"replicas": 5}})
     refused = fit_to_cluster(_plan(5), fixed, "http://head:8265", nodes)
-    assert refused.replicas == 5 and "the run would be refused" in refused.notes[-1]
+    assert refused.replicas == 5 and "the run would be refused" in refused.problems[-1]
     ranged = fit_to_cluster(_plan(8), validate_spec({**base, "resources": {"replicas": [1, 8]}}), "http://h", nodes)
     assert ranged.replicas == 3 and "the pool grows to 3 replica(s) here" in ranged.notes[-1]
-    assert fit_to_cluster(_plan(1, tp=4), auto, "http://h", nodes).cluster["replica_capacity"] == 0
+    too_wide = fit_to_cluster(_plan(1, tp=4), auto, "http://h", nodes)
+    assert too_wide.cluster["replica_capacity"] == 0 and "cannot hold one replica" in too_wide.problems[0]
     assert fit_to_cluster(_plan(2, accelerator_name="CPU"), auto, "http://h", nodes).replicas == 2
 
 

@@ -64,7 +64,7 @@ def test_minimal_spec_loads_with_documented_defaults(tmp_path):
     assert spec.model.engine.dtype == "auto"
     assert spec.model.engine.max_model_len is None
     assert spec.model.engine.tensor_parallel_size == 1
-    assert spec.output.path == "out/demo"
+    assert spec.output.path == str(tmp_path / "out" / "demo")  # relative to the job file's folder
 
 
 def test_shipped_quickstart_job_file_is_valid():
@@ -159,12 +159,20 @@ def test_missing_nested_required_field_names_full_path():
     assert spec_error_lines(raw) == ["input.path: required"]
 
 
-@pytest.mark.parametrize("bad", ["Demo", "my job", "-lead", "under_score", "ünïcode"])
-def test_bad_job_name_is_rejected_with_a_hint(bad):
+NAME_RULE = "use lowercase letters, digits and '-', starting with a letter or digit"
+
+
+@pytest.mark.parametrize("bad, problem, suggestion", [
+    ("Demo", "'Demo' has 'D'", "demo"),
+    ("my job", "'my job' has ' ' (space)", "my-job"),
+    ("-lead", "'-lead' starts with '-'", "lead"),
+    ("under_score", "'under_score' has '_'", "under-score"),
+    ("ünïcode", "'ünïcode' has 'ü', 'ï'", "unicode"),
+])
+def test_bad_job_name_names_the_characters_and_what_is_allowed(bad, problem, suggestion):
     raw = minimal_raw()
     raw["name"] = bad
-    (line,) = spec_error_lines(raw)
-    assert line == "name: must use lowercase letters, digits and '-' only, starting with a letter or digit"
+    assert spec_error_lines(raw) == [f"name: {problem}; {NAME_RULE} (did you mean '{suggestion}'?)"]
 
 
 @pytest.mark.parametrize("good", ["a", "0", "nightly-2026", "x-y-z"])
@@ -209,7 +217,7 @@ def test_several_errors_are_all_reported_one_line_each(tmp_path):
         load_spec(path)
     lines = info.value.lines
     assert lines == [
-        "name: must use lowercase letters, digits and '-' only, starting with a letter or digit",
+        f"name: 'Bad_Name' has 'B', '_', 'N'; {NAME_RULE} (did you mean 'bad-name'?)",
         "model.engin: unknown key (did you mean 'engine'?)",
         "input.prompt_colum: unknown key (did you mean 'prompt_column'?)",
         "sampling.max_tokens: must be greater than 0",
@@ -239,6 +247,71 @@ def test_section_given_as_scalar_says_what_it_must_be():
     raw["model"] = "smollm2"
     (line,) = spec_error_lines(raw)
     assert line.startswith("model: must be a valid dictionary")
+
+
+# ---- messages that say what is wrong and what is allowed ---------------------------------------
+
+def with_scorer(**scorer) -> dict:
+    return {**minimal_raw(), "scoring": [scorer]}
+
+
+def test_scorer_name_names_the_characters_and_what_is_allowed():
+    lines = spec_error_lines(with_scorer(name="Exact Match", kind="exact_match", reference_column="answer"))
+    assert lines == ["scoring.0.name: 'Exact Match' has 'E', ' ' (space), 'M'; use lowercase letters, digits and "
+                     "'_', starting with a letter (did you mean 'exact_match'?)"]
+
+
+def test_scorer_name_starting_with_a_digit_says_so():
+    (line,) = spec_error_lines(with_scorer(name="1st", kind="regex", pattern="x"))
+    assert line == "scoring.0.name: '1st' starts with '1'; use lowercase letters, digits and '_', starting with a letter"
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_empty_input_path_says_empty_and_what_it_holds(value):
+    raw = minimal_raw()
+    raw["input"]["path"] = value
+    assert spec_error_lines(raw) == ["input.path: must not be empty (File, directory, glob or prefix; local or s3://)"]
+
+
+def test_empty_field_with_a_default_says_how_to_get_the_default():
+    raw = minimal_raw()
+    raw["sampling"] = {"max_tokens": None}
+    assert spec_error_lines(raw) == [
+        "sampling.max_tokens: must not be empty (Most tokens generated per row); leave the key out for the default, 256"]
+
+
+def test_empty_section_says_empty():
+    raw = minimal_raw()
+    raw["model"] = None
+    assert spec_error_lines(raw) == ["model: must not be empty (Which model and how to run it)"]
+
+
+def test_unknown_scorer_kind_suggests_the_close_one_and_lists_the_kinds():
+    (line,) = spec_error_lines(with_scorer(name="em", kind="exact-match", reference_column="answer"))
+    assert line == ("scoring.0.kind: 'exact-match' is not a scorer kind (did you mean 'exact_match'?); the kinds are "
+                    "exact_match, contains, regex, json_valid, json_schema, chrf, judge, python")
+
+
+def test_scorer_without_kind_says_required_and_lists_the_kinds():
+    (line,) = spec_error_lines(with_scorer(name="em"))
+    assert line.startswith("scoring.0.kind: required; the kinds are exact_match, contains, regex")
+
+
+def test_python_function_without_colon_asks_for_module_colon_function():
+    (line,) = spec_error_lines(with_scorer(name="p", kind="python", function="json.loads"))
+    assert line == "scoring.0.function: 'json.loads' needs the form module:function (the ':' is missing), e.g. json:loads"
+
+
+def test_python_function_with_other_characters_explains_the_form():
+    (line,) = spec_error_lines(with_scorer(name="p", kind="python", function="json:loads()"))
+    assert line.startswith("scoring.0.function: 'json:loads()' is not module:function: ")
+    assert line.endswith("e.g. json:loads")
+
+
+def test_unknown_key_in_an_optional_section_lists_its_keys():
+    raw = minimal_raw()
+    raw["cache"] = {"path": "cache", "zzzqqq": 1}
+    assert spec_error_lines(raw) == ["cache.zzzqqq: unknown key (known keys: path)"]
 
 
 # ---- YAML parsing --------------------------------------------------------------------------------
