@@ -1,5 +1,6 @@
-"""Accelerators the planner knows: memory and a default hourly price. A plan's prices come from a price file
-when one is given (`llmbatch plan --prices FILE`, or the file `LLMBATCH_PRICES` names), else these defaults."""
+"""Accelerators the planner knows (cluster/accelerator_facts.yaml): memory, datasheet throughput figures and a
+default hourly price. A plan's prices come from a price file when one is given (`llmbatch plan --prices FILE`, or
+the file `LLMBATCH_PRICES` names), else these defaults."""
 from __future__ import annotations
 
 import difflib
@@ -7,7 +8,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmbatch.errors import UserError
@@ -23,23 +24,52 @@ class Accelerator:
     memory_bytes: int
     hourly_usd: float      # list price per device-hour on demand; a default, not a quote
     memory_utilization: float = 0.9
+    memory_bandwidth_gb_per_s: float = 0.0
+    tflops: dict[str, float] = field(default_factory=dict, hash=False)   # dense peak by data type (fp8, bf16, ...)
+    interconnect: str = "none"                 # how a node's devices reach each other for tensor parallelism
+    interconnect_gb_per_s: float = 0.0         # per device, both directions together
+    sources: tuple[str, ...] = ()              # where the figures come from
 
     @property
     def usable_bytes(self) -> float:
         return self.memory_bytes * self.memory_utilization
 
 
-ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in [
-    Accelerator("CPU", 24 * GIB, 0.10, 0.5),   # per 2-core, 24 GiB machine; memory is RAM
-    Accelerator("L4", 24 * GIB, 0.80),
-    Accelerator("A10G", 24 * GIB, 1.01),
-    Accelerator("A100-40GB", 40 * GIB, 3.67),
-    Accelerator("L40S", 48 * GIB, 1.86),
-    Accelerator("A100-80GB", 80 * GIB, 4.10),
-    Accelerator("H100-80GB", 80 * GIB, 6.98),
-    Accelerator("H200-141GB", 141 * 10**9, 7.91),
-    Accelerator("B200-180GB", 180 * 10**9, 14.24),
-]}
+FACTS_FILE = Path(__file__).with_name("accelerator_facts.yaml")
+_FACT_KEYS = {"name", "description", "memory", "memory_utilization", "memory_bandwidth_gb_per_s", "tflops",
+              "interconnect", "interconnect_gb_per_s", "hourly_usd", "sources"}
+_MEMORY_UNITS = {"GiB": GIB, "GB": 10**9}
+
+
+def _memory_bytes(text: str, where: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GiB|GB)\s*", str(text))
+    if not match:
+        raise ValueError(f"{where}: memory '{text}' is not a size such as 24 GiB or 141 GB")
+    return round(float(match[1]) * _MEMORY_UNITS[match[2]])
+
+
+def _accelerator_from_facts(entry: dict) -> Accelerator:
+    where = f"{FACTS_FILE.name}: {entry.get('name', '?')}"
+    unknown = set(entry) - _FACT_KEYS
+    missing = _FACT_KEYS - set(entry) - {"description", "memory_utilization"}
+    if unknown or missing:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    return Accelerator(
+        name=entry["name"], memory_bytes=_memory_bytes(entry["memory"], where), hourly_usd=float(entry["hourly_usd"]),
+        memory_utilization=float(entry.get("memory_utilization", 0.9)),
+        memory_bandwidth_gb_per_s=float(entry["memory_bandwidth_gb_per_s"]),
+        tflops={str(k): float(v) for k, v in entry["tflops"].items()}, interconnect=str(entry["interconnect"]),
+        interconnect_gb_per_s=float(entry["interconnect_gb_per_s"]), sources=tuple(entry["sources"] or ()))
+
+
+def _load_accelerators() -> dict[str, Accelerator]:
+    import yaml
+
+    entries = yaml.safe_load(FACTS_FILE.read_text(encoding="utf-8"))["accelerators"]
+    return {a.name: a for a in map(_accelerator_from_facts, entries)}
+
+
+ACCELERATORS: dict[str, Accelerator] = _load_accelerators()
 
 # Ray's accelerator_type labels (what `accelerator_type:X` node resources say) -> the planner's device. Ray labels
 # every A100 node `A100` (the first word of the product name), whatever its memory: it is planned as the 40 GB

@@ -54,6 +54,8 @@ class KnownSize(BaseModel):
     kv_heads: int = Field(gt=0, description="key/value heads per layer (fewer than query heads under GQA/MQA)")
     head_dim: int = Field(gt=0, description="dimension of one attention head")
     context: int | None = Field(description="max_position_embeddings or trained length; null when unbounded")
+    kv_latent: int | None = Field(default=None, gt=0, description="MLA only: the latent cached per token and layer "
+                                  "(kv_lora_rank + qk_rope_head_dim) in place of keys and values per KV head")
 
     @field_validator("params", mode="before")
     @classmethod
@@ -94,6 +96,8 @@ class FamilyCatalog(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cpu_attention_head_dims: list[int] = Field(min_length=1, description="head dims vLLM's CPU attention supports")
+    cpu_mla_latent_dims: list[int] = Field(default_factory=lambda: [576], min_length=1,
+                                           description="MLA latent widths vLLM's CPU MLA kernel supports")
     families: list[Family] = Field(min_length=1, description="every family, in display order")
 
     @model_validator(mode="after")
@@ -109,6 +113,11 @@ class FamilyCatalog(BaseModel):
 
     def family(self, name: str) -> Family | None:
         return next((f for f in self.families if f.name == name), None)
+
+    def size(self, name: str) -> tuple[Family, KnownSize] | None:
+        """The released size called `name` (case aside), with its family."""
+        wanted = name.strip().lower()
+        return next(((f, s) for f in self.families for s in f.sizes if s.name.lower() == wanted), None)
 
 
 @lru_cache(maxsize=1)
@@ -138,6 +147,10 @@ def cpu_supports_head_dim(head_dim: int) -> bool:
     return head_dim in load_catalog().cpu_attention_head_dims
 
 
+def cpu_supports_mla_latent(latent: int) -> bool:
+    return latent in load_catalog().cpu_mla_latent_dims
+
+
 def render_families(catalog: FamilyCatalog | None = None) -> str:
     """The catalog as an aligned table, then every family's caveats."""
     catalog = catalog or load_catalog()
@@ -150,6 +163,7 @@ def render_families(catalog: FamilyCatalog | None = None) -> str:
     lines += ["", "runs as:"]
     lines += [f"  {key:<{widths[1]}}  {text.format(convert_to='another layout')}" for key, text in RUNS_AS_TEXT.items()]
     lines += ["", "vLLM's CPU attention supports head_dim " + ", ".join(map(str, catalog.cpu_attention_head_dims))
+              + " only; its MLA (DeepSeek) kernel a latent of " + ", ".join(map(str, catalog.cpu_mla_latent_dims))
               + " only", "", "caveats:"]
     for f in catalog.families:
         for caveat in f.caveats:

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmbatch.cluster.families import Family, cpu_supports_head_dim, family_for_config, format_params, load_catalog
+from llmbatch.cluster.families import (
+    Family, cpu_supports_head_dim, cpu_supports_mla_latent, family_for_config, format_params, load_catalog,
+)
 from llmbatch.cluster.model_facts import ModelFacts, facts_from_config
 from llmbatch.cluster.model_store import ModelRef, check_source, classify_source, is_checkpoint_dir
 from llmbatch.errors import UserError
@@ -32,6 +34,7 @@ class Inspection:
     chat_template_in_checkpoint: bool
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    kv_latent: int | None = None  # MLA: the latent cached per token and layer (kv_lora_rank + qk_rope_head_dim)
 
     def to_dict(self) -> dict[str, Any]:
         facts = self.facts
@@ -49,7 +52,7 @@ class Inspection:
                 "parameters": None if _is_encoder_decoder(self) else facts.parameters,
                 "layers": facts.layers, "attention_heads": facts.attention_heads, "kv_heads": facts.kv_heads,
                 "head_dim": facts.head_dim, "context": facts.max_context, "vocab_size": facts.vocab_size,
-                "dtype": facts.dtype, "experts": facts.experts,
+                "dtype": facts.dtype, "experts": facts.experts, "kv_latent": self.kv_latent,
             },
             "caveats": list(self.family.caveats) if self.family else [],
             "notes": self.notes,
@@ -117,8 +120,14 @@ def inspect_config(config: dict[str, Any], *, source: str, kind: str, path: Path
                               f"{shlex.quote(str(path))} --to {family.convert_to} --out {shlex.quote(str(out))}")
     elif runs_as not in ENGINES_AVAILABLE:
         found.problems.append(MISSING_ENGINE.get(runs_as, f"llmbatch has no {runs_as} engine yet"))
+    latent = found.kv_latent = mla_latent(config)
     if facts is None:
         found.notes.append("config.json lacks the shapes sizing reads (layers, heads, hidden size, vocabulary)")
+    elif latent is not None:  # MLA caches one latent per token, attended by vLLM's MLA kernels, not per-head K/V
+        if runs_as in (None, "vllm") and not cpu_supports_mla_latent(latent):
+            dims = ", ".join(map(str, load_catalog().cpu_mla_latent_dims))
+            found.problems.append(f"MLA latent {latent} (kv_lora_rank + qk_rope_head_dim) is not supported by "
+                                  f"vLLM's CPU MLA kernel ({dims}): this model cannot run on CPU, only on GPU")
     elif runs_as in (None, "vllm", "vllm-transformers", "converted") and not cpu_supports_head_dim(facts.head_dim):
         dims = ", ".join(map(str, load_catalog().cpu_attention_head_dims))
         found.problems.append(f"head_dim {facts.head_dim} is not supported by vLLM's CPU attention ({dims}): "
@@ -127,6 +136,16 @@ def inspect_config(config: dict[str, Any], *, source: str, kind: str, path: Path
         found.notes.append("this checkpoint has no chat template: input.messages_column will not work; use "
                            "input.prompt_column or input.template")
     return found
+
+
+def mla_latent(config: dict[str, Any]) -> int | None:
+    """The width of the latent a multi-head latent attention model (DeepSeek-V2/V3) caches per token and layer:
+    kv_lora_rank + qk_rope_head_dim; None for any other attention."""
+    text = config.get("text_config") or config
+    rank, rope = text.get("kv_lora_rank"), text.get("qk_rope_head_dim")
+    if isinstance(rank, int) and isinstance(rope, int) and not isinstance(rank, bool) and rank > 0:
+        return rank + rope
+    return None
 
 
 def _is_encoder_decoder(found: Inspection) -> bool:
@@ -163,6 +182,8 @@ def render_inspection(found: Inspection) -> str:
         rows += [("layers", f"{facts.layers}{per_stack}"),
                  ("heads", f"{facts.attention_heads} attention, {facts.kv_heads} key/value"),
                  ("head dim", str(facts.head_dim)),
+                 *([("kv latent", f"{found.kv_latent} per token and layer (MLA: kv_lora_rank + qk_rope_head_dim)")]
+                   if found.kv_latent else []),
                  ("context", str(facts.max_context) if facts.max_context else "no limit in config.json")]
     lines = [f"{name:<14}{value}" for name, value in rows]
     for title, items in (("caveats", family.caveats if family else []), ("notes", found.notes),

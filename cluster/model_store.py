@@ -65,7 +65,8 @@ def classify_source(source: str) -> ModelRef:
         return ModelRef(source, "hub")
     raise UserError(
         f"model.source: '{source}' is not a catalog name ({', '.join(CATALOG)}), an existing directory, "
-        "an s3:// prefix, or a hub id like org/name"
+        "an s3:// prefix, or a hub id like org/name (a released size such as Llama-3.1-8B is only planned, "
+        "with `llmbatch plan`)"
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from llmbatch.cluster.home import llmbatch_home
 from llmbatch.run_manifest import Manifest
-from llmbatch.storage import filesystem_for, join, read_json, storage_errors, write_whole
+from llmbatch.storage import filesystem_for, full_uri, join, read_json, storage_errors, write_whole
 
 STORE_ENV = "LLMBATCH_PROFILE_STORE"
 
@@ -111,6 +111,22 @@ def _busy_replicas(manifest: Manifest) -> tuple[list[dict[str, Any]], float]:
 
 def load(key: str) -> dict[str, Any] | None:
     return read_json(join(store_root(), f"{key}.json"), "read profile")
+
+
+def for_model(fingerprint: str) -> list[dict[str, Any]]:
+    """Every stored profile of the model with this fingerprint: on any accelerator, with any engine settings."""
+    root = store_root()
+    fs, inner = filesystem_for(root)
+    with storage_errors(root, "list profiles"):
+        if not fs.isdir(inner):
+            return []
+        names = sorted(name for name in fs.ls(inner, detail=False) if name.endswith(".json"))
+    found = []
+    for name in names:
+        profile = read_json(full_uri(root, name), "read profile")
+        if isinstance(profile, dict) and profile.get("model_fingerprint") == fingerprint:
+            found.append(profile)
+    return found
 
 
 def save(profile: dict[str, Any]) -> str:

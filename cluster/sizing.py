@@ -35,22 +35,36 @@ def activation_bytes(facts: ModelFacts, device: Accelerator, tp: int, dtype: str
     return RUNTIME_RESERVE + step + logits
 
 
-def choose_tensor_parallel(facts: ModelFacts, device: Accelerator, max_model_len: int, dtype: str | None = None) -> Fit:
-    """The smallest tensor_parallel_size whose devices hold the weights, a step's activations and a useful KV
-    cache."""
-    weights = facts.weight_bytes(dtype)
+def splits_heads(facts: ModelFacts, tp: int) -> bool:
+    """Whether tensor parallelism of `tp` divides the attention heads (and the KV heads, or replicates them)."""
+    return not (facts.attention_heads % tp or facts.kv_heads % tp and tp % facts.kv_heads)
+
+
+def memory_before_kv(facts: ModelFacts, device: Accelerator, tp: int, dtype: str | None = None,
+                     weights: float | None = None) -> float:
+    """Per GPU, what the KV cache cannot have: its share of the weights (`weights` bytes in all, else the
+    checkpoint's at `dtype`) and one step's activations."""
+    weights = facts.weight_bytes(dtype) if weights is None else weights
+    return weights / tp + activation_bytes(facts, device, tp, dtype)
+
+
+def choose_tensor_parallel(facts: ModelFacts, device: Accelerator, max_model_len: int, dtype: str | None = None,
+                           weights: float | None = None) -> Fit:
+    """The smallest tensor_parallel_size whose devices hold the weights (`weights` bytes, else the checkpoint's at
+    `dtype`), a step's activations and a useful KV cache."""
+    weights = facts.weight_bytes(dtype) if weights is None else weights
     kv_token = facts.kv_bytes_per_token(dtype)
     wanted_kv = USEFUL_CONTEXTS * max_model_len * kv_token
     last = None
     for tp in TP_CHOICES:
-        if facts.attention_heads % tp or facts.kv_heads % tp and tp % facts.kv_heads:
+        if not splits_heads(facts, tp):
             continue
-        per_device = weights / tp + activation_bytes(facts, device, tp, dtype)
-        kv_budget = (device.usable_bytes - per_device) * tp
+        per_device = memory_before_kv(facts, device, tp, dtype, weights)
+        kv_budget = (device.usable_bytes - per_device) * facts.kv_shards(tp)
         tokens = max(0, int(kv_budget // kv_token))
-        last = Fit(tp, tokens, per_device + wanted_kv / tp, "")
+        last = Fit(tp, tokens, per_device + wanted_kv / facts.kv_shards(tp), "")
         if kv_budget >= wanted_kv:
-            return Fit(tp, tokens, per_device + wanted_kv / tp,
+            return Fit(tp, tokens, per_device + wanted_kv / facts.kv_shards(tp),
                        f"weights {weights / GIB:.1f} GiB over {tp} x {device.name} leave a KV cache of "
                        f"{tokens} tokens ({tokens // max_model_len} sequences of {max_model_len})")
     need = (weights + wanted_kv) / GIB

@@ -216,29 +216,64 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
               help="Override a job-file field, e.g. --set resources.replicas=auto (repeatable).")
 @click.option("--accelerator", metavar="NAME", help=f"Plan for this accelerator: {accelerator_names()}. Default: "
               "resources.accelerator_type, else gpu for resources.accelerator: gpu, else cpu.")
+@click.option("--accelerators", "accelerator_list", metavar="A,B,...",
+              help="Plan on each of these accelerators and print them side by side (replicas, wall time, "
+                   "device-hours, cost, $ per 1M output tokens, deadline met), the cheapest that meets the "
+                   "deadline marked; e.g. L4,A100-80GB,H100.")
 @click.option("--prices", "prices_file", metavar="FILE",
               help="USD per device-hour by accelerator name, a YAML or JSON mapping such as 'H100: 2.49' (default: "
                    f"the file ${PRICES_ENV} names; accelerators it leaves out keep their list price).")
 @click.option("--explain", is_flag=True, help="Also print the arithmetic: tokens, rates, replica-seconds, wall time, "
                                               "cost and how the replica count was chosen.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (with its problems and reasoning).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (with its problems and reasoning); "
+                                                      "with --accelerators, a list of plans.")
 @click.option("--address", help="Fit the plan to this Ray cluster's capacity (its dashboard, http://HEAD:8265; "
                                 "default: RAY_ADDRESS when it is such a URL, else no cluster check).")
-def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, prices_file: str | None, explain: bool,
-         as_json: bool, address: str | None) -> None:
-    """Estimate replicas, GPUs, wall time, GPU-hours and cost from measured throughput.
+def plan(job_file: str, overrides: tuple[str, ...], accelerator: str | None, accelerator_list: str | None,
+         prices_file: str | None, explain: bool, as_json: bool, address: str | None) -> None:
+    """Estimate replicas, GPUs, wall time, GPU-hours and cost from measured throughput (a profile of the model
+    on the device), else from the throughput model of the device.
 
     Exits 1 after the plan, with one error line per reason, when the job cannot run as written (a
     tensor_parallel_size below what the model needs, a cluster that cannot hold it) or misses its
-    resources.deadline or resources.budget. Never builds or downloads model weights: a catalog model must be
-    prepared first (llmbatch models prepare NAME)."""
+    resources.deadline or resources.budget; with --accelerators, when the marked device's plan does. Never
+    builds or downloads model weights: a catalog model must be prepared first (llmbatch models prepare NAME)."""
     from llmbatch.cluster.jobs_api import planning_address
     from llmbatch.jobs.plan import plan_for
     from llmbatch.jobs.spec import load_spec
 
+    if accelerator and accelerator_list:
+        raise UserError("give --accelerator or --accelerators, not both")
+    devices = None
+    if accelerator_list is not None:
+        from llmbatch.jobs.plan_compare import device_names
+
+        devices = device_names(accelerator_list)
     spec = latest_slot(load_spec(job_file, list(overrides)))
+    if devices is not None:
+        _show_comparison(spec, devices, prices_file, planning_address(address), as_json=as_json, explain=explain)
+        return
     result = plan_for(spec, accelerator, planning_address(address), prices=prices_file, log=structlog.get_logger())
     _show_plan(result, as_json=as_json, explain=explain)
+
+
+def _show_comparison(spec, devices: list[str], prices_file: str | None, address: str | None, *, as_json: bool,
+                     explain: bool) -> None:
+    """Print the job's plans on `devices` side by side, then exit 1 when the marked one has problems."""
+    import json
+
+    from llmbatch.jobs.plan import render_explanation
+    from llmbatch.jobs.plan_compare import compare_devices, refuse_if_chosen_is_blocked, render_comparison
+
+    options = compare_devices(spec, devices, prices=prices_file, address=address, log=structlog.get_logger())
+    if as_json:
+        click.echo(json.dumps([option.to_dict() for option in options], indent=2))
+    else:
+        click.echo(render_comparison(spec, options))
+        for option in options if explain else []:
+            if option.plan is not None:
+                click.echo(f"\n{option.accelerator}: " + render_explanation(option.plan))
+    refuse_if_chosen_is_blocked(options)
 
 
 def _show_plan(result, *, as_json: bool = False, explain: bool = False) -> None:
@@ -438,6 +473,54 @@ def compare(run_paths: tuple[str, ...], out_dir: str, quality: str | None) -> No
     markdown, page = write_report(list(run_paths), out_dir, quality)
     click.echo(markdown.read_text(encoding="utf-8"))
     click.echo(f"wrote {markdown} and {page}")
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--model", "models", multiple=True, required=True, metavar="SOURCE",
+              help="A model to run the job on (repeatable): catalog name, local checkpoint directory, s3:// prefix "
+                   "or hub id.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a job-file field for every model, e.g. --set input.limit=200 (repeatable).")
+@click.option("--address", help=ADDRESS_HELP + " Every model's run is submitted at once; without one, they run "
+                                               "one after another on an embedded local Ray.")
+@click.option("--project-to", metavar="ACCELERATOR", help="Project each model to the full job on this accelerator "
+              "(default: resources.accelerator_type, else H100).")
+@click.option("--rows", type=click.IntRange(1), help="The full job's row count for the projection (default: the "
+                                                     "whole input, input.limit removed).")
+@click.option("--out", "out_dir", help="Directory for compare.md and compare.html (default: sweep-<job>-<UTC time>).")
+@click.option("--quality", help="Scorer to rank by (default: the first scorer every run has, else mean logprob).")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs, the report's paths and the projections as JSON.")
+def sweep(job_file: str, models: tuple[str, ...], overrides: tuple[str, ...], address: str | None,
+          project_to: str | None, rows: int | None, out_dir: str | None, quality: str | None, as_json: bool) -> None:
+    """Run one job on each --model, compare the runs, and project each model to the full job.
+
+    Each model runs a copy of the job with model.source replaced (run id <job>-<model>-<UTC time>-<random>).
+    A model whose run fails is listed as failed and the others go on; the command then exits 1. The report
+    (compare.md, compare.html) adds each model's plan at full size, from the rates its run measured when a
+    profile on that accelerator exists."""
+    import json
+
+    from llmbatch.cluster.jobs_api import cluster_address
+    from llmbatch.jobs.local_run import Display
+    from llmbatch.jobs.spec import load_spec
+    from llmbatch.jobs.sweep import run_sweep
+
+    spec = latest_slot(load_spec(job_file, list(overrides)))
+    settings = click.get_current_context().find_root().obj
+    display = Display(settings["log_format"], "debug" if settings["debug"] else "info")
+    result = run_sweep(spec, list(models), address=cluster_address(address), display=display, project_to=project_to,
+                       rows=rows, out_dir=out_dir, quality=quality, echo=lambda text: click.echo(text, err=as_json),
+                       log=structlog.get_logger())
+    report = result.report
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        click.echo(report.markdown.read_text(encoding="utf-8"))
+        click.echo(f"wrote {report.markdown}" + (f" and {report.html}" if report.html else ""))
+    if result.failed:
+        names = ", ".join(outcome.model for outcome in result.failed)
+        raise JobFailed(f"{len(result.failed)} of {len(result.outcomes)} model run(s) failed: {names}")
 
 
 @main.group()

@@ -1,4 +1,5 @@
-"""`llmbatch plan`: how many replicas, how many GPUs each, how long and how much, from measured throughput."""
+"""`llmbatch plan`: how many replicas, how many GPUs each, how long and how much, from measured throughput (a
+profile), else from the throughput model (cluster/throughput_model.py)."""
 from __future__ import annotations
 
 import math
@@ -6,11 +7,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llmbatch.cluster import model_store, profiles
+from llmbatch.cluster import model_store, profiles, throughput_model
 from llmbatch.cluster.accelerators import (
-    DEFAULT_PRICE_SOURCE, GENERIC, Accelerator, accelerator, price_of,
+    DEFAULT_PRICE_SOURCE, GENERIC, Accelerator, Price, accelerator, price_of,
 )
-from llmbatch.cluster.model_facts import facts_for_checkpoint
+from llmbatch.cluster.model_facts import ModelFacts, facts_for_checkpoint
 from llmbatch.cluster.resources import PROMPT_TOKENS_ALLOWANCE, engine_dtype
 from llmbatch.cluster.sizing import choose_tensor_parallel, cost_usd, replicas_for_budget, replicas_for_deadline, wall_seconds
 from llmbatch.errors import JobFailed, UserError
@@ -21,6 +22,9 @@ COUNT_ALL_UP_TO = 5000   # rows; above this the input is sampled
 SAMPLE_ROWS = 1000
 AUTO_MAX_REPLICAS = 64
 PLANNED_SEQUENCE_TOKENS = 2048   # the least sequence length a replica is sized for
+CHARACTERS_PER_TOKEN = 4         # prompt characters per token where no tokenizer counts them (English text)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tokenizer.tiktoken", "vocab.json",
+                   "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass
@@ -131,15 +135,17 @@ def _named_accelerator(name: str, where: str) -> Accelerator:
 
 
 def count_input_tokens(job: ResolvedJob) -> TokenEstimate:
-    """Render and tokenize the input's prompts: all of them when small, an even sample when large."""
+    """Render and tokenize the input's prompts: all of them when small, an even sample when large. A checkpoint
+    without a tokenizer (a folder with only config.json plans too) has its prompts' characters counted instead,
+    at CHARACTERS_PER_TOKEN characters a token."""
     from llmbatch.pipelines.read import iter_shard
-    from llmbatch.pipelines.render import RenderStage, RowError
+    from llmbatch.pipelines.render import RowError
 
     spec, files = job.spec, job.input.files
     total = job.input.rows or 0
     if spec.input.limit is not None:
         total = min(total, spec.input.limit)
-    renderer = RenderStage(str(job.model.path), replace(job.render, max_model_len=None))
+    tokens_of, how = _prompt_measure(job)
     sampled = total > COUNT_ALL_UP_TO
     per_shard = max(1, SAMPLE_ROWS // len(files)) if sampled else None
     counted = tokens = seen = 0
@@ -150,7 +156,7 @@ def count_input_tokens(job: ResolvedJob) -> TokenEstimate:
                 if seen >= total or (per_shard is not None and taken >= per_shard):
                     break
                 try:
-                    tokens += len(renderer.render(row)[1])
+                    tokens += tokens_of(row)
                 except RowError:
                     pass  # a row that will fail costs no inference
                 counted += 1
@@ -159,20 +165,31 @@ def count_input_tokens(job: ResolvedJob) -> TokenEstimate:
             if seen >= total or (per_shard is not None and taken >= per_shard):
                 break
     if not sampled:
-        return TokenEstimate(total, tokens, f"counted every row ({total})")
+        return TokenEstimate(total, tokens, f"counted every row ({total}){how}")
     estimate = int(tokens / max(1, counted) * total)
     return TokenEstimate(total, estimate, f"sampled the first {per_shard} rows of each of {len(files)} shard(s) "
-                                          f"({counted} of {total}) and scaled up")
+                                          f"({counted} of {total}) and scaled up{how}")
 
 
-def assumed_rates(params: int, device: Accelerator) -> profiles.Rates:
-    """A stated guess when no profile exists: decode speed falls with model size."""
-    base = 110.0 if device.name == "CPU" else 2500.0  # tok/s of a ~135M model on this CPU; of a 7B on one GPU
-    scale = (1.35e8 if device.name == "CPU" else 7e9) / max(params, 1)
-    out = base * min(4.0, max(0.02, scale)) ** 0.5
-    return profiles.Rates(output_tokens_per_second=out, input_tokens_per_second=out * 4,
-                          requests_per_second=out / 64, startup_seconds=30.0 if device.name == "CPU" else 180.0,
-                          mean_input_tokens=0.0, mean_output_tokens=0.0, measurements=0)
+def _prompt_measure(job: ResolvedJob):
+    """(a row's prompt tokens, how they were counted as the plan says it): by the model's tokenizer, else from the
+    prompt's characters."""
+    from llmbatch.pipelines.render import RenderStage, build_messages, render_plain
+
+    path = job.model.path
+    settings = replace(job.render, max_model_len=None)
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        renderer = RenderStage(str(path), settings)
+        return (lambda row: len(renderer.render(row)[1])), ""
+
+    def characters(row) -> int:
+        if settings.messages_column:
+            return sum(len(m["content"]) for m in build_messages(row, settings))
+        return len(render_plain(row, settings))
+
+    return ((lambda row: math.ceil(characters(row) / CHARACTERS_PER_TOKEN)),
+            f"; tokens estimated from the prompts' characters, about {CHARACTERS_PER_TOKEN} a token, as the "
+            "checkpoint has no tokenizer")
 
 
 def planning_len(job: ResolvedJob) -> int:
@@ -185,46 +202,134 @@ def planning_len(job: ResolvedJob) -> int:
     return min(job.model.max_len or wanted, wanted)
 
 
+@dataclass
+class PlanBasis:
+    """What the plans of one job on any device share: the resolved job, its model's facts and fingerprint; its
+    input tokens and the model's profiles are read once, when a plan first needs them."""
+    spec: JobSpec
+    job: ResolvedJob
+    facts: ModelFacts
+    fingerprint: str
+    _estimate: TokenEstimate | None = None
+    _profiles: list[dict[str, Any]] | None = None
+    _scratch: Any = None      # a folder the basis reads from, removed with it
+
+    def estimate(self) -> TokenEstimate:
+        if self._estimate is None:
+            self._estimate = count_input_tokens(self.job)
+        return self._estimate
+
+    def model_profiles(self) -> list[dict[str, Any]]:
+        """Every profile of the model, on any device: what calibrates the throughput model."""
+        if self._profiles is None:
+            self._profiles = profiles.for_model(self.fingerprint)
+        return self._profiles
+
+
+def plan_basis(spec: JobSpec, log=None) -> PlanBasis:
+    """Resolve the job as `submit` would (a job it would refuse is refused here: UserError), except that its
+    model needs only its config.json, and read that config; never builds a model or downloads weights. A
+    model.source that names a released size of a known family (Llama-3.1-8B) is planned from that size's
+    figures."""
+    size = _known_size(spec.model.source)
+    if size is not None:
+        return _size_basis(spec, size, log)
+    job = resolve(spec, fetch_models=fetched_without_building(spec.model.source), fetch_judges=False,
+                  without_weights=True, config_only=True, log=log)
+    model_path = model_here(job)
+    return PlanBasis(spec, job, facts_for_checkpoint(model_path),
+                     model_store.fingerprint_of(spec.model.source, model_path))
+
+
+def _known_size(source: str):
+    """The family size `source` names, when it names nothing else (a catalog model, a path, s3, a hub id)."""
+    from llmbatch.cluster.families import load_catalog
+
+    try:
+        model_store.classify_source(source)
+    except UserError:
+        found = load_catalog().size(source)
+        if found is None:
+            return None
+        family, size = found
+        sparse = any(mark in a for a in family.architectures for mark in ("Moe", "Mixtral", "Deepseek"))
+        if size.kv_latent or sparse:  # a size lists no experts or latent attention: planned as dense, it would be far off
+            raise UserError(f"model.source: {size.name} is a mixture of experts or uses latent attention, which a "
+                            "size's figures do not describe; plan it from its config.json (a folder holding it)")
+        return size
+    return None
+
+
+def _size_basis(spec: JobSpec, size, log) -> PlanBasis:
+    """The plan's basis for a released size: its figures written as a config.json in a scratch folder (removed
+    with the basis), which the job resolves to as a config-only model; token counts are then estimated."""
+    import json
+    import tempfile
+
+    from llmbatch.cluster.model_facts import config_for_size
+
+    scratch = tempfile.TemporaryDirectory(prefix="llmbatch-size-")
+    folder = Path(scratch.name) / size.name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config_for_size(size)), encoding="utf-8")
+    as_folder = spec.model_copy(update={"model": spec.model.model_copy(update={"source": str(folder)})})
+    job = resolve(as_folder, fetch_models=False, fetch_judges=False, without_weights=True, config_only=True, log=log)
+    job = replace(job, spec=spec)
+    return PlanBasis(spec, job, facts_for_checkpoint(folder), f"size:{size.name}", _scratch=scratch)
+
+
 def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, prices: str | None = None, log=None) -> Plan:
     """The plan of a job that resolves: a job `submit` would refuse is refused here too (UserError). What the
     plan finds wrong with a job that resolves (a tensor parallelism too small, a missed deadline or budget) is
     in its `problems`. `prices` is a price file (see cluster/accelerators.py)."""
     device = accelerator_for(spec, accelerator_name)
     price = price_of(device, prices)
-    job = resolve(spec, fetch_models=fetched_without_building(spec.model.source), fetch_judges=False,
-                  without_weights=True, log=log)
-    model_path = model_here(job)
-    facts = facts_for_checkpoint(model_path)
+    return plan_on(plan_basis(spec, log), device, price)
+
+
+def plan_on(basis: PlanBasis, device: Accelerator, price: Price) -> Plan:
+    """The job's plan on `device`: from the profile of the model on it, else from the throughput model.
+    Raises DoesNotFit when the model fits no replica of that device."""
+    spec, job, facts = basis.spec, basis.job, basis.facts
     max_len = planning_len(job)
-    dtype = engine_settings(spec, device)["dtype"]
-    fit = choose_tensor_parallel(facts, device, max_len, None if dtype == "auto" else dtype)
+    precision = throughput_model.precision_for(facts, engine_settings(spec, device)["dtype"])
+    fit = choose_tensor_parallel(facts, device, max_len, precision.activations, precision.weights_of(facts))
     if fit.tensor_parallel_size is None:
-        raise UserError(f"model {spec.model.source} on {device.name}: {fit.reason}")
+        raise throughput_model.DoesNotFit(f"model {spec.model.source} on {device.name}: {fit.reason}")
     if device.name == "CPU":
-        tp = 1  # a CPU replica is one machine; its memory check is the fit above
+        tp = 1  # a CPU replica is one machine; the throughput model refuses a model one machine cannot hold
     else:
         tp = max(fit.tensor_parallel_size, spec.model.engine.tensor_parallel_size)
     engine = engine_settings(spec, device, tp)
-    fingerprint = model_store.fingerprint_of(spec.model.source, model_path)
-    key = profiles.profile_key(fingerprint, device.name, engine)
+    key = profiles.profile_key(basis.fingerprint, device.name, engine)
     stored = profiles.load(key)
     measured = profiles.rates(stored)
-    rates = measured or assumed_rates(facts.parameters, device)
-    notes: list[str] = []
-    if measured is None:
-        notes.append(f"no profile for this model on {device.name}: rates are assumed; "
-                     f"run `llmbatch profile {spec.model.source}` for a measured plan")
-    estimate = count_input_tokens(job)
-    per_row_out, output_method = _output_per_row(rates, spec.sampling.max_tokens, measured is not None)
+    estimate = basis.estimate()
+    per_row_out, output_method = _output_per_row(measured or _measured_anywhere(basis), spec.sampling.max_tokens)
     output_tokens = int(estimate.rows * per_row_out)
-    work = rates.replica_seconds(estimate.input_tokens, output_tokens)
+    notes: list[str] = []
+    if measured is not None:
+        rates, work = measured, measured.replica_seconds(estimate.input_tokens, output_tokens)
+        profile = _profile_info(key, measured)
+    else:
+        calibration = throughput_model.calibration_for(basis.model_profiles(), facts, device)
+        engine_spec = spec.model.engine
+        predicted = throughput_model.predict(
+            facts, device, precision, tp, estimate.input_tokens / max(1, estimate.rows), per_row_out, max_len,
+            max_num_seqs=engine_spec.max_num_seqs, max_num_batched_tokens=engine_spec.max_num_batched_tokens,
+            calibration=calibration, rows=estimate.rows)
+        b = predicted.breakdown
+        rates = predicted.rates
+        work = estimate.input_tokens / b.prefill_tokens_per_second + output_tokens / b.decode_tokens_per_second
+        profile = _model_info(key, predicted)
+        notes.append(f"no profile: rates from the throughput model for {device.name} ({b.summary()}); run "
+                     f"`llmbatch profile {spec.model.source}` for a measured plan")
     choice = _choose_replicas(spec, work, rates.startup_seconds, tp, price.usd_per_hour)
     plan = Plan(
         model=spec.model.source, accelerator=device.name, engine=engine, rows=estimate.rows,
         input_tokens=estimate.input_tokens, input_tokens_method=estimate.method, output_tokens=output_tokens,
         tensor_parallel_size=tp, fit=fit.reason, replicas=choice.replicas, devices_total=0, wall_seconds=0,
-        device_hours=0, cost_usd=0, hourly_usd=price.usd_per_hour,
-        profile=_profile_info(key, rates, measured is not None), work_seconds=round(work, 2),
+        device_hours=0, cost_usd=0, hourly_usd=price.usd_per_hour, profile=profile, work_seconds=round(work, 2),
         startup_seconds=round(rates.startup_seconds, 2),
         output_tokens_method=f"{estimate.rows} rows x {per_row_out:.4g}: {output_method}",
         price_source=price.source, replicas_reason=choice.reason, notes=notes,
@@ -235,20 +340,39 @@ def plan_job(spec: JobSpec, accelerator_name: str | None = None, *, prices: str 
     return replace(plan, problems=[p for p in problems if p])
 
 
-def _output_per_row(rates: profiles.Rates, max_tokens: int, profiled: bool) -> tuple[float, str]:
-    """Output tokens a row is planned to generate, and where that number comes from."""
-    if not profiled or not rates.mean_output_tokens:
+def _measured_anywhere(basis: PlanBasis) -> profiles.Rates | None:
+    """A profile of the model on any device: how long its outputs are does not depend on the device, so every
+    device's plan counts the same output tokens."""
+    for stored in sorted(basis.model_profiles(), key=lambda p: len(p.get("measurements") or []), reverse=True):
+        rates = profiles.rates(stored)
+        if rates is not None and rates.mean_output_tokens:
+            return rates
+    return None
+
+
+def _output_per_row(rates: profiles.Rates | None, max_tokens: int) -> tuple[float, str]:
+    """Output tokens a row is planned to generate (from the profile's `rates` when there is one), and where that
+    number comes from."""
+    if rates is None or not rates.mean_output_tokens:
         return max_tokens, "sampling.max_tokens, as no profile measured the output length"
     if rates.mean_output_tokens >= max_tokens:
         return max_tokens, f"sampling.max_tokens, below the profile's mean output of {rates.mean_output_tokens:.1f}"
     return rates.mean_output_tokens, "the profile's mean output length"
 
 
-def _profile_info(key: str, rates: profiles.Rates, profiled: bool) -> dict[str, Any]:
-    if not profiled:
-        return {"used": False, "key": key, "assumed": {
-            "output_tokens_per_second": round(rates.output_tokens_per_second, 1),
-            "startup_seconds": rates.startup_seconds, "mean_output_tokens": "max_tokens"}}
+def _model_info(key: str, predicted: throughput_model.Prediction) -> dict[str, Any]:
+    """What the plan shows of a throughput-model prediction (no profile under `key`)."""
+    b = predicted.breakdown
+    c = b.calibration
+    return {"used": False, "key": key, "model": {
+        "prefill_tokens_per_second": round(b.prefill_tokens_per_second, 1),
+        "decode_tokens_per_second": round(b.decode_tokens_per_second, 1),
+        "output_tokens_per_second": round(predicted.rates.output_tokens_per_second, 1),
+        "startup_seconds": b.startup_seconds, "mean_output_tokens": "max_tokens",
+        "calibration": c.source if c else None, "summary": b.summary(), "breakdown": b.to_dict()}}
+
+
+def _profile_info(key: str, rates: profiles.Rates) -> dict[str, Any]:
     return {"used": True, "key": key, "measurements": rates.measurements,
             "output_tokens_per_second": round(rates.output_tokens_per_second, 2),
             "input_tokens_per_second": round(rates.input_tokens_per_second, 2),
@@ -391,10 +515,15 @@ def fit_to_cluster(plan: Plan, spec: JobSpec, address: str, nodes: list[dict[str
     return replace(fitted, notes=notes, problems=[p for p in problems if p], cluster=info)
 
 
-def render_plan(plan: Plan) -> str:
-    hours, rest = divmod(int(plan.wall_seconds), 3600)
+def wall_text(seconds: float) -> str:
+    """1h02m05s, 4m10s."""
+    hours, rest = divmod(int(seconds), 3600)
     minutes, seconds = divmod(rest, 60)
-    wall = f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def render_plan(plan: Plan) -> str:
+    wall = wall_text(plan.wall_seconds)
     lines = [
         f"plan for {plan.model} on {plan.accelerator}",
         f"  rows               {plan.rows}",
@@ -416,8 +545,10 @@ def render_plan(plan: Plan) -> str:
             lines.append(f"  prefill / decode   {p['prefill_tokens_per_second']} prompt tok/s, "
                          f"{p['decode_tokens_per_second']} output tok/s per replica (measured apart)")
     else:
-        lines.append(f"  profile            none; assumed {p['assumed']['output_tokens_per_second']} output tok/s "
-                     f"per replica and {p['assumed']['startup_seconds']:.0f} s start-up")
+        m = p["model"]
+        lines.append(f"  profile            none; throughput model: {m['prefill_tokens_per_second']} prompt tok/s, "
+                     f"{m['decode_tokens_per_second']} output tok/s per replica, {m['startup_seconds']:.0f} s start-up "
+                     f"({'calibrated from ' + m['calibration'] if m['calibration'] else 'uncalibrated'})")
     if plan.cluster:
         c = plan.cluster
         lines.append(f"  cluster            {c['address']}: {c['nodes']} node(s), {c['cpus']:g} CPUs, {c['gpus']:g} GPUs; "
@@ -445,14 +576,35 @@ def render_explanation(plan: Plan) -> str:
         f"{plan.tensor_parallel_size} x ${plan.hourly_usd:g} = ${plan.cost_usd:.4f}  (price: {plan.price_source})",
         f"  replicas           {plan.replicas}: {plan.replicas_reason}",
     ]
+    if not p["used"]:
+        lines[4:4] = _model_arithmetic(p["model"]["breakdown"])
     return "\n".join(lines)
+
+
+def _model_arithmetic(b: dict[str, Any]) -> list[str]:
+    """The throughput model's steps: a decode step's time and batch, prefill, calibration."""
+    peak = f"{b['tflops']:g} TFLOPS {b['peak']} x {b['eff_compute']:g}"
+    c = b["calibration"]
+    calibration = (f"{c['source']}: measured / predicted there = decode x{c['decode']:.3g}, prefill "
+                   f"x{c['prefill']:.3g}, applied to both rates" if c else
+                   "none (no profile of this model on any device): the default efficiency factors stand")
+    return [
+        f"  decode step        max(reads {b['bytes_per_step'] / 1e9:.3g} GB / ({b['bandwidth_gb_per_s']:g} GB/s x "
+        f"{b['eff_bandwidth']:g}), matmuls at {peak}) + all-reduce + engine overhead = "
+        f"max({b['memory_seconds'] * 1000:.1f}, {b['compute_seconds'] * 1000:.1f}) + "
+        f"{b['all_reduce_seconds'] * 1000:.2f} + {throughput_model.STEP_OVERHEAD_SECONDS * 1000:g} ms = "
+        f"{b['step_seconds'] * 1000:.1f} ms for {b['batch']} sequences (bounded by {b['batch_limit']}; KV cache "
+        f"{b['kv_cache_tokens']} tokens on {b['tensor_parallel_size']} x {b['accelerator']} at {b['precision']})",
+        f"  prefill            compute-bound at {peak} per device",
+        f"  calibration        {calibration}",
+    ]
 
 
 def _rates_used(p: dict[str, Any]) -> str:
     if not p["used"]:
-        a = p["assumed"]
-        return (f"assumed (no profile {p['key']}): {a['output_tokens_per_second']} output tok/s per replica, "
-                f"{a['startup_seconds']:g} s start-up")
+        m = p["model"]
+        return (f"throughput model (no profile {p['key']}): prefill {m['prefill_tokens_per_second']} tok/s, decode "
+                f"{m['decode_tokens_per_second']} tok/s per replica, {m['startup_seconds']:g} s start-up")
     measured = f"profile {p['key']} ({p['measurements']} measurement(s))"
     if p.get("decode_tokens_per_second"):
         return (f"{measured}: prefill {p['prefill_tokens_per_second']} tok/s, decode {p['decode_tokens_per_second']} "
@@ -462,8 +614,9 @@ def _rates_used(p: dict[str, Any]) -> str:
 
 def _work_arithmetic(plan: Plan) -> str:
     p = plan.profile
-    if p["used"] and p.get("decode_tokens_per_second"):
-        return (f"input / prefill + output / decode = {plan.input_tokens} / {p['prefill_tokens_per_second']} + "
-                f"{plan.output_tokens} / {p['decode_tokens_per_second']} = {_n(plan.work_seconds)} s of work")
-    rate = p["output_tokens_per_second"] if p["used"] else p["assumed"]["output_tokens_per_second"]
-    return f"output / output tok/s = {plan.output_tokens} / {rate} = {_n(plan.work_seconds)} s of work"
+    rates = p if p["used"] else p["model"]
+    if rates.get("decode_tokens_per_second"):
+        return (f"input / prefill + output / decode = {plan.input_tokens} / {rates['prefill_tokens_per_second']} + "
+                f"{plan.output_tokens} / {rates['decode_tokens_per_second']} = {_n(plan.work_seconds)} s of work")
+    return (f"output / output tok/s = {plan.output_tokens} / {p['output_tokens_per_second']} = "
+            f"{_n(plan.work_seconds)} s of work")

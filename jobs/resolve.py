@@ -69,7 +69,7 @@ class ResolvedJob:
 
 def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = False,
             fetch_judges: bool | None = None, fetch_later: bool = False, scan_input: bool = True,
-            without_weights: bool = False, log=None) -> ResolvedJob:
+            without_weights: bool = False, config_only: bool = False, log=None) -> ResolvedJob:
     """Check `spec` against its storage, input and models, and derive the settings every command uses.
 
     `fetch_models` prepares, copies or downloads the job's model when it is not on this machine yet, and the
@@ -77,6 +77,7 @@ def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = F
     `fetch_later` accepts a hub model that is not downloaded yet (submit fetches it once nothing refuses the run).
     `without_weights` fetches an s3:// or hub model's config and tokenizer only: a cluster's driver reads no
     more, and each node's engines fetch the weights themselves.
+    `config_only` (plan) asks no weights of the job's model: a local folder holding only its config.json will do.
     `scan_input` reads every input shard's row count and schema here; submit leaves that to its pre-pass on
     Ray and calls `schema_problems` with what the pre-pass found."""
     from llmbatch.pipelines.infer import sampling_params, scoring_params
@@ -92,7 +93,7 @@ def resolve(spec: JobSpec, *, run_uri: str | None = None, fetch_models: bool = F
 
     fetch_judges = fetch_models if fetch_judges is None else fetch_judges
     model = _resolve_model(spec.model, "model", fetch_models and not problems, log, problems, fetch_later,
-                           without_weights)
+                           without_weights, config_only)
     if model is not None:
         problems += model_problems(spec, model)
     judges = []
@@ -301,7 +302,8 @@ def _storage_problems(spec: JobSpec) -> list[str]:
 
 
 def _resolve_model(model, where: str, fetch: bool, log, problems: list[str],
-                   fetch_later: bool = False, without_weights: bool = False) -> ResolvedModel | None:
+                   fetch_later: bool = False, without_weights: bool = False,
+                   config_only: bool = False) -> ResolvedModel | None:
     try:
         ref = model_store.classify_source(model.source)
         if fetch:
@@ -322,7 +324,7 @@ def _resolve_model(model, where: str, fetch: bool, log, problems: list[str],
     except UserError as exc:
         problems += [line.replace("model.source", f"{where}.source", 1) for line in exc.lines]
         return None
-    if not _has_weights(path) and not (without_weights and ref.kind in ("s3", "hub")):
+    if not _has_weights(path) and not config_only and not (without_weights and ref.kind in ("s3", "hub")):
         problems.append(f"{where}.source: {path} holds config.json but no weights ({', '.join(WEIGHT_SUFFIXES)} "
                         "files); copy the whole checkpoint")
     context = _context_limit(path)

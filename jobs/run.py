@@ -33,7 +33,8 @@ from llmbatch.jobs.finalize import Execution, commit, run_cost
 from llmbatch.jobs.plan import check_planned_parallelism, engine_settings as plan_engine_settings
 from llmbatch.jobs.resolve import ResolvedJob, ResolvedModel, resolve, schema_problems
 from llmbatch.jobs.spec import JobSpec, parse_duration
-from llmbatch.pipelines.infer import EngineSettings, preload_engine_stage, release_placement_groups
+from llmbatch.pipelines.infer import (EngineSettings, preload_engine_stage, release_placement_groups,
+                                      wait_for_engine_stage_import)
 from llmbatch.pipelines.judge import judge_sampling_params
 from llmbatch.pipelines.manifest import remove_staging, staging_uri
 from llmbatch.pipelines.result_cache import CacheNamespace, cache_namespace, is_deterministic, write_key_file
@@ -322,6 +323,7 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
                         f"node{pinned}); add such a worker group, or lower model.engine.tensor_parallel_size")
     auto = spec.resources.replicas == "auto"
     if auto:
+        wait_for_engine_stage_import()
         device, sizing = predict(spec, accelerator, fingerprint, log, required=True)
         if spec.resources.accelerator_type or accelerator == "cpu":  # planned on the device the run gets
             check_planned_parallelism(spec, sizing)
@@ -330,7 +332,7 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
     else:
         wanted = tuple(spec.resources.replica_range)
         # for a fixed pool the plan is only reported; the engines need not wait for its token count
-        prediction = _in_background(predict, spec, accelerator, fingerprint, log, required=False)
+        prediction = _in_background(_predict_once_imported, spec, accelerator, fingerprint, log)
     asked = False
     if waits:
         timeout = parse_duration(spec.resources.scale_up_timeout or DEFAULT_SCALE_UP_TIMEOUT)
@@ -356,6 +358,11 @@ def _size_pool(job: ResolvedJob, cluster: dict[str, float], fingerprint: str, on
             _withdraw_autoscaler_request(log)
         raise
     return Pool(accelerator, shape, (low, high), nodes, cluster, auto, prediction, asked)
+
+
+def _predict_once_imported(spec: JobSpec, accelerator: str, fingerprint: str, log) -> tuple[Any, Any]:
+    wait_for_engine_stage_import()
+    return predict(spec, accelerator, fingerprint, log, required=False)
 
 
 def _prediction(pool: Pool, log) -> tuple[Any, Any]:
@@ -561,6 +568,11 @@ def _report_progress(counter, total: int, started: float, stop: threading.Event,
                 continue
         logged = time.time()
         _log_progress(snap, total, started, log)
+    if listener is not None:  # the pass's last rows, counted after the last poll
+        try:
+            listener(ray.get(counter.snapshot.remote(), timeout=5), total)
+        except Exception:
+            pass
 
 
 def _log_progress(snap: dict[str, Any], total: int, started: float, log) -> None:

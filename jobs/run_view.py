@@ -146,6 +146,9 @@ class RunView:
         elif name == "run_finished":
             state.status = str(event.get("status"))
             state.phase = f"finished: {state.status}"
+            if isinstance(event.get("rows_ok"), int) and isinstance(event.get("rows_error"), int):
+                state.snapshot = {**state.snapshot, "rows": event["rows_ok"] + event["rows_error"],
+                                  "errors": event["rows_error"]}
 
     def progress(self, snapshot: dict[str, Any], total: int) -> None:
         """A progress counter's snapshot, every second or so while a pass runs."""

@@ -5,6 +5,7 @@ ray.data.llm; what they use of its private internals comes through ray_llm_seam.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,19 +37,31 @@ class EngineSettings:
                                        # there first if needed; where a replica or a tokenizing stage starts
 
 
+_engine_stage_imported = threading.Event()
+_engine_stage_imported.set()
+
+
 def preload_engine_stage() -> None:
     """Import the seam to ray.data.llm's engine stage (which imports vLLM, torch and transformers: seconds of CPU)
     in a daemon thread now, so that building the stage later finds it loaded instead of holding the engines back."""
     import importlib
-    import threading
 
     def load() -> None:
         try:
             importlib.import_module("llmbatch.pipelines.ray_llm_seam")
         except Exception:  # building the stage imports it again and reports the error
             pass
+        finally:
+            _engine_stage_imported.set()
 
+    _engine_stage_imported.clear()
     threading.Thread(target=load, name="preload-engine-stage", daemon=True).start()
+
+
+def wait_for_engine_stage_import(timeout: float = 300.0) -> None:
+    """Until the preload's import is done. Another thread importing transformers meanwhile (a tokenizer, say) can
+    be handed one of its modules half-initialized ("cannot import name ... from partially initialized module")."""
+    _engine_stage_imported.wait(timeout)
 
 
 def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: int | None,

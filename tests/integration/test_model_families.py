@@ -22,7 +22,8 @@ PROMPTS = [
 ]
 MAX_TOKENS = 6
 JOBS_AT_ONCE = 2  # on 2 cores, two jobs at a time finish the set about 10% sooner than one after another
-RUNS_AS = {"llama": "vllm", "mistral": "vllm", "mixtral": "vllm", "opt": "vllm", "bloom": "vllm",
+RUNS_AS = {"llama": "vllm", "mistral": "vllm", "mixtral": "vllm", "qwen2": "vllm", "qwen3": "vllm", "qwen-moe": "vllm",
+           "phi3": "vllm", "opt": "vllm", "bloom": "vllm",
            "gpt-neox": "vllm-transformers", "gpt2": "vllm", "glm4": "vllm", "gpt-bigcode": "vllm-transformers",
            "codegen": "converted", "t5": "seq2seq", "mt5": "seq2seq"}
 CATALOG_FAMILY = {"mt5": "t5"}
