@@ -151,3 +151,10 @@ def test_cluster_submission_ships_the_whole_package():
             assert (root / expected).is_file(), expected
         assert not list(root.rglob("__pycache__"))
     assert not root.exists()
+
+
+def test_no_two_test_files_share_a_name():
+    """pytest imports test files by their bare name (the test folders are not packages): a second file of the
+    same name stops collection of the whole suite."""
+    names = [path.name for path in (REPO / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
