@@ -330,7 +330,7 @@ def predict_offline(facts: ModelFacts, device: Accelerator | str, gpus: int, dty
                          f"{gpus} given")
     totals = []
     for size in (choice for choice in TP_CHOICES if tp <= choice <= gpus):
-        if facts.attention_heads % size or facts.kv_heads % size and size % facts.kv_heads:
+        if not splits_heads(facts, size):
             continue
         rates = predict(facts, device, prec, size, input_tokens, output_tokens, length).rates
         totals.append(gpus // size * rates.output_tokens_per_second)

@@ -74,7 +74,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _md(value: Any) -> str:
+def md_cell(value: Any) -> str:
     """Run data as literal text in a Markdown table cell: no markup, no HTML, no line or cell breaks."""
     text = " ".join(str(value).split())
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -84,17 +84,17 @@ def _md(value: Any) -> str:
 def render_markdown(metric: str, points: list[RunPoint]) -> str:
     lines = [
         "# llmbatch model comparison", "",
-        f"Quality axis: {_md(metric)} (higher is better). Output tok/s counts the generation only (judge passes "
+        f"Quality axis: {md_cell(metric)} (higher is better). Output tok/s counts the generation only (judge passes "
         "excluded); cost is each run's device time at the planner's prices.", "",
-        f"| run | model | sampling | {_md(metric)} | output tok/s | USD per 1M output tokens | rows ok / error | wall s |",
+        f"| run | model | sampling | {md_cell(metric)} | output tok/s | USD per 1M output tokens | rows ok / error | wall s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for p in points:
-        lines.append(f"| {_md(p.run_id)} | {_md(p.model)} | {_md(p.sampling)} | {_fmt(p.quality)} | {_fmt(p.output_tok_s, 1)} | "
+        lines.append(f"| {md_cell(p.run_id)} | {md_cell(p.model)} | {md_cell(p.sampling)} | {_fmt(p.quality)} | {_fmt(p.output_tok_s, 1)} | "
                      f"{_fmt(p.cost_per_million, 2)} | {p.rows.ok} / {p.rows.error} | {p.wall_seconds:.1f} |")
     ranked = sorted((p for p in points if p.quality is not None), key=lambda p: p.quality, reverse=True)
     if ranked:
-        lines += ["", f"Best on {_md(metric)}: **{_md(ranked[0].label)}**."]
+        lines += ["", f"Best on {md_cell(metric)}: **{md_cell(ranked[0].label)}**."]
     return "\n".join(lines) + "\n"
 
 

@@ -29,9 +29,7 @@ class Projection:
 
     @property
     def usd_per_million_output_tokens(self) -> float | None:
-        if self.plan is None or not self.plan.output_tokens:
-            return None
-        return self.plan.cost_usd / self.plan.output_tokens * 1e6
+        return self.plan.usd_per_million_output_tokens if self.plan is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         found: dict[str, Any] = {"model": self.model, "accelerator": self.accelerator, "error": self.error}

@@ -65,6 +65,10 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def usd_per_million_output_tokens(self) -> float | None:
+        return self.cost_usd / self.output_tokens * 1e6 if self.output_tokens else None
+
     def for_replicas(self, replicas: int) -> "Plan":
         """The same plan with another replica count (e.g. capped by the cluster)."""
         wall = wall_seconds(self.work_seconds, self.startup_seconds, replicas)

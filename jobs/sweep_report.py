@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llmbatch.errors import UserError
-from llmbatch.jobs.compare import _md as cell
+from llmbatch.jobs.compare import md_cell as cell
 from llmbatch.jobs.compare import write_report
 from llmbatch.jobs.full_size import Projection
 
