@@ -9,7 +9,7 @@ import structlog
 
 from llmbatch.cluster.accelerators import PRICES_ENV, accelerator_names
 from llmbatch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, EXIT_USER, JobFailed, UserError
-from llmbatch.jobs.error_report import emit, log_format_asked, report_for, usage_report
+from llmbatch.jobs.error_report import ReportedElsewhere, emit, log_format_asked, report_for, usage_report
 from llmbatch.jobs.logs import configure_logging
 from llmbatch.redact import strip_url_credentials
 
@@ -64,7 +64,7 @@ class _Group(click.Group):
             report = usage_report(exc)
         except click.ClickException:
             raise
-        except (UserError, JobFailed) as exc:
+        except (UserError, JobFailed, ReportedElsewhere) as exc:
             report = report_for(exc, traceback.format_exc() if debug else None)
         except KeyboardInterrupt as exc:
             report = report_for(exc)
@@ -132,9 +132,11 @@ ADDRESS_HELP = "Ray Jobs API address of a cluster, e.g. http://HEAD:8265 (defaul
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a job-file field, e.g. --set sampling.max_tokens=64 (repeatable).")
 @click.option("--address", help=ADDRESS_HELP + " Without one, the job runs on an embedded local Ray.")
-@click.option("--wait", is_flag=True, help="With --address: stream the run's logs and exit with its outcome.")
+@click.option("--wait", is_flag=True, help="With --address: watch the run (the live view on a terminal, its log "
+              "lines otherwise) and exit with its outcome; Ctrl-C stops the watching, not the run.")
 @click.option("--show-worker-logs", is_flag=True, help="Stream Ray worker and vLLM engine logs to the terminal "
-              "(they go to the run's log file otherwise), with plain log lines instead of the live view.")
+              "(they go to the run's log file otherwise, or stay in a cluster run's log), with plain log lines "
+              "instead of the live view.")
 @click.option("--dashboard", is_flag=True, help="Start Ray's dashboard with the embedded Ray and show its address "
               "(a cluster has its own: --address prints the run's link).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (replicas, time, cost; fitted to the --address cluster when given) and run nothing; "
@@ -153,7 +155,8 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     On the embedded Ray, a live view on a terminal shows the run's phase, rows, speed, time left and engine
     replicas; otherwise, and with --log-format json, log lines do. Ray's and vLLM's own output goes to the run's
     log file (its path is shown), and the run joins this machine's history (`llmbatch runs`). With --address,
-    the run's dashboard link is printed and `llmbatch logs` follows it."""
+    the run's dashboard link is printed; with --wait as well, the same view (or log lines) follows the run on
+    the cluster, and a driver's error comes back with its exit code."""
     from llmbatch.cluster.jobs_api import cluster_address
     from llmbatch.jobs.run import check_run_id, new_run_id, run_job
     from llmbatch.jobs.spec import load_spec
@@ -180,9 +183,12 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     target = None if on_cluster else cluster_address(address)
     if on_cluster:
-        result = run_job(spec, run_id, log=structlog.get_logger(), show_worker_logs=True, on_cluster=True,
-                         overwrite=overwrite, resume=bool(resume_id))
-        click.echo(render_summary(result.manifest, result.summary))
+        from llmbatch.jobs.cluster_watch import SUMMARY_EVENT
+
+        log = structlog.get_logger()
+        result = run_job(spec, run_id, log=log, show_worker_logs=True, on_cluster=True, overwrite=overwrite,
+                         resume=bool(resume_id))
+        log.info(SUMMARY_EVENT, run_id=run_id, text=render_summary(result.manifest, result.summary))
         return
     if target is None:
         from llmbatch.jobs.local_run import Display, run_here
@@ -193,21 +199,50 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
         result = run_here(spec, run_id, display, overwrite=overwrite, resume=bool(resume_id))
         click.echo(render_summary(result.manifest, result.summary))
         return
-    from llmbatch.jobs.remote import submit_to_cluster, wait_for
+    from llmbatch.jobs.remote import submit_to_cluster
 
     submission = submit_to_cluster(spec, run_id, target, overwrite=overwrite, resume=bool(resume_id))
     attempt = "" if submission.submission_id == run_id else f" as {submission.submission_id}"
     shown = strip_url_credentials(target)
     click.echo(f"submitted {run_id}{attempt} to {shown}; output: {submission.run_uri}")
+    link = None
     if shown == target and shown.startswith(("http://", "https://")):  # no link with its credentials hidden
-        click.echo(f"dashboard: {shown.rstrip('/')}/#/jobs/{submission.submission_id}")
+        link = f"{shown.rstrip('/')}/#/jobs/{submission.submission_id}"
+        click.echo(f"dashboard: {link}")
     if not wait:
         click.echo(f"follow it with: llmbatch logs {run_id} --follow --address {shown}")
         return
-    status = wait_for(target, run_id, lambda chunk: click.echo(chunk, nl=False), submission.submission_id)
-    click.echo(f"run {run_id}: {status}")
-    if status != "SUCCEEDED":
-        raise JobFailed(f"run {run_id} ended {status}; see llmbatch logs {run_id} --address {target}")
+    _watch_cluster_run(target, shown, run_id, submission.submission_id, spec.name, link, show_worker_logs)
+
+
+def _watch_cluster_run(target: str, shown: str, run_id: str, submission_id: str, job: str, link: str | None,
+                       show_worker_logs: bool) -> None:
+    """`submit --address --wait`: the run's live view (or its log lines) until it ends, then its summary; its
+    driver's error, with the driver's exit code."""
+    from dataclasses import replace
+
+    from llmbatch.jobs.cluster_watch import watch_run
+    from llmbatch.jobs.error_report import ReportedElsewhere
+
+    settings = click.get_current_context().find_root().obj
+    logs_command = f"llmbatch logs {run_id} --address {shown}"
+    try:
+        outcome = watch_run(target, run_id, submission_id, job=job, dashboard=link, logs_command=logs_command,
+                            log_format=settings["log_format"], show_worker_logs=show_worker_logs)
+    except KeyboardInterrupt:
+        click.echo(f"stopped watching; run {run_id} goes on on the cluster: follow it with {logs_command} --follow, "
+                   f"stop it with llmbatch cancel {run_id} --address {shown}", err=True)
+        raise
+    if outcome.summary:
+        click.echo(outcome.summary)
+    click.echo(f"run {run_id}: {outcome.status}")
+    if outcome.error is not None:
+        report = outcome.error
+        if report.traceback and not settings["debug"]:
+            report = replace(report, traceback=None, hint=f"its traceback is in {logs_command}")
+        raise ReportedElsewhere(report)
+    if outcome.status != "SUCCEEDED":
+        raise JobFailed(f"run {run_id} ended {outcome.status}; see {logs_command}")
 
 
 @main.command()
@@ -359,14 +394,19 @@ def status(run_id: str, address: str | None) -> None:
 @click.option("--address", help=ADDRESS_HELP)
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends.")
 def logs(run_id: str, address: str | None, follow: bool) -> None:
-    """Print a cluster run's logs."""
+    """Print a cluster run's log: its driver's events as log lines (as the JSON the driver wrote, with
+    --log-format json), Ray's and vLLM's output as it is."""
+    from llmbatch.jobs.cluster_watch import LineSplitter, shown_line
     from llmbatch.jobs.remote import follow_logs, logs as fetch_logs
 
     target = _address(address)
+    log_format = click.get_current_context().find_root().obj["log_format"]
+    lines = LineSplitter(lambda line: click.echo(shown_line(line, log_format)))
     if follow:
-        follow_logs(target, run_id, lambda chunk: click.echo(chunk, nl=False))
+        follow_logs(target, run_id, lines)
     else:
-        click.echo(fetch_logs(target, run_id), nl=False)
+        lines(fetch_logs(target, run_id))
+    lines.close()
 
 
 @main.command("list")
@@ -452,13 +492,18 @@ def results(run: str, rows: int, full: bool, as_json: bool) -> None:
     import json
 
     from llmbatch.jobs.results import render_results, results_json
-    from llmbatch.jobs.run_index import locate
+    from llmbatch.jobs.run_index import locate, unfinished
 
     run_uri = locate(run)
-    if as_json:
-        click.echo(json.dumps(results_json(run_uri, rows), indent=2, default=str))
-    else:
-        click.echo(render_results(run_uri, rows, full=full))
+    try:
+        shown = json.dumps(results_json(run_uri, rows), indent=2, default=str) if as_json \
+            else render_results(run_uri, rows, full=full)
+    except UserError:
+        reason = unfinished(run)
+        if reason is None:
+            raise
+        raise UserError(reason) from None
+    click.echo(shown)
 
 
 @main.command()

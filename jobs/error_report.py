@@ -11,6 +11,7 @@ from llmbatch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, JobFailed, SpecErro
 from llmbatch.redact import redact_event, strip_url_credentials
 
 INTERNAL_HINT = "an internal error in llmbatch; run with --debug for the traceback"
+REPORT_EVENTS = ("invalid_job_spec", "user_error", "usage_error", "job_failed", "internal_error", "interrupted")
 
 
 @dataclass
@@ -26,8 +27,20 @@ class ErrorReport:
     traceback: str | None = None
 
 
+class ReportedElsewhere(Exception):
+    """An error another llmbatch process reported (a cluster run's driver, in its log): shown as it said it,
+    with its exit code."""
+
+    def __init__(self, report: ErrorReport):
+        super().__init__(report.message)
+        self.report = report
+        self.exit_code = report.exit_code
+
+
 def report_for(exc: BaseException, traceback_text: str | None = None) -> ErrorReport:
     """The report of an exception a command raised; `traceback_text` when it should be shown."""
+    if isinstance(exc, ReportedElsewhere):
+        return exc.report
     if isinstance(exc, SpecError):
         return ErrorReport("invalid_job_spec", str(exc), exc.exit_code, list(exc.lines),
                            problems_are_errors=not exc.source, traceback=traceback_text)
@@ -78,6 +91,20 @@ def json_line(report: ErrorReport) -> str:
             record[key] = getattr(report, key)
     record["exit_code"] = report.exit_code
     return json.dumps(redact_event(None, "error", record), ensure_ascii=False)
+
+
+def report_from_json(record: dict) -> ErrorReport | None:
+    """A report json_line wrote, read back; None when `record` is not one."""
+    if not isinstance(record.get("exit_code"), int) or not isinstance(record.get("error"), str) \
+            or record.get("event") not in REPORT_EVENTS:
+        return None
+    problems = [str(p) for p in record.get("problems") or []]
+    message = record["error"]
+    return ErrorReport(record["event"], message, record["exit_code"], problems,
+                       problems_are_errors=record["event"] == "user_error" or (
+                           record["event"] == "invalid_job_spec" and message == "invalid job spec"),
+                       usage=record.get("usage"), exception=record.get("exception"), hint=record.get("hint"),
+                       traceback=record.get("traceback"))
 
 
 def emit(report: ErrorReport, log_format: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import logging
 import os
 import shlex
 import shutil
@@ -64,7 +65,8 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
     job_text = yaml.safe_dump(spec.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
     metadata = {**(extra_metadata or {}), METADATA_MARK: "1", "job": spec.name, "run_id": run_id,
                 "model": spec.model.source, "output": run_uri}
-    entrypoint = f"python -m llmbatch.jobs.cli submit {SHIPPED_JOB} --run-id {run_id} --on-cluster"
+    # The driver logs JSON lines: the submitter's view (jobs/cluster_watch.py) reads its events back from them.
+    entrypoint = f"python -m llmbatch.jobs.cli --log-format json submit {SHIPPED_JOB} --run-id {run_id} --on-cluster"
     if overwrite:
         entrypoint += " --overwrite"
     if resume:
@@ -73,11 +75,26 @@ def submit_to_cluster(spec: JobSpec, run_id: str, address: str, *, overwrite: bo
     submission_id = next(candidate for candidate in _submission_ids(run_id) if candidate not in taken)
     jobs = client(address)
     with shipped_package(job_text) as package, shipped_modules(own_modules(spec)) as modules, \
-            jobs_api_errors(address):
+            jobs_api_errors(address), ray_client_quiet():
         runtime_env: dict[str, Any] = {"py_modules": [package, *modules], "env_vars": env_vars}
         jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
                         metadata=metadata)
     return Submission(run_id, address, run_uri, submission_id)
+
+
+@contextmanager
+def ray_client_quiet() -> Iterator[None]:
+    """Ray's job client logs each package it uploads at INFO, on the submitter's terminal: warnings only. (Its
+    loggers set their own levels, so the filter is on the handlers of Ray's logger.)"""
+    handlers = logging.getLogger("ray").handlers
+    levels = [handler.level for handler in handlers]
+    for handler in handlers:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(handlers, levels):
+            handler.setLevel(level)
 
 
 @contextmanager
@@ -218,7 +235,8 @@ def manifest_counts(run_uri: str) -> dict[str, Any]:
         manifest = read_manifest(run_uri)
     except (UserError, OSError, ValueError):
         return {}
-    return {"rows_ok": manifest.rows.ok, "rows_error": manifest.rows.error, "run_status": manifest.status}
+    return {"rows_ok": manifest.rows.ok, "rows_error": manifest.rows.error, "run_status": manifest.status,
+            "wall_seconds": manifest.wall_seconds, "cost_usd": manifest.cost.usd if manifest.cost else None}
 
 
 def list_runs(address: str) -> list[dict[str, Any]]:
@@ -242,7 +260,7 @@ def list_runs(address: str) -> list[dict[str, Any]]:
         status = _status(info)
         row = {"run_id": run_id, "status": status, "job": meta.get("job"), "model": meta.get("model"),
                "started": _timestamp(info.start_time), "start_ms": info.start_time or 0,
-               "attempts": counts[run_id]}
+               "attempts": counts[run_id], "output": meta.get("output")}
         if status in TERMINAL and meta.get("output"):
             row.update(manifest_counts(meta["output"]))
         runs.append(row)
@@ -264,7 +282,7 @@ def follow_logs(address: str, run_id: str, emit: Callable[[str], None], submissi
         async for chunk in jobs.tail_job_logs(submission):
             emit(chunk)
 
-    with jobs_api_errors(address):
+    with jobs_api_errors(address), ray_client_quiet():
         asyncio.run(tail())
 
 

@@ -38,6 +38,7 @@ from llmbatch.pipelines.infer import (EngineSettings, preload_engine_stage, rele
 from llmbatch.pipelines.judge import judge_sampling_params
 from llmbatch.pipelines.manifest import remove_staging, staging_uri
 from llmbatch.pipelines.result_cache import CacheNamespace, cache_namespace, is_deterministic, write_key_file
+from llmbatch.pipelines.progress_report import PassProgress, summarize
 from llmbatch.pipelines.resume import FinishedWork, write_attempt
 from llmbatch.pipelines.run_folder import (
     AUTOMATIC_RESUME, RunStart, check_same_engine, decide_start, prepare_run_folder, read_folder_state,
@@ -49,6 +50,8 @@ from llmbatch.versions import software_versions
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROGRESS_EVERY_SECONDS = 10.0
+CLUSTER_PROGRESS_EVERY_SECONDS = 5.0
+PROGRESS_LINE_REPLICAS = 8
 LISTENER_EVERY_SECONDS = 1.0
 STALL_WARNING_SECONDS = 600.0
 PREDICTION_WAIT_SECONDS = 60.0
@@ -56,6 +59,9 @@ PREDICTION_WAIT_SECONDS = 60.0
 
 # A callable taking (progress snapshot, rows in the pass), called about every second while a pass runs.
 progress_listener: ContextVar[Callable[[dict, int], None] | None] = ContextVar("progress_listener", default=None)
+# Whether `progress` log lines carry the replicas' states, for a live view that reads them (a cluster run's
+# submitter): run_job sets it for a run on a cluster.
+progress_lines_for_a_view: ContextVar[bool] = ContextVar("progress_lines_for_a_view", default=False)
 
 
 def new_run_id(job_name: str) -> str:
@@ -125,11 +131,13 @@ def run_job(spec: JobSpec, run_id: str | None = None, *, log=None, show_worker_l
     job = resolve(spec, run_uri=run_uri, fetch_later=True, scan_input=False, without_weights=on_cluster, log=log)
     log.info("input_listed", files=len(job.input.files), bytes=sum(f.size for f in job.input.files))
     lock = RunLock.acquire(run_uri, run_id, log)
+    view_lines = progress_lines_for_a_view.set(on_cluster)
     try:
         return _run_held(job, lock, run_id, run_uri, marks, started_at, log, show_worker_logs=show_worker_logs,
                          on_cluster=on_cluster, measurement_source=measurement_source, overwrite=overwrite,
                          resume=resume, dashboard=dashboard)
     finally:
+        progress_lines_for_a_view.reset(view_lines)
         lock.release()
 
 
@@ -502,7 +510,8 @@ def _execute(ds, target: str, counter, total_rows: int, started: float, lock: Ru
 
     stop = threading.Event()
     reporter = threading.Thread(target=_report_progress, daemon=True,
-                                args=(counter, total_rows, started, stop, log, progress_listener.get()))
+                                args=(counter, total_rows, started, stop, log, progress_listener.get(),
+                                      PROGRESS_LINE_REPLICAS if progress_lines_for_a_view.get() else 0))
     reporter.start()
     try:
         write_dataset(ds, target, lock.fence, rows_per_part)
@@ -550,49 +559,45 @@ def _process_started() -> float | None:
         return None
 
 
-def _report_progress(counter, total: int, started: float, stop: threading.Event, log, listener=None) -> None:
-    """A `progress` log line every PROGRESS_EVERY_SECONDS; each snapshot to `listener` (a live view) every
-    LISTENER_EVERY_SECONDS. Rows count as generated when an engine replica finishes their batch: they reach
-    the last step, where they are counted as written, only when the engine has finished its whole read task."""
+def _report_progress(counter, total: int, started: float, stop: threading.Event, log, listener=None,
+                     replicas_shown: int = 0) -> None:
+    """A `progress` log line every PROGRESS_EVERY_SECONDS (every CLUSTER_PROGRESS_EVERY_SECONDS, with the first
+    `replicas_shown` replicas' states, when a submitter's view reads them); each snapshot to `listener` (a live
+    view) every LISTENER_EVERY_SECONDS."""
     import ray
 
+    every = CLUSTER_PROGRESS_EVERY_SECONDS if replicas_shown else PROGRESS_EVERY_SECONDS
     logged = time.time()
-    while not stop.wait(LISTENER_EVERY_SECONDS if listener else PROGRESS_EVERY_SECONDS):
+    while not stop.wait(LISTENER_EVERY_SECONDS if listener else every):
         try:
             snap = ray.get(counter.snapshot.remote(), timeout=5)
         except Exception:
             continue
         if listener is not None:
             listener(snap, total)
-            if time.time() - logged < PROGRESS_EVERY_SECONDS:
+            if time.time() - logged < every:
                 continue
         logged = time.time()
-        _log_progress(snap, total, started, log)
-    if listener is not None:  # the pass's last rows, counted after the last poll
-        try:
-            listener(ray.get(counter.snapshot.remote(), timeout=5), total)
-        except Exception:
-            pass
-
-
-def _log_progress(snap: dict[str, Any], total: int, started: float, log) -> None:
-    elapsed = time.time() - started
-    generated = sum(r["rows"] for r in snap["replicas"])
-    ready = sum(1 for r in snap["replicas"] if r.get("engine_ready_at"))
-    if snap["rows"] == 0 and generated == 0:
-        if elapsed > STALL_WARNING_SECONDS:
-            log.warning("no_rows_yet", elapsed_s=round(elapsed), replicas_ready=ready,
-                        hint="no replica has finished a batch; if the cluster cannot place the engine replicas, "
-                             "`ray status` shows what is pending")
-        else:
-            log.info("progress", rows_done=0, rows_total=total, elapsed_s=round(elapsed), replicas_ready=ready,
-                     note="starting engine replicas and warming up")
+        _log_progress(summarize(snap, total, logged), started, log, replicas_shown)
+    if listener is None and not replicas_shown:
         return
-    first_batch = min((r["first_batch_at"] for r in snap["replicas"] if r.get("first_batch_at")),
-                      default=snap["first_row_at"] or started)
-    busy = max(1e-6, time.time() - first_batch)
-    tokens = max(snap["generated_tokens"], sum(r["generated_tokens"] for r in snap["replicas"]))
-    done = max(snap["rows"], generated)
-    log.info("progress", rows_done=done, rows_written=snap["rows"], rows_total=total,
-             percent=round(100 * done / max(1, total), 1), rows_error=snap["errors"], replicas_ready=ready,
-             output_tok_s=round(tokens / busy, 1), elapsed_s=round(elapsed))
+    try:  # the pass's last rows, counted after the last poll
+        snap = ray.get(counter.snapshot.remote(), timeout=5)
+    except Exception:
+        return
+    if listener is not None:
+        listener(snap, total)
+    if replicas_shown:
+        _log_progress(summarize(snap, total, time.time()), started, log, replicas_shown)
+
+
+def _log_progress(progress: PassProgress, started: float, log, replicas_shown: int = 0) -> None:
+    elapsed = round(time.time() - started)
+    if progress.rows_done == 0 and elapsed > STALL_WARNING_SECONDS:
+        log.warning("no_rows_yet", elapsed_s=elapsed, replicas_ready=progress.replicas_ready,
+                    hint="no replica has finished a batch; if the cluster cannot place the engine replicas, "
+                         "`ray status` shows what is pending")
+        if not replicas_shown:
+            return
+    note = {"note": "starting engine replicas and warming up"} if progress.rows_done == 0 else {}
+    log.info("progress", **progress.log_fields(replicas_shown), elapsed_s=elapsed, **note)

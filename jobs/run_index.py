@@ -120,6 +120,28 @@ def locate(ref: str) -> str:
     raise UserError(f"{ref}: {looked}; `llmbatch runs` lists the runs this machine started")
 
 
+def unfinished(ref: str) -> str | None:
+    """Why the run `ref` names in the index (`latest` or a run id) has no results to show, when its record says
+    it never committed: still running, or stopped before its end. None otherwise."""
+    try:
+        runs = list_runs()
+    except OSError:
+        return None
+    if ref == "latest":
+        record = next((r for r in runs if r.get("run_uri") and r.get("status") != REFUSED), None)
+    else:
+        record = next((r for r in runs if r.get("run_id") == ref), None)
+    status = record.get("status") if record else None
+    if status not in (RUNNING, ENDED_WITHOUT_RECORD, "interrupted", "crashed"):
+        return None
+    log = f"; its log: {record['log_path']}" if record.get("log_path") else ""
+    if status == RUNNING:
+        return (f"run {record['run_id']} is still running (started {record.get('started_at')}{log}); "
+                "its results show once it commits")
+    return (f"run {record['run_id']} {status} before it committed{log}; `llmbatch submit JOB --resume "
+            f"{record['run_id']}` finishes it")
+
+
 def _write(run_id: str, record: dict[str, Any]) -> None:
     write_local(run_dir(run_id) / RECORD_NAME, json.dumps(record, indent=2, default=str).encode())
 
@@ -178,9 +200,9 @@ def cluster_run(run: dict[str, Any], where: str) -> dict[str, Any]:
         "started_at": datetime.fromtimestamp(started / 1000, timezone.utc).isoformat() if started else None,
         "rows_ok": run.get("rows_ok"),
         "rows_error": run.get("rows_error"),
-        "wall_seconds": None,
-        "cost_usd": None,
-        "run_uri": None,
+        "wall_seconds": run.get("wall_seconds"),
+        "cost_usd": run.get("cost_usd"),
+        "run_uri": run.get("output"),
         "attempts": run.get("attempts"),
         "where": where,
     }

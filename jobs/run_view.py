@@ -1,7 +1,7 @@
 """The live view of a run on a terminal: phase, rows, speed, time left, engine replicas; warnings above it.
 
-It reads the run's log events (as a structlog processor) and the progress counter's snapshots; it changes
-nothing in the run."""
+It reads the run's log events (as a structlog processor, or read back from a cluster run's log) and the
+progress of each pass; it changes nothing in the run."""
 from __future__ import annotations
 
 import os
@@ -15,6 +15,8 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
+from llmbatch.pipelines.progress_report import PassProgress, ReplicaState, summarize
 
 SHOWN_REPLICAS = 8
 PHASES_BY_EVENT = {
@@ -34,7 +36,7 @@ PHASES_BY_EVENT = {
 class ViewState:
     run_id: str
     job: str
-    log_path: str
+    log_path: str                   # where the run's whole log is: a file, or the command that prints it
     phase: str = "resolving the job"
     model: str = ""
     accelerator: str = ""
@@ -42,34 +44,16 @@ class ViewState:
     rows_total: int | None = None
     dashboard: str | None = None
     judge: str | None = None
-    snapshot: dict[str, Any] = field(default_factory=dict)
-    rate_since: tuple[float, int] | None = None   # (time, rows) when rows first moved
+    progress: PassProgress | None = None
+    progress_at: float = 0.0        # when it came
     started: float = field(default_factory=time.time)
     status: str | None = None
 
 
-def rows_done(snapshot: dict[str, Any]) -> int:
-    """Rows finished: written ones, or the engines' finished ones when more (an engine's output reaches the
-    writer a whole read task at a time, so on a large input the written count lags far behind)."""
-    generated = sum(r.get("rows", 0) for r in snapshot.get("replicas", []))
-    return max(snapshot.get("rows", 0), generated)
-
-
-def output_tokens_per_second(snapshot: dict[str, Any], now: float) -> float | None:
-    replicas = [r for r in snapshot.get("replicas", []) if r.get("first_batch_at")]
-    if not replicas:
-        return None
-    first = min(r["first_batch_at"] for r in replicas)
-    tokens = sum(r.get("generated_tokens", 0) for r in replicas)
-    return tokens / max(1e-6, now - first)
-
-
-def eta_seconds(state: ViewState, done: int, now: float) -> float | None:
-    if not state.rows_total or state.rate_since is None or done <= state.rate_since[1]:
-        return None
-    since, rows_then = state.rate_since
-    rate = (done - rows_then) / max(1e-6, now - since)
-    return max(0.0, (state.rows_total - done) / rate)
+def eta_seconds(state: ViewState, now: float) -> float | None:
+    """Time left at the measured rate, counted down since the progress came."""
+    left = state.progress.seconds_left() if state.progress else None
+    return None if left is None else max(0.0, left - (now - state.progress_at))
 
 
 def terminal_width(terminal: TextIO) -> int | None:
@@ -91,11 +75,14 @@ def clock(seconds: float) -> str:
 class RunView:
     """A rich Live region on the terminal, redrawn a few times a second."""
 
-    def __init__(self, terminal: TextIO, run_id: str, job: str, log_path: str):
+    def __init__(self, terminal: TextIO, run_id: str, job: str, log_path: str, *, phase: str | None = None,
+                 dashboard: str | None = None):
         # the width of the terminal itself: descriptors 1 and 2, where rich looks, now lead to the run's log file
         self.console = Console(file=terminal, force_terminal=True, highlight=False, soft_wrap=False,
                                width=terminal_width(terminal))
-        self.state = ViewState(run_id=run_id, job=job, log_path=log_path)
+        self.state = ViewState(run_id=run_id, job=job, log_path=log_path, dashboard=dashboard)
+        if phase:
+            self.state.phase = phase
         self._lock = threading.Lock()
         self._live = Live(console=self.console, get_renderable=self.render, refresh_per_second=4,
                           transient=False, redirect_stdout=False, redirect_stderr=False)
@@ -131,7 +118,9 @@ class RunView:
         state = self.state
         if name in PHASES_BY_EVENT:
             state.phase = PHASES_BY_EVENT[name]
-        if name == "ray_started" and event.get("dashboard"):
+        if name == "ray_starting" and event.get("cluster"):
+            state.phase = "joining the cluster"
+        if name == "ray_started" and event.get("dashboard") and not state.dashboard:
             state.dashboard = event["dashboard"]
         elif name == "run_started":
             state.rows_total = event.get("rows")
@@ -142,33 +131,39 @@ class RunView:
             state.judge = str(event.get("scorer"))
             state.phase = f"judging ({state.judge})"
             state.replicas_planned = int(event.get("replicas") or state.replicas_planned)
-            state.snapshot, state.rate_since = {}, None
+            state.progress = None
         elif name == "run_finished":
             state.status = str(event.get("status"))
             state.phase = f"finished: {state.status}"
-            if isinstance(event.get("rows_ok"), int) and isinstance(event.get("rows_error"), int):
-                state.snapshot = {**state.snapshot, "rows": event["rows_ok"] + event["rows_error"],
-                                  "errors": event["rows_error"]}
+            ok, failed = event.get("rows_ok"), event.get("rows_error")
+            if isinstance(ok, int) and isinstance(failed, int):
+                state.progress = (state.progress or PassProgress(rows_total=ok + failed)).finished(ok, failed)
 
     def progress(self, snapshot: dict[str, Any], total: int) -> None:
-        """A progress counter's snapshot, every second or so while a pass runs."""
-        now = time.time()
+        """A progress counter's snapshot, every second or so while a pass runs on this machine."""
+        self.show(summarize(snapshot, total, time.time()))
+
+    def show(self, progress: PassProgress) -> None:
+        """A pass's progress: from this machine's counter, or read back from a cluster run's log."""
         with self._lock:
             state = self.state
-            state.snapshot = snapshot
-            state.rows_total = total
-            done = rows_done(snapshot)
-            if done and state.rate_since is None:
-                batches = [r["first_batch_at"] for r in snapshot.get("replicas", []) if r.get("first_batch_at")]
-                state.rate_since = (min(batches, default=now), 0)
+            state.progress, state.progress_at = progress, time.time()
+            state.rows_total = progress.rows_total
+            done = progress.rows_done
             if state.judge is None and state.phase.startswith("starting engines"):
-                ready = sum(1 for r in snapshot.get("replicas", []) if r.get("engine_ready_at"))
+                ready = progress.replicas_ready
                 if done:
                     state.phase = "generating"
                 elif ready:
                     state.phase = f"starting engines ({ready}/{max(ready, state.replicas_planned)} ready)"
-            if state.judge is None and state.phase == "generating" and done >= total > 0:
+            if state.judge is None and state.phase == "generating" and done >= progress.rows_total > 0:
                 state.phase = "writing"
+
+    def ended(self, phase: str) -> None:
+        """The run ended without a `run_finished` event of its own (its driver stopped)."""
+        with self._lock:
+            if self.state.status is None:
+                self.state.phase = phase
 
     # ---- output -------------------------------------------------------------------------------
 
@@ -178,6 +173,7 @@ class RunView:
 
     def _render(self, now: float) -> Group:
         state = self.state
+        progress = state.progress
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column(overflow="fold")
@@ -185,20 +181,24 @@ class RunView:
         if state.model:
             grid.add_row("model", f"{state.model} on {state.replicas_planned or '?'} x {state.accelerator} replica(s)")
         grid.add_row("phase", Text(state.phase, style="cyan"))
-        done = rows_done(state.snapshot)
+        done = progress.rows_done if progress else 0
         if state.rows_total:
-            errors = state.snapshot.get("errors", 0)
+            errors = progress.rows_error if progress else 0
             bar = ProgressBar(total=state.rows_total, completed=min(done, state.rows_total), width=30)
             counts = Text(f"  {done}/{state.rows_total} rows  ({100 * done / state.rows_total:.0f}%)  "
                           f"{errors} error(s)")
             grid.add_row("rows", _bar_line(bar, counts))
-        rate = output_tokens_per_second(state.snapshot, now)
-        eta = eta_seconds(state, done, now)
+        rate = progress.output_tok_s if progress else None
+        eta = eta_seconds(state, now)
         speed = f"{rate:.1f} output tok/s" if rate is not None else "-"
         grid.add_row("speed", speed + (f"   about {clock(eta)} left" if eta is not None else ""))
         grid.add_row("elapsed", clock(now - state.started))
-        for replica in state.snapshot.get("replicas", [])[:SHOWN_REPLICAS]:
+        replicas = progress.replicas if progress else ()
+        for replica in replicas[:SHOWN_REPLICAS]:
             grid.add_row("replica", _replica_line(replica))
+        hidden = max(len(replicas), progress.replicas_seen if progress else 0) - min(len(replicas), SHOWN_REPLICAS)
+        if hidden > 0:
+            grid.add_row("", f"and {hidden} more replica(s)")
         if state.dashboard:
             grid.add_row("dashboard", state.dashboard)
         grid.add_row("log", state.log_path)
@@ -213,11 +213,6 @@ def _bar_line(bar: ProgressBar, counts: Text) -> Table:
     return line
 
 
-def _replica_line(replica: dict[str, Any]) -> str:
-    node = str(replica.get("node_id") or "?")[:8]
-    name = str(replica.get("replica") or "?")[:8]
-    state = "generating" if replica.get("first_batch_at") else ("ready" if replica.get("engine_ready_at")
-                                                                 else "starting")
-    rate = replica.get("output_tokens_per_second")
-    shown_rate = f", {rate:.1f} tok/s" if rate else ""
-    return f"{name} on node {node}: {state}, {replica.get('rows', 0)} rows{shown_rate}"
+def _replica_line(replica: ReplicaState) -> str:
+    rate = f", {replica.output_tok_s:.1f} tok/s" if replica.output_tok_s else ""
+    return f"{replica.replica} on node {replica.node}: {replica.state}, {replica.rows} rows{rate}"

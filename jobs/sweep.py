@@ -152,6 +152,7 @@ def run_each_here(runs: list[ModelRun], display: Display, echo: Echo) -> list[Mo
 def run_each_on_cluster(runs: list[ModelRun], address: str, echo: Echo, log_dir: Path) -> list[ModelOutcome]:
     """Every model's run submitted at once (the cluster's capacity decides how many run side by side), then
     each waited for; each run's logs are saved in `log_dir`."""
+    from llmbatch.jobs.cluster_watch import LineSplitter, shown_line
     from llmbatch.jobs.remote import manifest_counts, submit_to_cluster, wait_for
 
     shown = strip_url_credentials(address)
@@ -171,7 +172,9 @@ def run_each_on_cluster(runs: list[ModelRun], address: str, echo: Echo, log_dir:
         log_path = log_dir / f"{run.run_id}.log"
         try:
             with log_path.open("w", encoding="utf-8") as log:
-                status = wait_for(address, run.run_id, log.write, submission.submission_id)
+                lines = LineSplitter(lambda line: log.write(shown_line(line, "console") + "\n"))
+                status = wait_for(address, run.run_id, lines, submission.submission_id)
+                lines.close()
         except Exception as exc:
             outcome = ModelOutcome(run.model, run.run_id, submission.run_uri, "failed",
                                    f"not followed to its end: {failure_reason(exc)}")

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import AWS_TEST_ENV
-from support import CLI, DEMO_MODEL, free_port, read_output, run_cli, write_job
+from support import CLI, DEMO_MODEL, free_port, read_output, run_cli, run_cli_in_terminal, screen_text, write_job
 
 RAY = str(Path(CLI).with_name("ray"))
 
@@ -101,15 +101,27 @@ def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp
     job = _job(tmp_path, rows=24, source=source, replicas=2)
     write_job(job, **{**yaml.safe_load(job.read_text()), "scoring": [
         {"name": "words", "kind": "python", "function": "row_scorers:words_per_answer"}]})
-    proc = run_cli("submit", str(job), "--address", address, "--run-id", "cl-run", "--wait", env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "run cl-run: SUCCEEDED" in proc.stdout
+    code, received = run_cli_in_terminal("submit", str(job), "--address", address, "--run-id", "cl-run", "--wait",
+                                         env=env)
+    shown = screen_text(received)
+    assert code == 0, shown[-4000:]
+    for phase in ("waiting for the cluster to start the run", "starting engines",
+                  "finished: succeeded"):
+        assert phase in shown, (phase, shown[-4000:])
+    assert "24/24 rows" in shown and "0 error(s)" in shown and f"{address}/#/jobs/cl-run" in shown
+    assert f"llmbatch logs cl-run --address {address}" in shown
+    for noise in ("pid=", "INFO ", "WARNING ", '{"'):   # Ray's and vLLM's lines, the raw events
+        assert noise not in shown, (noise, shown[-4000:])
+    assert shown.rfind("phase") < shown.find("run cl-run: succeeded") < shown.find("run cl-run: SUCCEEDED")
 
     rows, manifest = read_output(str(tmp_path / "out" / "cl-run"))
     assert len(rows) == 24 and {r.n for r in rows} == set(range(24)) and all(r.error is None for r in rows)
     assert all(r.score_words == len(r.generated_text.split()) for r in rows)
     replicas = manifest["replicas"]
     assert len(replicas) == 2 and len({r["node_id"] for r in replicas}) == 2
+    for replica in replicas:   # the view showed each replica on its node, with its rows
+        state = f"generating, {replica['rows']} rows" if replica["rows"] else "ready, 0 rows"
+        assert f"{replica['replica'][:8]} on node {replica['node_id'][:8]}: {state}" in shown, shown[-4000:]
     assert sum(r["rows"] for r in replicas) == 24
     assert manifest["engine"]["accelerator"] == "gpu"
     assert (manifest["engine"]["max_num_seqs"], manifest["engine"]["max_num_batched_tokens"]) == (16, 2048)
@@ -127,7 +139,7 @@ def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp
     status = run_cli("status", "cl-run", "--address", address, env=env, check=True).stdout
     assert "status:      SUCCEEDED" in status and "rows_ok:     24" in status
     logs = run_cli("logs", "cl-run", "--address", address, env=env, check=True).stdout
-    assert "run_finished" in logs and "cl-run" in logs
+    assert "] run_finished" in logs and "cl-run" in logs and "run cl-run: succeeded" in logs
     assert "model_config_copy_started" in logs and "model_copy_started" not in logs
 
     jobs = _dashboard_jobs(address, cluster["token"])
@@ -139,7 +151,7 @@ def test_submit_runs_on_the_cluster_with_gpu_replicas_on_both_nodes(cluster, tmp
     assert unauthorized.value.code == 401
 
     token = cluster["token"]
-    assert token not in proc.stdout + proc.stderr + logs + json.dumps(manifest) + json.dumps(ours[0])
+    assert token not in received + logs + json.dumps(manifest) + json.dumps(ours[0])
 
 
 def test_a_replica_larger_than_any_node_is_refused_before_start(cluster, tmp_path: Path):
@@ -147,9 +159,10 @@ def test_a_replica_larger_than_any_node_is_refused_before_start(cluster, tmp_pat
     job = _job(tmp_path, rows=4, replicas=1)
     proc = run_cli("submit", str(job), "--address", address, "--run-id", "too-big", "--wait",
                    "--set", "model.engine.tensor_parallel_size=2", env=env)
-    assert proc.returncode != 0
-    assert "one replica needs 2 GPUs on a single node (tensor_parallel_size=2); the largest node has 1" in proc.stdout
-    assert "run_started" not in proc.stdout
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]   # the driver's own exit code
+    assert proc.stderr.startswith("error: model.engine.tensor_parallel_size: one replica needs 2 GPUs on a single "
+                                  "node (tensor_parallel_size=2); the largest node has 1"), proc.stderr
+    assert "run too-big: FAILED" in proc.stdout and "run_started" not in proc.stdout
     assert not (tmp_path / "out" / "too-big" / "_manifest.json").exists()
 
 
@@ -162,9 +175,9 @@ def test_a_local_path_one_node_does_not_see_is_refused_naming_the_node(cluster, 
     hidden.write_bytes((tmp_path / "prompts.jsonl").read_bytes())
     write_job(job, **{**yaml.safe_load(job.read_text()), "input": {"path": str(hidden)}})
     proc = run_cli("submit", str(job), "--address", address, "--run-id", "unshared", "--wait", env=env)
-    assert proc.returncode != 0
-    assert f"does not see input.path: {hidden} (not there)" in proc.stdout, proc.stdout[-4000:]
-    assert "use s3:// (or storage every node mounts at the same place)" in proc.stdout
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"does not see input.path: {hidden} (not there)" in proc.stderr, proc.stderr[-4000:]
+    assert "use s3:// (or storage every node mounts at the same place)" in proc.stderr
     assert "run_started" not in proc.stdout and not list((tmp_path / "out").rglob("*.parquet"))
 
 
@@ -193,6 +206,9 @@ def test_cancel_stops_a_run_and_resume_on_the_cluster_finishes_it(cluster, tmp_p
     resumed = run_cli("submit", str(job), "--address", address, "--resume", "to-cancel", "--wait", env=env)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "submitted to-cancel as to-cancel.attempt-2" in resumed.stdout
+    progress = [line for line in resumed.stdout.splitlines() if "] progress" in line]   # no terminal: log lines
+    assert progress and all("rows_done=" in line and "replicas=" not in line for line in progress)
+    assert "] run_finished" in resumed.stdout and "pid=" not in resumed.stdout
     out, manifest = read_output(str(run))
     assert sorted(r.n for r in out) == list(range(rows)) and all(r.error is None for r in out)
     assert manifest["resumed"]["rows_skipped"] >= 4 and manifest["resumed"]["automatic"] is False

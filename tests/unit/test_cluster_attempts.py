@@ -114,7 +114,8 @@ def test_the_job_file_travels_in_the_shipped_package_not_where_the_dashboard_sho
     shown = repr((api.runtime_env["env_vars"], api.jobs[-1].entrypoint, api.metadata))
     assert "SCORER_KEY" not in shown and "scoring" not in shown and "never-shipped" not in shown
     assert api.runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
-    assert api.jobs[-1].entrypoint == f"python -m llmbatch.jobs.cli submit {remote.SHIPPED_JOB} --run-id r1 --on-cluster"
+    assert api.jobs[-1].entrypoint == (f"python -m llmbatch.jobs.cli --log-format json submit {remote.SHIPPED_JOB} --run-id r1 "
+                                          "--on-cluster")
     assert "api_key: ${SCORER_KEY}" in api.shipped and "never-shipped" not in api.shipped
 
 
@@ -148,3 +149,22 @@ def test_a_python_scorers_own_module_ships_with_the_job_and_installed_ones_do_no
         assert (folders[0] / "__init__.py").read_text() == (tmp_path / "team_scorers.py").read_text()
         assert (folders[1] / "metrics.py").is_file()
     assert not folders[0].exists()
+
+
+def test_ray_clients_upload_notes_stay_off_the_submitters_terminal():
+    import logging
+
+    from ray.dashboard.modules.dashboard_sdk import logger as sdk_logger
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("ray").addHandler(handler)
+    try:
+        with remote.ray_client_quiet():
+            sdk_logger.info("Uploading package gcs://_ray_pkg_x.zip.")
+            sdk_logger.warning("a warning still shows")
+        sdk_logger.info("after it, as before")
+    finally:
+        logging.getLogger("ray").removeHandler(handler)
+    assert seen == ["a warning still shows", "after it, as before"]

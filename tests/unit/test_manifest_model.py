@@ -211,8 +211,9 @@ def test_compare_reads_earlier_runs(tmp_path: Path):
 
 
 def test_cluster_status_counts_rows_from_the_manifest(tmp_path: Path):
-    assert manifest_counts(committed_earlier_run(tmp_path)) == {"rows_ok": 12, "rows_error": 0,
-                                                                 "run_status": "succeeded"}
+    counts = manifest_counts(committed_earlier_run(tmp_path))
+    assert counts == {"rows_ok": 12, "rows_error": 0, "run_status": "succeeded", "wall_seconds": 86.726,
+                      "cost_usd": 0.002409}
     assert manifest_counts(str(tmp_path / "never-committed")) == {}
 
 

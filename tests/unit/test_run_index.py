@@ -155,9 +155,11 @@ def test_an_unknown_ref_says_where_it_looked(home: Path, tmp_path: Path):
 
 def test_cluster_runs_take_the_index_shape():
     run = {"run_id": "c1", "status": "SUCCEEDED", "job": "quickstart", "model": "m", "started": "x",
-           "start_ms": 1796223238000, "attempts": 2, "rows_ok": 12, "rows_error": 0, "run_status": "succeeded"}
+           "start_ms": 1796223238000, "attempts": 2, "rows_ok": 12, "rows_error": 0, "run_status": "succeeded",
+           "wall_seconds": 61.5, "cost_usd": 0.02, "output": "s3://bucket/out/c1"}
     shaped = cluster_run(run, "http://head:8265")
     assert shaped["status"] == "succeeded" and shaped["where"] == "http://head:8265"
+    assert (shaped["wall_seconds"], shaped["cost_usd"], shaped["run_uri"]) == (61.5, 0.02, "s3://bucket/out/c1")
     assert shaped["started_at"].startswith("2026-12-02T") and shaped["rows_ok"] == 12
     assert cluster_run({"run_id": "c2", "status": "RUNNING", "start_ms": 0}, "h")["status"] == "running"
 
@@ -244,3 +246,15 @@ def test_an_unreachable_cluster_from_ray_address_only_warns(home: Path, monkeypa
 
 def test_the_index_lives_under_the_llmbatch_home(home: Path):
     assert run_index.runs_root() == home / "runs"
+
+
+def test_results_of_a_run_that_has_not_committed_says_why(home: Path, tmp_path: Path):
+    started("r1")
+    (tmp_path / "out" / "quickstart" / "r1").mkdir(parents=True)   # its folder exists; no manifest yet
+    result = CliRunner().invoke(main, ["results", "latest"])
+    assert result.exit_code == 2
+    assert "run r1 is still running (started " in result.stderr and "logs/r1.log" in result.stderr
+    record_finished("r1", status="interrupted", rows_ok=None, rows_error=None, wall_seconds=None, cost_usd=None)
+    result = CliRunner().invoke(main, ["results", "r1"])
+    assert result.exit_code == 2
+    assert "run r1 interrupted before it committed" in result.stderr and "--resume r1" in result.stderr

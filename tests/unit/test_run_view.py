@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmbatch.jobs.run_view import RunView, eta_seconds, rows_done
+from llmbatch.jobs.run_view import RunView, eta_seconds
+from llmbatch.pipelines.progress_report import PassProgress, summarize
 
 
 class FakeTerminal(io.StringIO):
@@ -53,24 +54,55 @@ def test_the_view_moves_through_the_phases_from_events_and_snapshots():
     view.progress(snapshot(rows_written=0, replicas=[replica(rows=100, first_batch_at=time.time() - 5)]), 100)
     assert view.state.phase == "writing"
     observe("judge_pass_started", scorer="helpful", replicas=1)
-    assert view.state.phase == "judging (helpful)" and view.state.snapshot == {}
+    assert view.state.phase == "judging (helpful)" and view.state.progress is None
     observe("committing")
     observe("run_finished", status="succeeded")
     assert view.state.phase == "finished: succeeded"
 
 
 def test_rows_finished_by_the_engines_count_before_they_are_written():
-    """An engine's rows reach the writer a read task at a time: the view counts the engines' batches too."""
-    assert rows_done(snapshot(rows_written=0, replicas=[replica(rows=64), replica(rows=32)])) == 96
-    assert rows_done(snapshot(rows_written=120, replicas=[replica(rows=64)])) == 120
+    """An engine's rows reach the writer a read task at a time: the summary counts the engines' batches too."""
+    now = time.time()
+    assert summarize(snapshot(rows_written=0, replicas=[replica(rows=64), replica(rows=32)]), 100, now).rows_done == 96
+    assert summarize(snapshot(rows_written=120, replicas=[replica(rows=64)]), 200, now).rows_done == 120
 
 
-def test_time_left_comes_from_the_measured_rate():
+def test_time_left_comes_from_the_measured_rate_and_counts_down():
     view = RunView(FakeTerminal(), "r", "j", "log")
-    view.state.rows_total = 1000
-    view.state.rate_since = (100.0, 0)
-    assert eta_seconds(view.state, 100, 110.0) == 90.0   # 10 rows/s, 900 rows left
-    assert eta_seconds(view.state, 0, 110.0) is None
+    view.show(PassProgress(rows_total=1000, rows_done=100, generating_s=10.0))   # 10 rows/s, 900 rows left
+    arrived = view.state.progress_at
+    assert eta_seconds(view.state, arrived) == 90.0
+    assert eta_seconds(view.state, arrived + 30) == 60.0
+    view.show(PassProgress(rows_total=1000, rows_done=0, generating_s=None))
+    assert eta_seconds(view.state, time.time()) is None
+    view.show(PassProgress(rows_total=1000, rows_done=1000, generating_s=100.0))   # none left: no time shown
+    assert eta_seconds(view.state, time.time()) is None
+
+
+def test_a_progress_line_carries_what_the_view_shows():
+    """A cluster run's submitter builds its view from the driver's `progress` lines: the line's fields give
+    back the same summary (replica states included when asked for)."""
+    entries = [replica(rows=30, tokens=300, first_batch_at=time.time() - 10), replica(ready=True),
+               replica(ready=False)]
+    progress = summarize(snapshot(rows_written=12, errors=1, replicas=entries), 100, time.time())
+    assert [r.state for r in progress.replicas] == ["generating", "ready", "starting"]
+    read_back = PassProgress.from_event({"event": "progress", **progress.log_fields(replicas_shown=2)})
+    assert read_back == PassProgress(**{**progress.__dict__, "replicas": progress.replicas[:2]})
+    assert "replicas" not in progress.log_fields()
+    assert PassProgress.from_event({"event": "progress", "rows_total": "x", "replicas": [None, {}]}).rows_total == 0
+
+
+def test_the_view_shows_the_first_replicas_and_counts_the_others():
+    view = RunView(FakeTerminal(), "r", "j", "log", dashboard="http://head:8265/#/jobs/r",
+                   phase="waiting for the cluster to start the run")
+    assert view.state.phase == "waiting for the cluster to start the run"
+    entries = [dict(replica(rows=i), replica=f"r{i:02d}-abcdef") for i in range(10)]
+    view.show(summarize(snapshot(replicas=entries), 100, time.time()))
+    text = screen(view)
+    assert "r07-abcd" in text and "r08-abcd" not in text and "and 2 more replica(s)" in text
+    assert "http://head:8265/#/jobs/r" in text
+    view.ended("ended: FAILED")
+    assert view.state.phase == "ended: FAILED"
 
 
 def test_warnings_show_above_the_view_and_the_event_goes_on():
