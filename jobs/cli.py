@@ -205,33 +205,41 @@ def submit(job_file: str, run_id: str | None, overrides: tuple[str, ...], addres
     attempt = "" if submission.submission_id == run_id else f" as {submission.submission_id}"
     shown = strip_url_credentials(target)
     click.echo(f"submitted {run_id}{attempt} to {shown}; output: {submission.run_uri}")
-    link = None
-    if shown == target and shown.startswith(("http://", "https://")):  # no link with its credentials hidden
-        link = f"{shown.rstrip('/')}/#/jobs/{submission.submission_id}"
+    link = _dashboard_link(target, submission.submission_id)
+    if link:
         click.echo(f"dashboard: {link}")
     if not wait:
-        click.echo(f"follow it with: llmbatch logs {run_id} --follow --address {shown}")
+        click.echo(f"watch it with: llmbatch watch {run_id} --address {shown}")
         return
-    _watch_cluster_run(target, shown, run_id, submission.submission_id, spec.name, link, show_worker_logs)
+    _watch_cluster_run(target, run_id, submission.submission_id, spec.name, show_worker_logs)
 
 
-def _watch_cluster_run(target: str, shown: str, run_id: str, submission_id: str, job: str, link: str | None,
-                       show_worker_logs: bool) -> None:
-    """`submit --address --wait`: the run's live view (or its log lines) until it ends, then its summary; its
-    driver's error, with the driver's exit code."""
+def _dashboard_link(target: str, submission_id: str) -> str | None:
+    """The Ray dashboard's page of a submission; none when the address holds credentials (they are not shown)."""
+    shown = strip_url_credentials(target)
+    if shown != target or not shown.startswith(("http://", "https://")):
+        return None
+    return f"{shown.rstrip('/')}/#/jobs/{submission_id}"
+
+
+def _watch_cluster_run(target: str, run_id: str, submission_id: str, job: str, show_worker_logs: bool) -> None:
+    """The run's live view (or its log lines) until it ends, then its summary; its driver's error, with the
+    driver's exit code."""
     from dataclasses import replace
 
     from llmbatch.jobs.cluster_watch import watch_run
     from llmbatch.jobs.error_report import ReportedElsewhere
 
     settings = click.get_current_context().find_root().obj
+    shown = strip_url_credentials(target)
     logs_command = f"llmbatch logs {run_id} --address {shown}"
     try:
-        outcome = watch_run(target, run_id, submission_id, job=job, dashboard=link, logs_command=logs_command,
-                            log_format=settings["log_format"], show_worker_logs=show_worker_logs)
+        outcome = watch_run(target, run_id, submission_id, job=job, dashboard=_dashboard_link(target, submission_id),
+                            logs_command=logs_command, log_format=settings["log_format"],
+                            show_worker_logs=show_worker_logs)
     except KeyboardInterrupt:
-        click.echo(f"stopped watching; run {run_id} goes on on the cluster: follow it with {logs_command} --follow, "
-                   f"stop it with llmbatch cancel {run_id} --address {shown}", err=True)
+        click.echo(f"stopped watching; run {run_id} goes on on the cluster: watch it again with llmbatch watch "
+                   f"{run_id} --address {shown}, stop it with llmbatch cancel {run_id} --address {shown}", err=True)
         raise
     if outcome.summary:
         click.echo(outcome.summary)
@@ -407,6 +415,22 @@ def logs(run_id: str, address: str | None, follow: bool) -> None:
     else:
         lines(fetch_logs(target, run_id))
     lines.close()
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--address", help=ADDRESS_HELP)
+@click.option("--show-worker-logs", is_flag=True, help="Print Ray's and vLLM's lines of the run's log too, with "
+              "plain log lines instead of the live view.")
+def watch(run_id: str, address: str | None, show_worker_logs: bool) -> None:
+    """Watch a cluster run until it ends, as `submit --wait` does: the live view on a terminal (its log lines
+    otherwise), then its summary; exits with the run's outcome. Ctrl-C stops the watching, not the run."""
+    from llmbatch.jobs.remote import job_info
+
+    target = _address(address)
+    info = job_info(target, run_id)
+    _watch_cluster_run(target, run_id, info.submission_id, (info.metadata or {}).get("job") or run_id,
+                       show_worker_logs)
 
 
 @main.command("list")

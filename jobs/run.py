@@ -37,8 +37,8 @@ from llmbatch.pipelines.infer import (EngineSettings, preload_engine_stage, rele
                                       wait_for_engine_stage_import)
 from llmbatch.pipelines.judge import judge_sampling_params
 from llmbatch.pipelines.manifest import remove_staging, staging_uri
-from llmbatch.pipelines.result_cache import CacheNamespace, cache_namespace, is_deterministic, write_key_file
 from llmbatch.pipelines.progress_report import PassProgress, summarize
+from llmbatch.pipelines.result_cache import CacheNamespace, cache_namespace, is_deterministic, write_key_file
 from llmbatch.pipelines.resume import FinishedWork, write_attempt
 from llmbatch.pipelines.run_folder import (
     AUTOMATIC_RESUME, RunStart, check_same_engine, decide_start, prepare_run_folder, read_folder_state,
@@ -567,6 +567,7 @@ def _report_progress(counter, total: int, started: float, stop: threading.Event,
     import ray
 
     every = CLUSTER_PROGRESS_EVERY_SECONDS if replicas_shown else PROGRESS_EVERY_SECONDS
+    lines = ProgressLines(log, started, replicas_shown)
     logged = time.time()
     while not stop.wait(LISTENER_EVERY_SECONDS if listener else every):
         try:
@@ -578,7 +579,7 @@ def _report_progress(counter, total: int, started: float, stop: threading.Event,
             if time.time() - logged < every:
                 continue
         logged = time.time()
-        _log_progress(summarize(snap, total, logged), started, log, replicas_shown)
+        lines.write(summarize(snap, total, logged), logged)
     if listener is None and not replicas_shown:
         return
     try:  # the pass's last rows, counted after the last poll
@@ -588,16 +589,27 @@ def _report_progress(counter, total: int, started: float, stop: threading.Event,
     if listener is not None:
         listener(snap, total)
     if replicas_shown:
-        _log_progress(summarize(snap, total, time.time()), started, log, replicas_shown)
+        lines.write(summarize(snap, total, time.time()), time.time())
 
 
-def _log_progress(progress: PassProgress, started: float, log, replicas_shown: int = 0) -> None:
-    elapsed = round(time.time() - started)
-    if progress.rows_done == 0 and elapsed > STALL_WARNING_SECONDS:
-        log.warning("no_rows_yet", elapsed_s=elapsed, replicas_ready=progress.replicas_ready,
-                    hint="no replica has finished a batch; if the cluster cannot place the engine replicas, "
-                         "`ray status` shows what is pending")
-        if not replicas_shown:
+class ProgressLines:
+    """A pass's `progress` log lines. While no row is done after STALL_WARNING_SECONDS, a `no_rows_yet` warning
+    comes once every STALL_WARNING_SECONDS, instead of the lines (beside them when a submitter's view reads
+    them)."""
+
+    def __init__(self, log, started: float, replicas_shown: int = 0):
+        self._log, self._started, self._replicas_shown = log, started, replicas_shown
+        self._stalls_warned = 0
+
+    def write(self, progress: PassProgress, now: float) -> None:
+        elapsed = round(now - self._started)
+        stalls = int(elapsed // STALL_WARNING_SECONDS) if progress.rows_done == 0 else 0
+        if stalls > self._stalls_warned:
+            self._stalls_warned = stalls
+            self._log.warning("no_rows_yet", elapsed_s=elapsed, replicas_ready=progress.replicas_ready,
+                              hint="no replica has finished a batch; if the cluster cannot place the engine "
+                                   "replicas, `ray status` shows what is pending")
+        if stalls and not self._replicas_shown:
             return
-    note = {"note": "starting engine replicas and warming up"} if progress.rows_done == 0 else {}
-    log.info("progress", **progress.log_fields(replicas_shown), elapsed_s=elapsed, **note)
+        note = {"note": "starting engine replicas and warming up"} if progress.rows_done == 0 else {}
+        self._log.info("progress", **progress.log_fields(self._replicas_shown), elapsed_s=elapsed, **note)

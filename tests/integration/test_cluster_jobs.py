@@ -203,12 +203,15 @@ def test_cancel_stops_a_run_and_resume_on_the_cluster_finishes_it(cluster, tmp_p
     assert "status:      STOPPED" in status
     assert not (run / "_manifest.json").exists()
 
-    resumed = run_cli("submit", str(job), "--address", address, "--resume", "to-cancel", "--wait", env=env)
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    resumed = run_cli("submit", str(job), "--address", address, "--resume", "to-cancel", env=env, check=True)
     assert "submitted to-cancel as to-cancel.attempt-2" in resumed.stdout
-    progress = [line for line in resumed.stdout.splitlines() if "] progress" in line]   # no terminal: log lines
+    assert f"watch it with: llmbatch watch to-cancel --address {address}" in resumed.stdout
+    watched = run_cli("watch", "to-cancel", "--address", address, env=env)
+    assert watched.returncode == 0, watched.stdout[-4000:] + watched.stderr[-4000:]
+    progress = [line for line in watched.stdout.splitlines() if "] progress" in line]   # no terminal: log lines
     assert progress and all("rows_done=" in line and "replicas=" not in line for line in progress)
-    assert "] run_finished" in resumed.stdout and "pid=" not in resumed.stdout
+    assert "] run_finished" in watched.stdout and "pid=" not in watched.stdout
+    assert "run to-cancel: succeeded" in watched.stdout and watched.stdout.endswith("run to-cancel: SUCCEEDED\n")
     out, manifest = read_output(str(run))
     assert sorted(r.n for r in out) == list(range(rows)) and all(r.error is None for r in out)
     assert manifest["resumed"]["rows_skipped"] >= 4 and manifest["resumed"]["automatic"] is False

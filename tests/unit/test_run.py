@@ -237,3 +237,31 @@ def test_a_cache_inside_the_run_folder_or_an_output_path_that_is_a_run_folder_is
     nested = validate_spec({**raw, "output": {"path": str(tmp_path / "out" / "r1")}, "cache": None})
     (problem,) = overlap_problems(nested, str(tmp_path / "out" / "r1" / "r2"))
     assert problem.startswith(f"output.path: {tmp_path / 'out' / 'r1'} is itself a run's folder")
+
+
+def test_progress_lines_warn_of_a_stall_once_every_stall_period():
+    """No row done for STALL_WARNING_SECONDS: one `no_rows_yet` warning per period rather than one per line;
+    the lines a cluster submitter's view reads go on beside it, with the replicas' states."""
+    import structlog
+    from structlog.testing import capture_logs
+
+    from llmbatch.jobs.run import STALL_WARNING_SECONDS, ProgressLines
+    from llmbatch.pipelines.progress_report import PassProgress, ReplicaState
+
+    stalled = PassProgress(rows_total=10, replicas_ready=1, replicas_seen=1,
+                           replicas=(ReplicaState("r1", "n1", "ready"),))
+    for replicas_shown, progress_lines in ((0, 1), (8, 6)):
+        lines = ProgressLines(structlog.get_logger(), started=0.0, replicas_shown=replicas_shown)
+        with capture_logs() as logged:
+            for now in (60.0, STALL_WARNING_SECONDS + 5, STALL_WARNING_SECONDS + 10, STALL_WARNING_SECONDS + 20,
+                        2 * STALL_WARNING_SECONDS + 1, 2 * STALL_WARNING_SECONDS + 5):
+                lines.write(stalled, now)
+        assert [e["elapsed_s"] for e in logged if e["event"] == "no_rows_yet"] == [
+            round(STALL_WARNING_SECONDS + 5), round(2 * STALL_WARNING_SECONDS + 1)]
+        progress = [e for e in logged if e["event"] == "progress"]
+        assert len(progress) == progress_lines
+        assert ("replicas" in progress[0]) == bool(replicas_shown)
+    with capture_logs() as logged:
+        ProgressLines(structlog.get_logger(), started=0.0).write(
+            PassProgress(rows_total=10, rows_done=4, generating_s=2.0), 3 * STALL_WARNING_SECONDS)
+    assert [e["event"] for e in logged] == ["progress"] and logged[0]["rows_done"] == 4
