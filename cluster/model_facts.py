@@ -166,8 +166,8 @@ def facts_from_config(config: dict[str, Any]) -> ModelFacts:
 
 
 def quantization_of(config: dict[str, Any]) -> str | None:
-    """The weight format a quantized checkpoint's config declares: fp8, int8 or int4; None when unquantized or
-    unknown."""
+    """The weight format a quantized checkpoint's config declares: fp8, int8 or int4 (any 4-bit weights: integer,
+    NVFP4 or MXFP4, which are sized alike); None when unquantized or unknown."""
     text = config.get("text_config") or {}
     q = config.get("quantization_config") or text.get("quantization_config")
     if not isinstance(q, dict):
@@ -175,6 +175,11 @@ def quantization_of(config: dict[str, Any]) -> str | None:
     method = str(q.get("quant_method", "")).lower()
     if method in ("fp8", "fbgemm_fp8"):
         return "fp8"
+    if method == "modelopt":   # quant_algo FP8, FP8_PB_WO, MXFP8, ...; NVFP4: 4-bit floats
+        algo = str(q.get("quant_algo") or (q.get("quantization") or {}).get("quant_algo") or "").upper()
+        return "fp8" if "FP8" in algo else "int4" if "FP4" in algo or "W4" in algo else None
+    if method == "mxfp4":      # 4-bit floats with a shared scale per block of 32 (gpt-oss)
+        return "int4"
     if method == "bitsandbytes":
         return "int4" if q.get("load_in_4bit") else "int8"
     bits, kind = q.get("bits") or q.get("w_bit"), "int"

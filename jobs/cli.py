@@ -557,7 +557,8 @@ def compare(run_paths: tuple[str, ...], out_dir: str, quality: str | None) -> No
               "(default: resources.accelerator_type, else H100).")
 @click.option("--rows", type=click.IntRange(1), help="The full job's row count for the projection (default: the "
                                                      "whole input, input.limit removed).")
-@click.option("--out", "out_dir", help="Directory for compare.md and compare.html (default: sweep-<job>-<UTC time>).")
+@click.option("--out", "out_dir", help="Directory for compare.md and compare.html (default: sweep-<job>-<UTC time>); "
+              "one that holds an earlier report is refused.")
 @click.option("--quality", help="Scorer to rank by (default: the first scorer every run has, else mean logprob).")
 @click.option("--json", "as_json", is_flag=True, help="Print the runs, the report's paths and the projections as JSON.")
 def sweep(job_file: str, models: tuple[str, ...], overrides: tuple[str, ...], address: str | None,

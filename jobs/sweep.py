@@ -19,6 +19,7 @@ from llmbatch.redact import strip_url_credentials
 from llmbatch.storage import join
 
 RUN_ID_MAX = 128
+REPORT_FILES = ("compare.md", "compare.html", "logs")   # what a sweep writes in its --out folder
 Echo = Callable[[str], None]
 
 
@@ -190,6 +191,14 @@ def run_each_on_cluster(runs: list[ModelRun], address: str, echo: Echo, log_dir:
     return [outcomes[run.run_id] for run in runs]
 
 
+def check_out_is_free(out: Path) -> None:
+    """A sweep's report never replaces an earlier one: refused before any model runs."""
+    taken = [name for name in REPORT_FILES if (out / name).exists()]
+    if taken:
+        raise UserError(f"--out {out.resolve()}: already holds {', '.join(taken)} of an earlier report; give "
+                        "another folder, or move those away")
+
+
 def run_sweep(spec: JobSpec, models: list[str], *, address: str | None, display: Display, project_to: str | None,
               rows: int | None, out_dir: str | None, quality: str | None, echo: Echo, log=None) -> SweepResult:
     """Run the job on each model, then compare the runs that succeeded and plan each model at full size (after
@@ -199,6 +208,7 @@ def run_sweep(spec: JobSpec, models: list[str], *, address: str | None, display:
     check_quality(spec, quality)
     accelerator_name = projection_accelerator(spec, project_to)
     out = Path(out_dir or f"sweep-{spec.name}-{stamp}")
+    check_out_is_free(out)
     if address is None:
         outcomes = run_each_here(runs, display, echo)
     else:

@@ -257,6 +257,16 @@ def test_wrong_flags_are_refused_before_any_model_runs(tmp_path, job_file, stand
     assert stand_in.calls == []
 
 
+def test_an_earlier_report_in_out_is_kept_and_nothing_runs(tmp_path, job_file, stand_in):
+    model = str(checkpoint(tmp_path / "first-7b"))
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "compare.md").write_text("an earlier sweep's report\n")
+    result = invoke(str(job_file), "--model", model, "--out", "report")
+    assert result.exit_code == 2 and "already holds compare.md of an earlier report" in result.output, result.output
+    assert (tmp_path / "report" / "compare.md").read_text() == "an earlier sweep's report\n"
+    assert stand_in.calls == []
+
+
 def test_on_a_cluster_every_model_is_submitted_before_any_is_waited_for(tmp_path, job_file, stand_in,
                                                                          monkeypatch):
     from llmbatch.jobs import remote

@@ -51,6 +51,19 @@ def test_a_precision_runs_at_the_peak_the_device_has():
     assert (int4.name, int4.weight_bytes, int4.activations) == ("int4", 0.5, "bfloat16")
 
 
+@pytest.mark.parametrize("quantization, weights", [
+    ({"quant_method": "modelopt", "quant_algo": "FP8"}, "fp8"),
+    ({"quant_method": "modelopt", "quant_algo": "FP8_PB_WO"}, "fp8"),
+    ({"quant_method": "modelopt", "quantization": {"quant_algo": "NVFP4"}}, "int4"),
+    ({"quant_method": "mxfp4", "modules_to_not_convert": ["router"]}, "int4"),
+    ({"quant_method": "modelopt", "quant_algo": "SOMETHING_NEW"}, None),
+])
+def test_modelopt_and_mxfp4_checkpoints_are_sized_by_their_weight_bits(quantization, weights):
+    from llmbatch.cluster.model_facts import quantization_of
+
+    assert quantization_of({**LLAMA31_8B, "quantization_config": quantization}) == weights
+
+
 def test_a_model_that_does_not_fit_is_refused_with_the_memory_arithmetic():
     facts = facts_from_config(LLAMA3_70B)
     with pytest.raises(tm.DoesNotFit) as refused:
