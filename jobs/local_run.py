@@ -82,7 +82,7 @@ def _run_quietly(spec: JobSpec, run_id: str, display: Display, log_path, overwri
             view = RunView(terminal.out, run_id, spec.name, str(log_path))
             configure_logging(display.log_format, display.level, stream=terminal.log, observers=(view.observe,),
                               colors=False)
-            token = progress_listener.set(view.progress)
+            token = progress_listener.set(view.show)
             stack.callback(progress_listener.reset, token)
             stack.enter_context(view)
         else:

@@ -57,8 +57,8 @@ STALL_WARNING_SECONDS = 600.0
 PREDICTION_WAIT_SECONDS = 60.0
 
 
-# A callable taking (progress snapshot, rows in the pass), called about every second while a pass runs.
-progress_listener: ContextVar[Callable[[dict, int], None] | None] = ContextVar("progress_listener", default=None)
+# A callable taking a pass's progress, called about every second while the pass runs.
+progress_listener: ContextVar[Callable[[PassProgress], None] | None] = ContextVar("progress_listener", default=None)
 # Whether `progress` log lines carry the replicas' states, for a live view that reads them (a cluster run's
 # submitter): run_job sets it for a run on a cluster.
 progress_lines_for_a_view: ContextVar[bool] = ContextVar("progress_lines_for_a_view", default=False)
@@ -574,22 +574,26 @@ def _report_progress(counter, total: int, started: float, stop: threading.Event,
             snap = ray.get(counter.snapshot.remote(), timeout=5)
         except Exception:
             continue
+        now = time.time()
+        progress = summarize(snap, total, now)
         if listener is not None:
-            listener(snap, total)
-            if time.time() - logged < every:
+            listener(progress)
+            if now - logged < every:
                 continue
-        logged = time.time()
-        lines.write(summarize(snap, total, logged), logged)
+        logged = now
+        lines.write(progress, now)
     if listener is None and not replicas_shown:
         return
     try:  # the pass's last rows, counted after the last poll
         snap = ray.get(counter.snapshot.remote(), timeout=5)
     except Exception:
         return
+    now = time.time()
+    progress = summarize(snap, total, now)
     if listener is not None:
-        listener(snap, total)
+        listener(progress)
     if replicas_shown:
-        lines.write(summarize(snap, total, time.time()), time.time())
+        lines.write(progress, now)
 
 
 class ProgressLines:

@@ -92,16 +92,21 @@ def list_runs(job: str | None = None) -> list[dict[str, Any]]:
     return newest_first(runs)
 
 
+def latest(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The record `latest` names among `runs` (newest first): the newest with a run folder that was not refused."""
+    return next((r for r in runs if r.get("run_uri") and r.get("status") != REFUSED), None)
+
+
 def locate(ref: str) -> str:
     """The run folder `ref` names: `latest` (the newest run in the index that was not refused, committed or not),
     a run id in the index, or a path (absolute when local) or s3:// URI."""
     root = runs_root()
     if ref == "latest":
-        newest = next((r["run_uri"] for r in list_runs() if r.get("run_uri") and r.get("status") != REFUSED), None)
+        newest = latest(list_runs())
         if newest is None:
             raise UserError(f"latest: no run is recorded in the run index {root}; give the run folder "
                             "(output.path/RUN_ID) instead")
-        return newest
+        return newest["run_uri"]
     if is_s3(ref):
         return ref.rstrip("/")
     looks_like_id = "/" not in ref and "\\" not in ref
@@ -128,7 +133,7 @@ def unfinished(ref: str) -> str | None:
     except OSError:
         return None
     if ref == "latest":
-        record = next((r for r in runs if r.get("run_uri") and r.get("status") != REFUSED), None)
+        record = latest(runs)
     else:
         record = next((r for r in runs if r.get("run_id") == ref), None)
     status = record.get("status") if record else None

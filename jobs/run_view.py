@@ -16,7 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from llmbatch.pipelines.progress_report import PassProgress, ReplicaState, summarize
+from llmbatch.pipelines.progress_report import PassProgress, ReplicaState
 
 SHOWN_REPLICAS = 8
 PHASES_BY_EVENT = {
@@ -139,12 +139,9 @@ class RunView:
             if isinstance(ok, int) and isinstance(failed, int):
                 state.progress = (state.progress or PassProgress(rows_total=ok + failed)).finished(ok, failed)
 
-    def progress(self, snapshot: dict[str, Any], total: int) -> None:
-        """A progress counter's snapshot, every second or so while a pass runs on this machine."""
-        self.show(summarize(snapshot, total, time.time()))
-
     def show(self, progress: PassProgress) -> None:
-        """A pass's progress: from this machine's counter, or read back from a cluster run's log."""
+        """A pass's progress: from this machine's counter every second or so, or read back from a cluster run's
+        log."""
         with self._lock:
             state = self.state
             state.progress, state.progress_at = progress, time.time()

@@ -43,15 +43,17 @@ def test_the_view_moves_through_the_phases_from_events_and_snapshots():
     assert view.state.phase.startswith("pre-pass")
     observe("run_started", rows=100, replicas=2, model="demo", accelerator="cpu")
     assert view.state.phase == "starting engines"
-    view.progress(snapshot(replicas=[replica(), replica(ready=False)]), 100)
+    view.show(summarize(snapshot(replicas=[replica(), replica(ready=False)]), 100, time.time()))
     assert view.state.phase == "starting engines (1/2 ready)"
-    view.progress(snapshot(replicas=[replica(rows=32, tokens=640, first_batch_at=time.time() - 4)]), 100)
+    view.show(summarize(snapshot(replicas=[replica(rows=32, tokens=640, first_batch_at=time.time() - 4)]), 100,
+                        time.time()))
     assert view.state.phase == "generating"
     text = screen(view)
     assert "32/100 rows" in text and "generating" in text and "output tok/s" in text and "left" in text
     assert "http://127.0.0.1:8265" in text and "/tmp/runs/job-1/llmbatch.log" in text
     assert "on node n0d3aaaa: generating, 32 rows" in text
-    view.progress(snapshot(rows_written=0, replicas=[replica(rows=100, first_batch_at=time.time() - 5)]), 100)
+    view.show(summarize(snapshot(rows_written=0, replicas=[replica(rows=100, first_batch_at=time.time() - 5)]), 100,
+                        time.time()))
     assert view.state.phase == "writing"
     observe("judge_pass_started", scorer="helpful", replicas=1)
     assert view.state.phase == "judging (helpful)" and view.state.progress is None
